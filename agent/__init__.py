@@ -1,0 +1,1 @@
+"""The appliance agent: self-check, identity, dial home, serve directory operations."""

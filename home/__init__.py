@@ -1,0 +1,1 @@
+"""tether-home: the reference control plane that agents dial into."""

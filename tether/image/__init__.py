@@ -1,0 +1,1 @@
+"""Image tooling that the build pipeline and Packer call: base disk, OVA, AMI."""
