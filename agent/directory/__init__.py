@@ -1,0 +1,1 @@
+"""Directory operations (LDAP / Active Directory) the agent performs for home."""
