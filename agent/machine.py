@@ -1,0 +1,112 @@
+"""What machine the agent runs on: hypervisor platform and a machine fingerprint.
+
+Both come from DMI (``/sys/class/dmi/id``), which every supported hypervisor fills:
+VMware (``sys_vendor = VMware, Inc.``), Amazon EC2 (``sys_vendor`` / ``bios_vendor``
+``Amazon EC2`` on Nitro, a product UUID starting with ``ec2`` on Xen) and QEMU/KVM.
+
+The fingerprint tells home which *machine* an image credential is used on, so that a
+cloned appliance (same image, second VM) is seen. The DMI product UUID is unique per
+VM (VMware and EC2 both guarantee it) but is readable by root only; the systemd unit
+passes it in with ``LoadCredential=machine-uuid:/sys/class/dmi/id/product_uuid``
+so the unprivileged agent reads it from ``$CREDENTIALS_DIRECTORY``. On EC2 the instance
+id (``board_asset_tag`` on Nitro, world-readable) is preferred: it is what operators
+see in the console.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DMI_DIR = Path("/sys/class/dmi/id")
+
+VMWARE = "vmware"
+AWS = "aws"
+QEMU = "qemu-kvm"
+OTHER = "other"
+
+_EC2_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The platform and fingerprint, plus where the fingerprint came from."""
+
+    platform: str
+    fingerprint: str
+    fingerprint_source: str
+    vendor: str = ""
+    product: str = ""
+
+    def as_dict(self) -> dict:
+        return {
+            "platform": self.platform,
+            "fingerprint": self.fingerprint,
+            "fingerprint_source": self.fingerprint_source,
+            "vendor": self.vendor,
+            "product": self.product,
+        }
+
+
+def _read(directory: Path, name: str) -> str:
+    """One DMI field, stripped; empty when absent or unreadable (no root)."""
+    try:
+        return (directory / name).read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def detect_platform(dmi_dir: Path = DMI_DIR) -> str:
+    """Classify the hypervisor from DMI vendor strings."""
+    vendor = _read(dmi_dir, "sys_vendor").lower()
+    bios = _read(dmi_dir, "bios_vendor").lower()
+    product = _read(dmi_dir, "product_name").lower()
+    uuid = _read(dmi_dir, "product_uuid").lower()
+    if "vmware" in vendor or "vmware" in product:
+        return VMWARE
+    if "amazon" in vendor or "amazon" in bios or uuid.startswith("ec2"):
+        return AWS
+    if "qemu" in vendor or "kvm" in product or "qemu" in product:
+        return QEMU
+    return OTHER
+
+
+def identify(
+    dmi_dir: Path = DMI_DIR,
+    credentials_dir: str | None = None,
+    machine_id_file: Path = Path("/etc/machine-id"),
+) -> Machine:
+    """Platform and the best available machine fingerprint, in order of trust.
+
+    EC2 instance id, then the DMI product UUID (direct or via the systemd
+    credential), then a hash of ``/etc/machine-id`` (only unique if the image's
+    sysprep emptied it, which the ``sysprep`` role does).
+    """
+    platform = detect_platform(dmi_dir)
+    vendor, product = _read(dmi_dir, "sys_vendor"), _read(dmi_dir, "product_name")
+    asset = _read(dmi_dir, "board_asset_tag")
+    if platform == AWS and _EC2_ID.match(asset):
+        return Machine(platform, f"ec2:{asset}", "dmi board_asset_tag", vendor, product)
+    uuid = _read(dmi_dir, "product_uuid")
+    source = "dmi product_uuid"
+    if not uuid:
+        creds = credentials_dir if credentials_dir is not None else os.environ.get(
+            "CREDENTIALS_DIRECTORY", "")
+        if creds:
+            uuid = _read(Path(creds), "machine-uuid")
+            source = "systemd credential machine-uuid"
+    if _UUID.match(uuid):
+        return Machine(platform, f"uuid:{uuid.lower()}", source, vendor, product)
+    machine_id = _read(machine_id_file.parent, machine_id_file.name)
+    if machine_id:
+        digest = hashlib.sha256(machine_id.encode()).hexdigest()
+        return Machine(platform, f"machine-id:{digest}", "/etc/machine-id", vendor, product)
+    raise RuntimeError(
+        "no machine fingerprint: DMI product_uuid unreadable, no systemd credential "
+        "'machine-uuid' and no /etc/machine-id; run the agent from its systemd unit "
+        "(it passes LoadCredential=machine-uuid) or as root"
+    )
