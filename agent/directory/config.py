@@ -1,0 +1,163 @@
+"""Validation of one directory's configuration dict (as home pushes it).
+
+Why: every later step (pool, TLS, sync, auth, provisioning) trusts these
+values, so all checks that need no server happen here, once, with errors that
+name the offending key and say what to put there instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ldap3.core.exceptions import LDAPInvalidFilterError
+from ldap3.operation.search import parse_filter
+
+from .errors import ConfigError, DirectoryError
+
+KINDS = ("openldap", "ad")
+TLS_MODES = ("ldaps", "starttls", "plain")
+DEFAULT_PORTS = {"ldaps": 636, "starttls": 389, "plain": 389}
+DEFAULT_MAPPING = {
+    "openldap": {"user": {"username": "uid", "name": "cn", "email": "mail"},
+                 "group": {"name": "cn"}},
+    "ad": {"user": {"username": "sAMAccountName", "name": "displayName", "email": "mail",
+                    "upn": "userPrincipalName"},
+           "group": {"name": "sAMAccountName"}},
+}
+DEFAULT_FILTERS = {
+    "openldap": ("(objectClass=inetOrgPerson)", "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames))"),
+    "ad": ("(&(objectCategory=person)(objectClass=user))", "(objectClass=group)"),
+}
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    """A validated directory configuration; build it with `load_config(dict)`."""
+
+    name: str
+    kind: str
+    servers: tuple[ServerAddress, ...]
+    tls: str
+    ca_file: str | None
+    bind_dn: str
+    bind_password: str = field(repr=False)
+    base_dns: tuple[str, ...]
+    user_filter: str
+    group_filter: str
+    user_mapping: dict
+    group_mapping: dict
+    login_attribute: str
+    member_attribute: str
+    user_container: str | None
+    page_size: int
+    sync_password_hashes: bool
+    connect_timeout: float
+    receive_timeout: float
+
+
+def _require(raw: dict, key: str, kind=str):
+    if key not in raw or raw[key] in (None, ""):
+        raise ConfigError(f"'{key}' is required")
+    if not isinstance(raw[key], kind):
+        raise ConfigError(f"'{key}' must be a {getattr(kind, '__name__', kind)}")
+    return raw[key]
+
+
+def _servers(raw: dict, tls: str) -> tuple[ServerAddress, ...]:
+    items = raw.get("servers")
+    if not isinstance(items, list) or not items:
+        raise ConfigError("'servers' must be a non-empty list of 'host' or 'host:port' "
+                          "strings or {'host', 'port'} objects, primary first")
+    out = []
+    for item in items:
+        if isinstance(item, dict):
+            host, port = item.get("host"), item.get("port", DEFAULT_PORTS[tls])
+        elif isinstance(item, str):
+            host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", DEFAULT_PORTS[tls])
+        else:
+            raise ConfigError(f"server {item!r}: give 'host', 'host:port' or {{'host', 'port'}}")
+        try:
+            port = int(port)
+        except (TypeError, ValueError):
+            raise ConfigError(f"server {item!r}: port must be a number") from None
+        if not host or not 0 < port < 65536:
+            raise ConfigError(f"server {item!r}: needs a host name and a port in 1..65535")
+        out.append(ServerAddress(host, port))
+    return tuple(out)
+
+
+def check_filter(text: str, key: str) -> str:
+    """Parse an LDAP filter now so a typo fails at configuration time, not mid-sync."""
+    try:
+        parse_filter(text, None, True, True, None, False)
+    except (LDAPInvalidFilterError, Exception) as exc:  # ldap3 raises several kinds
+        raise DirectoryError("bad_filter", f"'{key}' is not a valid LDAP filter: {text!r} ({exc}); "
+                             "write it like (&(objectClass=person)(uid=*))") from None
+    return text
+
+
+def _mapping(raw: dict, kind: str, which: str) -> dict:
+    mapping = dict(DEFAULT_MAPPING[kind][which])
+    given = (raw.get("attribute_mapping") or {}).get(which)
+    if given is not None:
+        if not isinstance(given, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                  for k, v in given.items()):
+            raise ConfigError(f"'attribute_mapping.{which}' must map field names to attribute names")
+        mapping = dict(given)
+    return mapping
+
+
+def load_config(raw: dict) -> DirectoryConfig:
+    """Check a configuration dict and return the normalized, immutable config."""
+    if not isinstance(raw, dict):
+        raise ConfigError("the directory configuration must be a JSON object")
+    kind = raw.get("kind", "openldap")
+    if kind not in KINDS:
+        raise ConfigError(f"'kind' must be one of {', '.join(KINDS)}, not {kind!r}")
+    tls = raw.get("tls", "ldaps")
+    if tls not in TLS_MODES:
+        raise ConfigError(f"'tls' must be one of {', '.join(TLS_MODES)}, not {tls!r}")
+    if tls == "plain" and raw.get("allow_plain") is not True:
+        raise ConfigError("'tls': 'plain' sends passwords in clear text; use 'ldaps' or 'starttls', "
+                          "or set 'allow_plain': true if this network is trusted")
+    ca_file = raw.get("ca_file")
+    if tls != "plain":
+        if not ca_file:
+            raise ConfigError("'ca_file' is required with TLS: the PEM file of the CA that signed "
+                              "the directory servers' certificates")
+        if not os.path.isfile(ca_file):
+            raise ConfigError(f"'ca_file' {ca_file!r} does not exist")
+    base_dns = raw.get("base_dns")
+    if isinstance(base_dns, str):
+        base_dns = [base_dns]
+    if not isinstance(base_dns, list) or not base_dns or not all(isinstance(b, str) and b for b in base_dns):
+        raise ConfigError("'base_dns' must be a non-empty list of DNs to synchronize")
+    user_filter, group_filter = DEFAULT_FILTERS[kind]
+    user_mapping = _mapping(raw, kind, "user")
+    page_size = raw.get("page_size", 500)
+    if not isinstance(page_size, int) or not 1 <= page_size <= 10000:
+        raise ConfigError("'page_size' must be an integer between 1 and 10000")
+    return DirectoryConfig(
+        name=str(raw.get("name", "directory")), kind=kind, servers=_servers(raw, tls), tls=tls,
+        ca_file=ca_file, bind_dn=_require(raw, "bind_dn"), bind_password=_require(raw, "bind_password"),
+        base_dns=tuple(base_dns),
+        user_filter=check_filter(raw.get("user_filter", user_filter), "user_filter"),
+        group_filter=check_filter(raw.get("group_filter", group_filter), "group_filter"),
+        user_mapping=user_mapping, group_mapping=_mapping(raw, kind, "group"),
+        login_attribute=raw.get("login_attribute", user_mapping.get("username", "uid")),
+        member_attribute=raw.get("member_attribute", "member"),
+        user_container=raw.get("user_container"),
+        page_size=page_size, sync_password_hashes=bool(raw.get("sync_password_hashes", False)),
+        connect_timeout=float(raw.get("connect_timeout", 5)),
+        receive_timeout=float(raw.get("receive_timeout", 10)),
+    )

@@ -1,0 +1,156 @@
+"""Server pool, TLS and bind: turn a DirectoryConfig into a bound ldap3 connection.
+
+Why our own pool instead of ldap3's ServerPool: we must tell apart "this server
+is down, try the next" from "the password is wrong" or "the certificate does
+not match" (same on every server, an operator must act), and a sync that loses
+its server mid-way must know which server it moved to.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import Iterator
+
+import ldap3
+from ldap3.core import exceptions as lx
+
+from .config import DirectoryConfig, ServerAddress
+from .errors import DirectoryError
+
+# Errors that mean "this server cannot be used now" (try the next one).
+DOWN_ERRORS = (lx.LDAPSocketOpenError, lx.LDAPSocketReceiveError, lx.LDAPSocketSendError,
+               lx.LDAPSessionTerminatedByServerError, lx.LDAPSocketCloseError, lx.LDAPCommunicationError,
+               lx.LDAPResponseTimeoutError, lx.LDAPMaximumRetriesError, socket.timeout, ConnectionError)
+
+
+def _tls(config: DirectoryConfig) -> ldap3.Tls | None:
+    if config.tls == "plain":
+        return None
+    return ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file,
+                     version=ssl.PROTOCOL_TLS_CLIENT)
+
+
+def make_server(config: DirectoryConfig, address: ServerAddress) -> ldap3.Server:
+    """An ldap3.Server for one pool member, with the configured TLS mode."""
+    return ldap3.Server(address.host, port=address.port, use_ssl=config.tls == "ldaps",
+                        tls=_tls(config), get_info=ldap3.NONE,
+                        connect_timeout=config.connect_timeout)
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    text = repr(exc).lower()
+    return isinstance(exc, (lx.LDAPStartTLSError, ssl.SSLError, lx.LDAPCertificateError)) or any(
+        w in text for w in ("certificate", "ssl", "tls", "hostname"))
+
+
+def open_connection(config: DirectoryConfig, address: ServerAddress, user: str | None = None,
+                    password: str | None = None, strategy=ldap3.SYNC) -> ldap3.Connection:
+    """Connect to one server, secure it, bind; raise DirectoryError with a clear code."""
+    user = config.bind_dn if user is None else user
+    password = config.bind_password if password is None else password
+    conn = ldap3.Connection(make_server(config, address), user=user, password=password,
+                            client_strategy=strategy, receive_timeout=config.receive_timeout,
+                            raise_exceptions=False, auto_range=True, read_only=False,
+                            check_names=False)
+    where = str(address)
+    try:
+        conn.open()
+        if config.tls == "starttls" and not conn.start_tls():
+            raise DirectoryError("tls", f"StartTLS refused by {where}: {conn.result.get('message')}", where)
+        if not conn.bind():
+            conn.unbind()
+            res = conn.result or {}
+            if res.get("result") == 49:
+                raise DirectoryError("bind_failed", f"bind as {user!r} was refused: invalid credentials",
+                                     where, reason=res.get("message"))
+            raise DirectoryError("bind_failed", f"bind as {user!r} failed: {res.get('description')}",
+                                 where, reason=res.get("message"))
+    except DirectoryError:
+        raise
+    except lx.LDAPSocketOpenError as exc:
+        if _is_tls_failure(exc):
+            raise DirectoryError("tls", f"TLS with {where} failed: {_short(exc)}", where) from None
+        raise DirectoryError("server_down", f"cannot connect to {where}: {_short(exc)}", where) from None
+    except (lx.LDAPStartTLSError, ssl.SSLError) as exc:
+        raise DirectoryError("tls", f"TLS with {where} failed: {_short(exc)}", where) from None
+    except DOWN_ERRORS as exc:
+        raise DirectoryError("server_down", f"{where} stopped answering: {_short(exc)}", where) from None
+    return conn
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or exc.__class__.__name__
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+class Pool:
+    """The configured servers, primary first; remembers which one last worked.
+
+    `connect()` tries every server once, starting with the current one. An
+    authentication or TLS failure is raised at once only if no server works,
+    so one misconfigured replica does not stop the directory.
+    """
+
+    def __init__(self, config: DirectoryConfig):
+        self.config = config
+        self.current = 0
+
+    def order(self) -> Iterator[tuple[int, ServerAddress]]:
+        n = len(self.config.servers)
+        for i in range(n):
+            idx = (self.current + i) % n
+            yield idx, self.config.servers[idx]
+
+    def connect(self, user: str | None = None, password: str | None = None,
+                strategy=ldap3.SYNC, skip: int | None = None) -> ldap3.Connection:
+        """A bound connection to the first server that works (skipping index `skip`)."""
+        failures: list[DirectoryError] = []
+        for idx, address in self.order():
+            if idx == skip and len(self.config.servers) > 1:
+                continue
+            try:
+                conn = open_connection(self.config, address, user, password, strategy)
+            except DirectoryError as exc:
+                if exc.code == "bind_failed" and user is not None:
+                    raise  # a user's own bind: same answer on every server
+                failures.append(exc)
+                continue
+            self.current = idx
+            return conn
+        raise _worst(failures, self.config)
+
+    def failover(self) -> ldap3.Connection:
+        """After the current server failed mid-operation: connect to another one."""
+        failed = self.current
+        conn = self.connect(skip=failed)
+        return conn
+
+
+def _worst(failures: list[DirectoryError], config: DirectoryConfig) -> DirectoryError:
+    """One error for "no server worked", the most actionable first."""
+    for code in ("bind_failed", "tls", "server_down"):
+        for f in failures:
+            if f.code == code:
+                detail = "; ".join(f"{x.server}: {x.message}" for x in failures)
+                return DirectoryError(code, f"no server of directory {config.name!r} usable: {detail}",
+                                      f.server, f.reason)
+    return failures[0] if failures else DirectoryError("server_down", "no servers configured")
+
+
+def check_result(conn: ldap3.Connection, what: str) -> dict:
+    """Raise the right DirectoryError for a failed search/modify result."""
+    res = conn.result or {}
+    code = res.get("result", 0)
+    where = f"{conn.server.host}:{conn.server.port}"
+    if code in (0, 10):  # success, referral (ignored: we never chase)
+        return res
+    if code == 4:
+        raise DirectoryError("size_limit", f"{what}: the server stopped after its size limit "
+                             f"({res.get('message') or 'sizeLimitExceeded'})", where, res.get("message"))
+    if code == 87:
+        raise DirectoryError("bad_filter", f"{what}: the server rejected the filter", where, res.get("message"))
+    if code in (51, 52, 53, 80, 81) and code != 53:
+        raise DirectoryError("server_down", f"{what}: server busy or unavailable ({res.get('description')})",
+                             where, res.get("message"))
+    raise DirectoryError("operation_failed", f"{what}: {res.get('description')}", where, res.get("message"))
