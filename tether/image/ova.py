@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from tether.image import ovf, vmdk
+from tether.image.errors import BuildError
 
 CHUNK = 1024 * 1024
 _MF_LINE = re.compile(r"^SHA256\(([^)]+)\)= ([0-9a-f]{64})$")
 
 
-class OvaError(RuntimeError):
+class OvaError(BuildError):
     """The OVA could not be built; the message says what to do."""
 
 

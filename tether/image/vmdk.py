@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from tether.image.errors import BuildError
+
 SECTOR = 512
 MAGIC = 0x564D444B  # "KDMV" little endian
 STREAM_VERSION = 3
@@ -39,7 +41,7 @@ _HEADER = struct.Struct("<IIIQQQQIQQQB4sH")
 DDB_HW_VERSION = "13"
 
 
-class VmdkError(RuntimeError):
+class VmdkError(BuildError):
     """The VMDK could not be produced or is not a usable streamOptimized disk."""
 
 
