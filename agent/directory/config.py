@@ -62,7 +62,7 @@ class DirectoryConfig:
     page_size: int
     sync_password_hashes: bool
     connect_timeout: float
-    receive_timeout: float
+    receive_timeout: int
 
 
 def _require(raw: dict, key: str, kind=str):
@@ -159,5 +159,5 @@ def load_config(raw: dict) -> DirectoryConfig:
         user_container=raw.get("user_container"),
         page_size=page_size, sync_password_hashes=bool(raw.get("sync_password_hashes", False)),
         connect_timeout=float(raw.get("connect_timeout", 5)),
-        receive_timeout=float(raw.get("receive_timeout", 10)),
+        receive_timeout=max(1, int(raw.get("receive_timeout", 10))),
     )

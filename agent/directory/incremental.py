@@ -1,0 +1,40 @@
+"""Incremental sync entry points, dispatched by directory kind.
+
+Why a dispatcher: the OpenLDAP (accesslog) and AD (DirSync) mechanisms differ
+completely, but the agent calls one function and gets the same stream shape
+as a full sync: `begin`, `chunk`s of upsert/delete records, `end` + cursor.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from . import incremental_ad, incremental_openldap
+from .config import DirectoryConfig
+from .connection import Pool
+from .errors import CursorExpired  # noqa: F401  (re-exported for sync.sync)
+
+_KINDS = {"openldap": incremental_openldap, "ad": incremental_ad}
+
+
+def start_cursor(config: DirectoryConfig, conn) -> str:
+    """The cursor that marks "now" on the server, read before a full sync starts."""
+    return _KINDS[config.kind].start_cursor(config, conn)
+
+
+def changes_since(config: DirectoryConfig, cursor: str, chunk_size: int = 500,
+                  pool: Pool | None = None) -> Iterator[dict]:
+    """Stream the changes after `cursor`; raises CursorExpired before the first item if too old."""
+    return _KINDS[config.kind].changes_since(config, cursor, chunk_size, pool or Pool(config))
+
+
+def chunked(records, chunk_size: int, first_seq: int = 1) -> Iterator[dict]:
+    """Group records into numbered `chunk` messages."""
+    seq, pending = first_seq, []
+    for record in records:
+        pending.append(record)
+        if len(pending) >= chunk_size:
+            yield {"type": "chunk", "seq": seq, "changes": pending}
+            seq, pending = seq + 1, []
+    if pending:
+        yield {"type": "chunk", "seq": seq, "changes": pending}

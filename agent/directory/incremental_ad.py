@@ -1,0 +1,1 @@
+"""Active Directory incremental sync (filled in below)."""

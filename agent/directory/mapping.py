@@ -1,0 +1,131 @@
+"""Turn raw directory entries into the plain records sent home.
+
+Why separate: the same record shape comes out of full sync, incremental sync
+and notifications, for OpenLDAP and AD alike, so home needs one parser. A
+record is keyed by the directory's immutable id (entryUUID / objectGUID),
+never by DN, so renames and moves are updates, not delete + add.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from .config import DirectoryConfig
+from .errors import DirectoryError
+
+ID_ATTRIBUTE = {"openldap": "entryUUID", "ad": "objectGUID"}
+
+
+def id_attribute(config: DirectoryConfig) -> str:
+    return ID_ATTRIBUTE[config.kind]
+
+
+def search_attributes(config: DirectoryConfig, kind: str) -> list[str]:
+    """The attributes a sync must request for users or groups."""
+    mapping = config.user_mapping if kind == "user" else config.group_mapping
+    attrs = {id_attribute(config), "objectClass", *mapping.values()}
+    if kind == "group":
+        attrs.add(config.member_attribute)
+    elif config.kind == "ad":
+        attrs.add("userAccountControl")
+    if kind == "user" and config.sync_password_hashes:
+        attrs.add("userPassword")
+    return sorted(attrs)
+
+
+def entry_id(config: DirectoryConfig, raw: dict) -> str:
+    """The immutable id of an entry from its raw attribute values."""
+    values = raw.get(id_attribute(config)) or raw.get(id_attribute(config).lower())
+    if not values:
+        raise DirectoryError("operation_failed", f"entry has no {id_attribute(config)}")
+    value = values[0]
+    if config.kind == "ad":
+        return str(uuid.UUID(bytes_le=bytes(value)))
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _text(values: list) -> list[str]:
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _get(raw: dict, name: str) -> list:
+    if name in raw:
+        return raw[name]
+    lname = name.lower()
+    for key, value in raw.items():
+        if key.lower() == lname:
+            return value
+    return []
+
+
+def to_record(config: DirectoryConfig, kind: str, dn: str, raw: dict) -> dict:
+    """A plain `upsert` record for one user or group entry (raw ldap3 attributes)."""
+    mapping = config.user_mapping if kind == "user" else config.group_mapping
+    attributes = {}
+    for field, attr in mapping.items():
+        values = _text(_get(raw, attr))
+        attributes[field] = values[0] if len(values) == 1 else (values or None)
+    record = {"op": "upsert", "kind": kind, "id": entry_id(config, raw), "dn": dn,
+              "attributes": attributes}
+    if kind == "group":
+        record["members"] = _text(_get(raw, config.member_attribute))
+    else:
+        uac = _get(raw, "userAccountControl")
+        if uac:
+            record["disabled"] = bool(int(_text(uac)[0]) & 0x2)
+        if config.sync_password_hashes:
+            record["password_hashes"] = _text(_get(raw, "userPassword"))
+    return record
+
+
+def classify(config: DirectoryConfig, raw: dict) -> str | None:
+    """'user' or 'group' by objectClass (for entries seen in incremental sync)."""
+    classes = {c.lower() for c in _text(_get(raw, "objectClass"))}
+    if config.kind == "ad":
+        if "group" in classes:
+            return "group"
+        if "user" in classes and "computer" not in classes:
+            return "user"
+        return None
+    if classes & {"groupofnames", "groupofuniquenames", "posixgroup"}:
+        return "group"
+    if classes & {"inetorgperson", "person", "posixaccount", "organizationalperson"}:
+        return "user"
+    return None
+
+
+_NAME = re.compile(r"NAME\s+(?:'([^']+)'|\(([^)]*)\))")
+
+
+def schema_attribute_names(conn) -> set[str]:
+    """All attribute type names (lower case) the server's subschema defines."""
+    conn.search("", "(objectClass=*)", search_scope="BASE", attributes=["subschemaSubentry"])
+    entry = conn.response[0]["raw_attributes"] if conn.response else {}
+    sub = _text(_get(entry, "subschemaSubentry"))
+    if not sub:
+        return set()
+    conn.search(sub[0], "(objectClass=*)", search_scope="BASE", attributes=["attributeTypes"])
+    names: set[str] = set()
+    for resp in conn.response or []:
+        for definition in _text(_get(resp.get("raw_attributes", {}), "attributeTypes")):
+            m = _NAME.search(definition)
+            if m:
+                for n in (m.group(1) or m.group(2)).replace("'", " ").split():
+                    names.add(n.lower())
+    return names
+
+
+def check_mapping(config: DirectoryConfig, conn) -> None:
+    """Fail clearly when the mapping names an attribute the directory does not have."""
+    known = schema_attribute_names(conn)
+    if not known:
+        return  # schema not readable: the server will tell us per search
+    for kind, mapping in (("user", config.user_mapping), ("group", config.group_mapping)):
+        for field, attr in mapping.items():
+            if attr.lower() not in known:
+                raise DirectoryError(
+                    "missing_attribute",
+                    f"attribute_mapping.{kind}.{field} names {attr!r}, which directory "
+                    f"{config.name!r} does not define; pick an attribute from its schema",
+                    reason=attr)
