@@ -41,7 +41,21 @@ def seed_ldif(n_users: int = 20) -> str:
     parts.append(group_ldif("staff", people))
     parts.append(group_ldif("admins", people[:2]))
     parts.append(group_ldif("nested", [f"cn=admins,ou=groups,{SUFFIX}"]))
+    parts.append(group_ldif("outer", [f"cn=nested,ou=groups,{SUFFIX}"]))
+    parts.append(SHORT_POLICY)
+    parts.append(user_ldif("expired1", ssha("pw-expired"), pwdPolicySubentry=f"cn=short,ou=policies,{SUFFIX}",
+                           pwdChangedTime="20200101000000Z"))
     return "\n".join(parts)
+
+
+SHORT_POLICY = f"""dn: cn=short,ou=policies,{SUFFIX}
+objectClass: pwdPolicy
+objectClass: device
+cn: short
+pwdAttribute: userPassword
+pwdMaxAge: 60
+pwdGraceAuthNLimit: 0
+"""
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,132 @@
+"""Authentication for home's identity provider: bind as the user, say why it failed.
+
+Why bind (not compare hashes): the directory stays the authority for
+passwords, lockout and expiry. The outcomes are distinct so home can tell a
+user "your account is locked" instead of "wrong password":
+success, wrong_password, disabled, locked, expired, unknown_user.
+
+OpenLDAP: the ppolicy response control on the bind tells locked/expired; an
+administrative lock (pwdAccountLockedTime = 000001010000Z, what `disable`
+writes) is reported as disabled. AD/Samba: the "data NNN" code in the bind
+error (52e, 533, 775, 532, 701, 773) tells which.
+"""
+
+from __future__ import annotations
+
+import re
+
+import ldap3
+from ldap3.utils.conv import escape_filter_chars
+
+from .config import DirectoryConfig
+from .connection import Pool, check_result, make_server
+from .errors import DirectoryError
+from .groups import groups_of
+
+PPOLICY_OID = "1.3.6.1.4.1.42.2.27.8.5.1"
+ADMIN_LOCK = "000001010000Z"
+AD_CODES = {"52e": "wrong_password", "525": "unknown_user", "530": "disabled", "531": "disabled",
+            "533": "disabled", "775": "locked", "532": "expired", "701": "expired", "773": "expired"}
+OUTCOMES = ("success", "wrong_password", "disabled", "locked", "expired", "unknown_user")
+
+
+def ppolicy_error(value: bytes | None) -> int | None:
+    """The `error` field of a PasswordPolicyResponseValue (BER), or None.
+
+    SEQUENCE { warning [0] EXPLICIT CHOICE OPTIONAL, error [1] IMPLICIT ENUMERATED OPTIONAL }
+    """
+    if not value or value[0] != 0x30:
+        return None
+    i, end = 2, 2 + value[1]
+    if value[1] & 0x80:  # long-form length (never in practice for this tiny value)
+        n = value[1] & 0x7F
+        i, end = 2 + n, 2 + n + int.from_bytes(value[2:2 + n], "big")
+    while i + 1 < min(end, len(value)):
+        tag, length = value[i], value[i + 1]
+        body = value[i + 2:i + 2 + length]
+        if tag == 0x81:
+            return int.from_bytes(body, "big")
+        i += 2 + length
+    return None
+
+
+def find_user(config: DirectoryConfig, conn, username: str) -> dict | None:
+    """The user's entry (dn + raw attributes) by login name, or None if unknown."""
+    flt = f"(&{config.user_filter}({config.login_attribute}={escape_filter_chars(username)}))"
+    attrs = ["pwdAccountLockedTime"] if config.kind == "openldap" else ["userAccountControl"]
+    hits = []
+    for base in config.base_dns:
+        conn.search(base, flt, attributes=attrs, size_limit=2)
+        if (conn.result or {}).get("result") == 32:
+            continue
+        check_result(conn, f"looking up user {username!r}")
+        hits += [e for e in conn.response if e.get("type") == "searchResEntry"]
+    if len(hits) > 1:
+        raise DirectoryError("operation_failed", f"{len(hits)} entries match login {username!r} "
+                             f"({config.login_attribute}); make login_attribute unique")
+    return hits[0] if hits else None
+
+
+def _classify_failure(config: DirectoryConfig, result: dict, entry: dict) -> str:
+    if config.kind == "ad":
+        m = re.search(r"data ([0-9a-f]{3})", result.get("message") or "")
+        return AD_CODES.get(m.group(1), "wrong_password") if m else "wrong_password"
+    control = (result.get("controls") or {}).get(PPOLICY_OID) or {}
+    error = ppolicy_error(control.get("value"))
+    locked_time = [v.decode() if isinstance(v, bytes) else v
+                   for v in entry["raw_attributes"].get("pwdAccountLockedTime", [])]
+    if ADMIN_LOCK in locked_time:
+        return "disabled"
+    if error == 1:
+        return "locked"
+    if error in (0, 2):  # passwordExpired, changeAfterReset
+        return "expired"
+    return "wrong_password"
+
+
+def authenticate(config: DirectoryConfig, username: str, password: str, pool: Pool | None = None,
+                 with_groups: bool = True) -> dict:
+    """Bind as `username`; return {'outcome', 'dn', 'groups', 'server', 'reason'}."""
+    if not username or not password:
+        # an empty password would be an anonymous ("unauthenticated") bind that succeeds
+        return {"outcome": "wrong_password", "reason": "empty user name or password"}
+    pool = pool or Pool(config)
+    service = pool.connect()
+    try:
+        entry = find_user(config, service, username)
+        where = str(config.servers[pool.current])
+        if entry is None:
+            return {"outcome": "unknown_user", "server": where}
+        dn = entry["dn"]
+        controls = [(PPOLICY_OID, False, None)] if config.kind == "openldap" else None
+        outcome, reason = _bind_as(config, pool, dn, password, controls, entry)
+        out = {"outcome": outcome, "dn": dn, "server": where}
+        if reason:
+            out["reason"] = reason
+        if outcome == "success" and with_groups:
+            out["groups"] = groups_of(config, service, dn)
+        return out
+    finally:
+        service.unbind()
+
+
+def _bind_as(config, pool: Pool, dn: str, password: str, controls, entry) -> tuple[str, str | None]:
+    conn = ldap3.Connection(make_server(config, config.servers[pool.current]),
+                            user=dn, password=password, receive_timeout=config.receive_timeout,
+                            raise_exceptions=False)
+    try:
+        conn.open()
+        if config.tls == "starttls":
+            conn.start_tls()
+        ok = conn.bind(controls=controls)
+        result = conn.result or {}
+    except ldap3.core.exceptions.LDAPException as exc:
+        raise DirectoryError("server_down", f"bind as user failed: {exc}", str(config.servers[pool.current]))
+    finally:
+        conn.unbind()
+    if ok:
+        return "success", None
+    if result.get("result") not in (49, 53):
+        raise DirectoryError("operation_failed", f"bind as {dn!r}: {result.get('description')}",
+                             str(config.servers[pool.current]), result.get("message"))
+    return _classify_failure(config, result, entry), result.get("message") or result.get("description")

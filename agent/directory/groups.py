@@ -1,0 +1,51 @@
+"""Group membership of a user, nested groups included.
+
+Why two strategies: AD evaluates nesting itself (LDAP_MATCHING_RULE_IN_CHAIN),
+OpenLDAP has no such rule, so we walk up `member` links breadth-first, with a
+visited set so cyclic nesting cannot loop.
+"""
+
+from __future__ import annotations
+
+from ldap3.utils.conv import escape_filter_chars
+
+from .config import DirectoryConfig
+from .connection import check_result
+from .mapping import search_attributes, to_record
+
+IN_CHAIN = "1.2.840.113556.1.4.1941"
+
+
+def _groups_with_member(config: DirectoryConfig, conn, dn: str, chain: bool) -> list[dict]:
+    rule = f":{IN_CHAIN}:" if chain else ""
+    flt = f"(&{config.group_filter}({config.member_attribute}{rule}={escape_filter_chars(dn)}))"
+    attrs = [a for a in search_attributes(config, "group") if a != config.member_attribute]
+    out = []
+    for base in config.base_dns:
+        conn.search(base, flt, attributes=attrs)
+        if (conn.result or {}).get("result") == 32:
+            continue
+        check_result(conn, f"group lookup for {dn!r}")
+        for e in conn.response:
+            if e.get("type") == "searchResEntry":
+                rec = to_record(config, "group", e["dn"], e["raw_attributes"])
+                out.append({"id": rec["id"], "dn": rec["dn"], "name": rec["attributes"].get("name")})
+    return out
+
+
+def groups_of(config: DirectoryConfig, conn, dn: str) -> list[dict]:
+    """Every group `dn` belongs to, directly or through nested groups, sorted by DN."""
+    if config.kind == "ad":
+        found = _groups_with_member(config, conn, dn, chain=True)
+        return sorted(found, key=lambda g: g["dn"].lower())
+    seen: dict[str, dict] = {}
+    frontier = [dn]
+    while frontier:
+        nxt = []
+        for member in frontier:
+            for g in _groups_with_member(config, conn, member, chain=False):
+                if g["dn"].lower() not in seen:
+                    seen[g["dn"].lower()] = g
+                    nxt.append(g["dn"])
+        frontier = nxt
+    return sorted(seen.values(), key=lambda g: g["dn"].lower())

@@ -1,0 +1,49 @@
+"""Authentication by binding as the user against a real slapd with ppolicy."""
+
+from __future__ import annotations
+
+import ldap3
+
+from ldapfix_slapd import SUFFIX
+from tether.agent.directory.auth import authenticate, ppolicy_error
+from tether.agent.directory.config import load_config
+
+PEOPLE = f"ou=people,{SUFFIX}"
+
+
+def test_success_returns_dn_and_nested_groups(ldap_raw):
+    out = authenticate(load_config(ldap_raw), "u001", "pw001")
+    assert out["outcome"] == "success" and out["dn"] == f"uid=u001,{PEOPLE}"
+    names = [g["name"] for g in out["groups"]]
+    assert sorted(names) == ["admins", "nested", "outer", "staff"]
+
+
+def test_wrong_password_unknown_user_and_empty_password(ldap_raw):
+    config = load_config(ldap_raw)
+    assert authenticate(config, "u002", "nope")["outcome"] == "wrong_password"
+    assert authenticate(config, "nobody-here", "x")["outcome"] == "unknown_user"
+    assert authenticate(config, "u002", "")["outcome"] == "wrong_password"
+    assert authenticate(config, "u*", "pw002")["outcome"] == "unknown_user"  # no filter injection
+
+
+def test_locked_after_too_many_failures(ldap_raw):
+    config = load_config(ldap_raw)
+    for _ in range(5):
+        assert authenticate(config, "u015", "bad")["outcome"] == "wrong_password"
+    assert authenticate(config, "u015", "pw015")["outcome"] == "locked"
+
+
+def test_administratively_disabled(ldap_raw, ldap_admin):
+    assert ldap_admin.modify(f"uid=u016,{PEOPLE}",
+                             {"pwdAccountLockedTime": [(ldap3.MODIFY_REPLACE, ["000001010000Z"])]}), ldap_admin.result
+    assert authenticate(load_config(ldap_raw), "u016", "pw016")["outcome"] == "disabled"
+
+
+def test_expired_password(ldap_raw):
+    assert authenticate(load_config(ldap_raw), "expired1", "pw-expired")["outcome"] == "expired"
+
+
+def test_ppolicy_decoder():
+    assert ppolicy_error(bytes.fromhex("3003810101")) == 1
+    assert ppolicy_error(bytes.fromhex("3008a0058003010203")) is None
+    assert ppolicy_error(b"") is None
