@@ -104,7 +104,7 @@ olcDbDirectory: {root}/accesslog
 olcDbMaxSize: {map_size}
 olcRootDN: {ADMIN_DN}
 olcDbIndex: objectClass,entryCSN,reqStart,reqEnd,reqResult eq
-olcAccess: to * by dn.exact="{SVC_DN}" read by * none
+olcAccess: to * by dn.exact="{SVC_DN}" read by dn.exact="{LIMITED_DN}" read by * none
 olcLimits: dn.exact="{SVC_DN}" size=unlimited time=unlimited
 
 dn: olcOverlay={{0}}syncprov,olcDatabase={{1}}mdb,cn=config

@@ -1,0 +1,89 @@
+"""Bad input and faults against a real slapd: each a clear, coded error; pool failover."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from conftest import slapd_config
+from ldapfix_slapd import LIMITED_DN, LIMITED_PW, SUFFIX, free_port, user_ldif
+from tether.agent.directory.auth import authenticate
+from tether.agent.directory.config import load_config
+from tether.agent.directory.errors import DirectoryError
+from tether.agent.directory.sync import full_sync
+
+
+def error_of(raw: dict, run=lambda c: list(full_sync(c))) -> DirectoryError:
+    with pytest.raises(DirectoryError) as info:
+        run(load_config(raw))
+    return info.value
+
+
+def test_wrong_bind_password(ldap_raw):
+    ldap_raw["bind_password"] = "wrong"
+    err = error_of(ldap_raw)
+    assert err.code == "bind_failed" and "invalid credentials" in err.message
+    assert "bind DN and password" in err.hint
+
+
+def test_server_down(ldap_raw):
+    ldap_raw["servers"] = [f"localhost:{free_port()}"]
+    err = error_of(ldap_raw)
+    assert err.code == "server_down" and "cannot connect" in err.message
+
+
+def test_tls_name_mismatch(ldap_raw, slapd):
+    ldap_raw["servers"] = [f"127.0.0.1:{slapd.tls_port}"]  # certificate names only localhost
+    err = error_of(ldap_raw)
+    assert err.code == "tls", err
+
+
+def test_starttls_works_and_plain_needs_explicit_permission(ldap_raw, slapd):
+    ldap_raw.update(servers=[f"localhost:{slapd.port}"], tls="starttls")
+    assert authenticate(load_config(ldap_raw), "u005", "pw005")["outcome"] == "success"
+    ldap_raw["tls"] = "plain"
+    with pytest.raises(DirectoryError, match="allow_plain"):
+        load_config(ldap_raw)
+    ldap_raw["allow_plain"] = True
+    assert authenticate(load_config(ldap_raw), "u005", "pw005")["outcome"] == "success"
+
+
+def test_unparsable_filter(ldap_raw):
+    ldap_raw["user_filter"] = "(&(objectClass=person)"
+    with pytest.raises(DirectoryError) as info:
+        load_config(ldap_raw)
+    assert info.value.code == "bad_filter" and "user_filter" in info.value.message
+
+
+def test_mapping_names_missing_attribute(ldap_raw):
+    ldap_raw["attribute_mapping"] = {"user": {"username": "uid", "email": "mial"}}
+    err = error_of(ldap_raw)
+    assert err.code == "missing_attribute" and "'mial'" in err.message and "user.email" in err.message
+
+
+def test_size_limit_exceeded(ldap_raw):
+    ldap_raw.update(bind_dn=LIMITED_DN, bind_password=LIMITED_PW)
+    err = error_of(ldap_raw)
+    assert err.code == "size_limit" and "size limit" in err.hint
+
+
+def test_primary_stopped_mid_sync_fails_over_with_nothing_missing(slapd_factory, test_ca):
+    # Two replicas with the same entries (same entryUUIDs), as a replicated pool would have.
+    ids = [str(uuid.uuid5(uuid.NAMESPACE_DNS, f"fo{i}")) for i in range(300)]
+    data = "\n".join(user_ldif(f"fo{i:03d}", "pw", entryUUID=ids[i]) for i in range(300))
+    primary, secondary = slapd_factory("primary", data), slapd_factory("secondary", data)
+    raw = slapd_config(primary, test_ca, page_size=40)
+    raw["servers"] = [f"localhost:{primary.tls_port}", f"localhost:{secondary.tls_port}"]
+    stream = full_sync(load_config(raw), chunk_size=40)
+    got, msgs = [], []
+    for msg in stream:
+        msgs.append(msg)
+        if msg["type"] == "chunk":
+            got += [c["id"] for c in msg["changes"]]
+            if msg["seq"] == 2:
+                primary.stop()
+    assert msgs[-1]["type"] == "end" and msgs[-1]["failovers"] == 1
+    assert msgs[-1]["server"] == f"localhost:{secondary.tls_port}"
+    users = [i for i in got if i in set(ids)]
+    assert sorted(users) == sorted(ids) and len(got) == len(set(got))
