@@ -1,0 +1,480 @@
+"""``tether-agent run``: the appliance's long-running service.
+
+Start-up order: instance keys (made on first boot), machine fingerprint, last
+good configuration, local self-check, READY=1 to systemd (the agent is useful
+from its last good configuration even while home is away), then enrollment
+with the image certificate if there is no valid instance certificate, then the
+socket slots, each dialling home with the instance certificate and rotating at
+its time-to-live. Background: heartbeats, periodic self-check, certificate
+renewal, systemd watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from cryptography import x509
+
+from tether import __version__, configsig
+from tether import protocol as p
+
+from . import identity, machine, selfcheck, tlsctx
+from .atomicfile import write_atomic
+from .backoff import Backoff
+from .channel import DialPlan, SlotClock
+from .config import ConfigStore
+from .dialer import DialOptions, dial
+from .link import HandlerError, Link, RequestFailed
+from .listening import listening_sockets
+from .probes import host_port
+from .sdnotify import Notifier, watchdog_interval_s
+from .settings import Settings
+
+log = logging.getLogger("tether.agent")
+
+INSTANCE_FILE = "instance.json"
+DIRECTORY_OPS = frozenset({p.Op.SYNC, p.Op.SEARCH, p.Op.AUTHENTICATE, p.Op.PROVISION})
+
+
+@dataclass
+class RunOptions:
+    """Knobs of ``tether-agent run`` beyond the settings files (tests use them)."""
+
+    dmi_dir: Path = machine.DMI_DIR
+    sockets: int | None = None
+    ttl_s: float | None = None
+    selfcheck_interval_s: float = 300.0
+    drain_quiet_s: float = 2.0
+
+
+async def sleep_or_stop(event: asyncio.Event, timeout: float) -> bool:
+    """Sleep ``timeout`` seconds or until ``event`` is set; True when it was set."""
+    try:
+        await asyncio.wait_for(event.wait(), max(0.0, timeout))
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+class Agent:
+    """One agent process: identity, configuration and its socket slots."""
+
+    def __init__(self, settings: Settings, options: RunOptions | None = None,
+                 notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.options = options or RunOptions()
+        self.notifier = notifier or Notifier()
+        self.state = settings.state_dir
+        self.started = time.monotonic()
+        self.stopping = asyncio.Event()
+        self.links: dict[int, Link] = {}
+        self.draining: set[Link] = set()
+        self.instance_id: str | None = None
+        self.enroll_error: str | None = None
+        self.home_probe = selfcheck.HomeProbe(host=host_port(settings.home_urls[0])[0])
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ start-up
+
+    def prepare(self) -> None:
+        """Everything local: keys, machine identity, last good config, self-check."""
+        self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.keys, created = identity.load_or_create_keys(self.state)
+        if created:
+            log.info("first boot: generated the instance keys",
+                     extra={"tether_key_fingerprint": self.keys.signing_fingerprint()})
+        self.machine = machine.identify(self.options.dmi_dir)
+        self.instance_id = self._load_instance().get("instance_id")
+        self.config = ConfigStore(self.state, self.settings.connector, self.keys.sealing)
+        self.config.instance_id = self.instance_id
+        self.config.load_last_good()
+        self.run_selfcheck()
+
+    def _load_instance(self) -> dict:
+        path = self.state / INSTANCE_FILE
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def run_selfcheck(self) -> selfcheck.Report:
+        measured = selfcheck.measure_host(self.state, self.options.dmi_dir, self.home_probe)
+        self.report = selfcheck.evaluate(measured)
+        if self.report.shortfalls:
+            log.warning("self-check: degraded: %s",
+                        "; ".join(s.message for s in self.report.shortfalls),
+                        extra={"tether_verdict": self.report.verdict})
+        return self.report
+
+    # ------------------------------------------------------------------ TLS / proxy
+
+    def instance_ssl(self):
+        return tlsctx.client_context(self.settings.ca_cert, identity.cert_path(self.state),
+                                     identity.key_path(self.state))
+
+    def image_ssl(self):
+        return tlsctx.client_context(self.settings.ca_cert, self.settings.image_cert,
+                                     self.settings.image_key)
+
+    def proxy(self) -> str | None:
+        """The configuration's proxy if home set one, else the first-boot/image one."""
+        section = self.config.channel_overrides()
+        proxy = section.get("proxy", self.settings.proxy) or None
+        password = section.get("proxy_password")
+        if proxy and password:
+            parts = urlsplit(proxy)
+            if parts.username and not parts.password:
+                netloc = f"{parts.username}:{quote(password, safe='')}@{parts.hostname}"
+                netloc += f":{parts.port}" if parts.port else ""
+                proxy = urlunsplit(parts._replace(netloc=netloc))
+        return proxy
+
+    def dial_options(self, ssl_factory) -> DialOptions:
+        return DialOptions(ssl_context=ssl_factory, proxy=self.proxy,
+                           user_agent=f"tether-agent/{__version__}",
+                           ping_interval_s=self.settings.ping_interval_s,
+                           ping_timeout_s=self.settings.ping_timeout_s)
+
+    # ------------------------------------------------------------------ hello
+
+    def hello_body(self, link: Link) -> dict:
+        return {
+            "agent_version": __version__,
+            "image_id": self.settings.image_id,
+            "instance_id": self.instance_id,
+            "machine": self.machine.as_dict(),
+            "selfcheck": self.report.as_dict(),
+            "listening": listening_sockets(),
+            "socket_index": link.index,
+            "config_version": self.config.version,
+        }
+
+    def note_failure(self, url: str, exc: BaseException) -> None:
+        """A failed dial says something about reaching home: keep it for self-check."""
+        self.home_probe.reachable = False
+        self.home_probe.error = f"{type(exc).__name__}: {exc}"[:300]
+
+    def after_hello(self, link: Link) -> None:
+        """Learn from home's hello response: its clock, config key, config version."""
+        body = link.hello_response.body
+        midpoint = link.hello_sent_at + link.hello_rtt / 2
+        probe = self.home_probe
+        probe.host = host_port(link.url)[0]
+        probe.reachable, probe.error = True, ""
+        probe.dns_ok = True if self.proxy() is None else None
+        probe.clock_skew_s = round(float(body["server_time"]) - midpoint, 3)
+        if isinstance(body.get("config_key_pem"), str):
+            try:
+                self.config.set_verify_key(body["config_key_pem"])
+            except configsig.ConfigError as exc:
+                log.error("home sent an unusable config key: %s", exc)
+
+    # ------------------------------------------------------------------ enrollment
+
+    def has_identity(self) -> bool:
+        cert = identity.load_cert(self.state)
+        return bool(cert and self.instance_id and not identity.is_expired(cert))
+
+    async def ensure_enrolled(self) -> bool:
+        """Enroll with the image certificate unless a valid instance cert exists."""
+        if self.has_identity():
+            return True
+        plan = DialPlan(list(self.settings.home_urls), Backoff())
+        options = self.dial_options(self.image_ssl)
+        self.notifier.status("enrolling with home")
+        while not self.stopping.is_set():
+            got = await dial(plan, 0, options, self.handle, self.hello_body, self.stopping,
+                             self.note_failure)
+            if got is None:
+                return False
+            link, reader = got
+            self.after_hello(link)
+            try:
+                response = await link.request(p.Op.ENROLL, {
+                    "csr_pem": identity.make_csr(self.keys, self.settings.image_id),
+                    "sealing_public_key": self.keys.sealing_public,
+                    "machine": self.machine.as_dict(),
+                })
+                self.store_issued(response.body)
+                self.enroll_error = None
+                log.info("enrolled as instance %s", self.instance_id,
+                         extra={"tether_instance": self.instance_id})
+                return True
+            except (RequestFailed, identity.IdentityError, ConnectionError,
+                    asyncio.TimeoutError) as exc:
+                self.enroll_error = getattr(exc, "code", type(exc).__name__)
+                delay = plan.backoff.next_delay()
+                log.error("enrollment failed: %s; retrying in %.0f s", exc, delay,
+                          extra={"tether_error": self.enroll_error})
+                self.notifier.status(f"enrollment refused by home: {self.enroll_error}")
+            finally:
+                await link.close("enrollment done")
+                reader.cancel()
+            if await sleep_or_stop(self.stopping, delay):
+                return False
+        return False
+
+    def store_issued(self, body: dict) -> x509.Certificate:
+        """Check and keep the instance certificate from an enroll/renew response."""
+        cert = identity.check_issued_cert(body["cert_pem"], self.keys,
+                                          self.settings.ca_cert.read_bytes())
+        identity.store_cert(self.state, cert)
+        self.instance_id = body["instance_id"]
+        self.config.instance_id = self.instance_id
+        write_atomic(self.state / INSTANCE_FILE, json.dumps({
+            "instance_id": self.instance_id, "image_id": self.settings.image_id,
+            "not_after": body.get("not_after"), "cert_serial": format(cert.serial_number, "x"),
+        }).encode(), mode=0o600)
+        if isinstance(body.get("config_key_pem"), str):
+            self.config.set_verify_key(body["config_key_pem"])
+        return cert
+
+    async def renewal_loop(self) -> None:
+        """Renew the instance certificate after 2/3 of its life, over a live socket."""
+        while not self.stopping.is_set():
+            cert = identity.load_cert(self.state)
+            if cert is None or identity.is_expired(cert):
+                await self.ensure_enrolled()
+                continue
+            wait_s = (identity.renew_at(cert) - _utcnow()).total_seconds()
+            if wait_s > 0:
+                await sleep_or_stop(self.stopping, min(wait_s, 300))
+                continue
+            link = next((ln for ln in self.links.values() if not ln.draining), None)
+            if link is None:
+                await sleep_or_stop(self.stopping, 5)
+                continue
+            try:
+                response = await link.request(p.Op.RENEW, {
+                    "csr_pem": identity.make_csr(self.keys, self.instance_id or "instance")})
+                self.store_issued(response.body)
+                log.info("instance certificate renewed")
+            except Exception as exc:  # noqa: BLE001 - retry later, the old cert still works
+                log.warning("certificate renewal failed: %s; retrying in 30 s", exc)
+                await sleep_or_stop(self.stopping, 30)
+
+    # ------------------------------------------------------------------ slots
+
+    def sockets(self) -> int:
+        wanted = self.options.sockets or self.config.channel_overrides().get("sockets") \
+            or self.settings.sockets
+        return max(1, min(int(wanted), 8))
+
+    def ttl(self) -> float:
+        return float(self.options.ttl_s or self.config.channel_overrides().get("socket_ttl_s")
+                     or self.settings.ttl_s)
+
+    async def slot(self, index: int) -> None:
+        """Keep socket ``index`` up; replace it at its TTL before closing the old one."""
+        plan = DialPlan(list(self.settings.home_urls), Backoff())
+        clock = SlotClock(ttl=self.ttl(), drain_quiet=self.options.drain_quiet_s)
+        options = self.dial_options(self.instance_ssl)
+        current: tuple[Link, asyncio.Task] | None = None
+        expires = 0.0
+        while not self.stopping.is_set():
+            if current is None:
+                plan.restart()
+                current = await self._connect(plan, index, options)
+                if current is None:
+                    return
+                expires = clock.expires_at(time.monotonic())
+            link, reader = current
+            done = await self._wait_reader(reader, expires - time.monotonic())
+            if self.stopping.is_set():
+                break
+            if done:
+                log.warning("socket %d to %s lost; reconnecting", index, link.url,
+                            extra={"tether_url": link.url, "tether_socket": index})
+                if self.links.get(index) is link:
+                    del self.links[index]
+                current = None
+                continue
+            log.info("socket %d reached its TTL; opening the replacement first", index,
+                     extra={"tether_socket": index})
+            plan.restart()
+            replacement = await self._connect(plan, index, options)
+            if replacement is None:
+                break
+            self._spawn(self.drain(link, reader, clock))
+            current = replacement
+            clock.ttl = self.ttl()
+            expires = clock.expires_at(time.monotonic())
+        if current is not None:
+            await current[0].close("agent stopping")
+
+    async def _connect(self, plan, index, options):
+        if not self.has_identity() and not await self.ensure_enrolled():
+            return None
+        got = await dial(plan, index, options, self.handle, self.hello_body,
+                         self.stopping, self.note_failure)
+        if got is None:
+            return None
+        link, reader = got
+        self.after_hello(link)
+        self.links[index] = link
+        self._spawn(self.heartbeats(link, reader))
+        await self.send_config_ack(link)
+        self.notify_status()
+        return got
+
+    async def _wait_reader(self, reader: asyncio.Task, timeout: float) -> bool:
+        """Wait for the reader to end (socket lost) or timeout/stop; True if it ended."""
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({reader, stop}, timeout=max(0.0, timeout),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        return reader.done()
+
+    async def drain(self, link: Link, reader: asyncio.Task, clock: SlotClock) -> None:
+        """Retire a rotated socket without dropping a request (see channel.SlotClock)."""
+        link.draining = True
+        self.draining.add(link)
+        since = time.monotonic()
+        try:
+            await link.event(p.Op.HEARTBEAT, {**self._heartbeat_body(), "draining": True})
+        except Exception:  # noqa: BLE001 - already gone: nothing to drain
+            pass
+        while not reader.done() and not clock.may_close(
+                since, link.last_request_at, link.in_flight, time.monotonic()):
+            await asyncio.sleep(0.1)
+        await link.close("rotation")
+        self.draining.discard(link)
+        log.info("socket %d rotated: old socket closed after serving %d requests",
+                 link.index, link.served, extra={"tether_socket": link.index})
+
+    def _heartbeat_body(self) -> dict:
+        return {"uptime": round(time.monotonic() - self.started, 3),
+                "listening": listening_sockets(), "config_version": self.config.version,
+                "selfcheck": self.report.as_dict()}
+
+    async def heartbeats(self, link: Link, reader: asyncio.Task) -> None:
+        """Heartbeat events at the interval home asked for in its hello response."""
+        every = link.hello_response.body.get("heartbeat_seconds") or p.HEARTBEAT_SECONDS
+        while not reader.done() and not link.draining:
+            await asyncio.wait({reader}, timeout=float(every))
+            if reader.done() or link.draining:
+                return
+            try:
+                await link.event(p.Op.HEARTBEAT, self._heartbeat_body())
+            except Exception:  # noqa: BLE001 - the socket is going; the slot reconnects
+                return
+
+    async def send_config_ack(self, link: Link, error: configsig.ConfigError | None = None) -> None:
+        """Tell home which configuration runs (after hello and after every push)."""
+        body: dict = {"version": self.config.version,
+                      "status": "rejected" if error else
+                      ("applied" if self.config.version is not None else "last_good")}
+        if error is not None:
+            body.update(error=error.code, detail=str(error)[:500])
+        try:
+            await link.event(p.Op.CONFIG_ACK, body)
+        except Exception:  # noqa: BLE001
+            pass
+
+    # ------------------------------------------------------------------ requests
+
+    async def handle(self, link: Link, message: p.Message) -> dict:
+        """Serve one request from home."""
+        if message.op is p.Op.CONFIG_PUSH:
+            return await self.on_config_push(link, message)
+        if message.op is p.Op.STATUS:
+            return self.status()
+        if message.op in DIRECTORY_OPS:
+            raise HandlerError(p.ErrorCode.UNAVAILABLE,
+                               f"{message.op.value}: no directory is configured on this "
+                               "agent yet")
+        raise HandlerError(p.ErrorCode.UNAVAILABLE,
+                           f"{message.op.value} is not supported by agent {__version__}")
+
+    async def on_config_push(self, link: Link, message: p.Message) -> dict:
+        try:
+            applied = self.config.apply(message.body["config"])
+        except configsig.ConfigError as exc:
+            log.error("configuration refused: %s", exc, extra={"tether_error": exc.code})
+            await self.send_config_ack(link, exc)
+            raise HandlerError(exc.code, str(exc)) from None
+        if applied.changed:
+            log.info("configuration v%d applied", applied.version,
+                     extra={"tether_config_version": applied.version})
+        await self.send_config_ack(link)
+        self.notify_status()
+        return {"version": applied.version, "applied": True}
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        return {
+            "agent_version": __version__,
+            "image_id": self.settings.image_id,
+            "instance_id": self.instance_id,
+            "uptime": round(now - self.started, 3),
+            "machine": self.machine.as_dict(),
+            "selfcheck": self.report.as_dict(),
+            "listening": listening_sockets(),
+            "config_version": self.config.version,
+            "config_error": str(self.config.last_error) if self.config.last_error else None,
+            "sockets": [{"index": ln.index, "url": ln.url, "age_s": round(now - ln.opened_at, 3),
+                         "served": ln.served, "in_flight": ln.in_flight,
+                         "draining": ln.draining}
+                        for ln in [*self.links.values(), *self.draining]],
+            "pid": os.getpid(),
+        }
+
+    # ------------------------------------------------------------------ background
+
+    def notify_status(self) -> None:
+        live = sum(1 for ln in self.links.values() if not ln.draining)
+        self.notifier.status(f"{live}/{self.sockets()} sockets to home; config "
+                             f"v{self.config.version}; self-check {self.report.verdict}")
+
+    async def selfcheck_loop(self) -> None:
+        while not await sleep_or_stop(self.stopping, self.options.selfcheck_interval_s):
+            await asyncio.to_thread(self.run_selfcheck)
+
+    async def watchdog_loop(self, interval: float) -> None:
+        while not await sleep_or_stop(self.stopping, interval):
+            self.notifier.watchdog()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+        return task
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the exit status."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        self.prepare()
+        self.notifier.ready(f"started; config v{self.config.version}; "
+                            f"self-check {self.report.verdict}")
+        interval = watchdog_interval_s()
+        if interval:
+            self._spawn(self.watchdog_loop(interval))
+        self._spawn(self.selfcheck_loop())
+        if await self.ensure_enrolled():
+            slots = [self._spawn(self.slot(i)) for i in range(self.sockets())]
+            self._spawn(self.renewal_loop())
+            await self.stopping.wait()
+            await asyncio.wait(slots, timeout=10)
+        self.notifier.stopping()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        log.info("agent stopped")
+        return 0
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
