@@ -1,0 +1,122 @@
+"""Fixtures for the checks of a finished image (pytest-testinfra, read-only).
+
+`--image-dir images/<name>/` names the image; its `<name>.raw` is attached
+read-only (losetup -r --partscan), root-a and data are found by label and
+mounted read-only, and the checks run through testinfra's chroot backend.
+Everything is detached again at the end, also when a check fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import testinfra
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    try:
+        parser.addoption(
+            "--image-dir", action="store", default=os.environ.get("TETHER_IMAGE_DIR"),
+            help="images/<name>/ of a finished build (default: $TETHER_IMAGE_DIR)")
+    except ValueError:
+        pass  # another conftest (tests/e2e) declares the same option
+
+
+def _run(argv: list[str]) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def image_dir(request: pytest.FixtureRequest) -> Path:
+    value = request.config.getoption("--image-dir")
+    if not value:
+        pytest.skip("no image given: pass --image-dir images/<name>/ (or run make verify NAME=...)")
+    path = Path(value).resolve()
+    if not path.is_dir():
+        pytest.fail(f"--image-dir {path} is not a directory: ls images/ for built images")
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_name(image_dir: Path) -> str:
+    return image_dir.name
+
+
+@pytest.fixture(scope="session")
+def raw_disk(image_dir: Path, image_name: str) -> Path:
+    raw = image_dir / f"{image_name}.raw"
+    if not raw.is_file():
+        pytest.fail(f"{raw} not found: the build did not finish; run make image again")
+    return raw
+
+
+@pytest.fixture(scope="session")
+def manifest(image_dir: Path) -> dict | None:
+    path = image_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _partitions(loop: str) -> dict[str, str]:
+    """Partition devices of `loop` by filesystem label (PARTLABEL as fallback)."""
+    base = Path(loop).name
+    deadline = time.monotonic() + 10  # the kernel creates the nodes asynchronously
+    parts: list[Path] = []
+    while time.monotonic() < deadline:
+        parts = sorted(Path("/sys/block", base).glob(f"{base}p*"))
+        if parts and all(Path("/dev", p.name).exists() for p in parts):
+            break
+        time.sleep(0.2)
+    labels: dict[str, str] = {}
+    for part in parts:
+        dev = f"/dev/{part.name}"
+        probe = subprocess.run(["blkid", "-p", "-o", "export", dev], capture_output=True, text=True, check=False)
+        fields = dict(line.split("=", 1) for line in probe.stdout.splitlines() if "=" in line)
+        for key in ("LABEL", "PART_ENTRY_NAME"):
+            if fields.get(key):
+                labels.setdefault(fields[key], dev)
+    return labels
+
+
+@pytest.fixture(scope="session")
+def image_root(raw_disk: Path) -> Iterator[Path]:
+    """root-a of the image mounted read-only, with the data partition on /data."""
+    if os.geteuid() != 0:
+        pytest.fail("the image checks attach the disk with losetup: run them as root")
+    loop = _run(["losetup", "--read-only", "--partscan", "--find", "--show", str(raw_disk)])
+    mounts: list[Path] = []
+    tmp = Path(tempfile.mkdtemp(prefix="tether-image-"))
+    try:
+        labels = _partitions(loop)
+        missing = [label for label in ("root-a", "data") if label not in labels]
+        if missing:
+            pytest.fail(f"{raw_disk} has no partition labelled {', '.join(missing)} "
+                        f"(found {sorted(labels)}): not a tether disk (docs/CONTRACTS.md)")
+        # noload: do not replay the ext4 journal on a read-only device.
+        for label, where in (("root-a", tmp), ("data", tmp / "data")):
+            _run(["mount", "-o", "ro,noload,nodev,nosuid", labels[label], str(where)])
+            mounts.append(where)
+        yield tmp
+    finally:
+        for where in reversed(mounts):
+            subprocess.run(["umount", str(where)], check=False)
+        subprocess.run(["losetup", "--detach", loop], check=False)
+        if not any(tmp.iterdir()):
+            tmp.rmdir()
+
+
+@pytest.fixture(scope="session")
+def host(image_root: Path):
+    """A testinfra host that runs commands in the image (chroot backend)."""
+    return testinfra.get_host(str(image_root), connection="chroot")

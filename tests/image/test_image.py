@@ -1,0 +1,324 @@
+"""Checks of a finished tether image (issue 3, point 7), one property per test.
+
+Run: `pytest tests/image --image-dir images/<name>/` as root (or `make verify
+NAME=<name>`). The disk is attached read-only; nothing in the image changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+sys.path.insert(0, str(Path(__file__).parent))
+import nftrules  # noqa: E402
+
+pytestmark = pytest.mark.image
+
+AGENT = "/opt/tether/venv/bin/tether-agent"
+UNIT = "tether-agent.service"
+GETTY_UNITS = ["getty@.service", "serial-getty@.service", "autovt@.service", "console-getty.service"]
+OUT_TCP = {53, 88, 389, 443, 636, 3268, 3269}
+OUT_UDP_REQUIRED = {53, 88, 123}
+OUT_UDP_ALLOWED = OUT_UDP_REQUIRED | {389}  # CLDAP for the AD DC locator
+KERNEL_DRIVERS = ["nvme", "vmxnet3"]
+
+
+# ------------------------------------------------------------------ agent
+
+def test_agent_installed(host):
+    agent = host.file(AGENT)
+    assert agent.exists, f"{AGENT} missing: the agent role did not install the venv"
+    assert agent.mode & 0o111, f"{AGENT} is not executable"
+    assert host.file("/etc/systemd/system/" + UNIT).is_file
+
+
+def test_agent_install_read_only_for_agent(host):
+    venv = host.file("/opt/tether/venv")
+    assert venv.user == "root" and not venv.mode & 0o022, "the venv must belong to root, writable by root only"
+
+
+def test_agent_enabled(host):
+    link = host.file(f"/etc/systemd/system/multi-user.target.wants/{UNIT}")
+    assert link.is_symlink, f"{UNIT} is not enabled (no link in multi-user.target.wants)"
+    assert link.linked_to == f"/etc/systemd/system/{UNIT}"
+
+
+def test_agent_user_has_no_login(host):
+    user = host.user("tether")
+    assert user.exists
+    assert user.shell in ("/usr/sbin/nologin", "/bin/false")
+    entry = next(line for line in host.file("/etc/shadow").content_string.splitlines()
+                 if line.startswith("tether:"))
+    assert entry.split(":")[1].startswith(("!", "*")), "user tether has a password"
+
+
+def test_agent_state_dir(host):
+    state = host.file("/data/tether")
+    assert state.is_directory, "/data/tether (bind-mounted on /var/lib/tether) missing"
+    assert state.user == "tether" and state.group == "tether"
+    assert state.mode == 0o700
+
+
+def test_no_wheelhouse_left(host):
+    assert not host.file("/var/tmp/tether-wheelhouse").exists
+
+
+# ------------------------------------------------------------------ no way in
+
+@pytest.mark.parametrize("package", ["openssh-server", "openssh-sftp-server"])
+def test_no_ssh_server_package(host, package):
+    assert not host.package(package).is_installed, f"{package} is installed"
+
+
+def test_no_sshd_binary(host):
+    assert not host.file("/usr/sbin/sshd").exists
+
+
+@pytest.mark.parametrize("unit", GETTY_UNITS)
+def test_getty_masked(host, unit):
+    link = host.file(f"/etc/systemd/system/{unit}")
+    assert link.is_symlink and link.linked_to == "/dev/null", f"{unit} is not masked"
+
+
+def test_no_getty_enabled(host):
+    found = host.run("find /etc/systemd/system -path '*.wants/*' -name '*getty*'").stdout.split()
+    assert found == [], f"getty instances still enabled: {found}"
+
+
+def test_logind_spawns_no_getty(host):
+    text = host.run("cat /etc/systemd/logind.conf.d/*.conf").stdout
+    assert "NAutoVTs=0" in text and "ReserveVT=0" in text
+
+
+def test_root_locked(host):
+    root = next(line for line in host.file("/etc/shadow").content_string.splitlines()
+                if line.startswith("root:"))
+    password = root.split(":")[1]
+    assert password.startswith(("!", "*")), "root has a usable password"
+
+
+def test_no_account_with_password(host):
+    usable = [line.split(":")[0] for line in host.file("/etc/shadow").content_string.splitlines()
+              if line and not line.split(":")[1].startswith(("!", "*")) and line.split(":")[1] != ""]
+    assert usable == [], f"accounts with a password hash: {usable}"
+
+
+def test_no_build_key(host):
+    for path in ("/root/.ssh/authorized_keys", "/root/.ssh/authorized_keys2"):
+        assert not host.file(path).exists, f"{path} (the build key) is still in the image"
+
+
+def test_no_ssh_host_keys(host):
+    keys = host.run("ls /etc/ssh/ 2>/dev/null | grep '^ssh_host_' || true").stdout.split()
+    assert keys == [], f"SSH host keys in the image: {keys}"
+
+
+# ------------------------------------------------------------------ identity
+
+@pytest.fixture(scope="module")
+def image_key(host):
+    return serialization.load_pem_private_key(host.file("/etc/tether/image.key").content, password=None)
+
+
+def _fingerprint(key) -> str:
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def test_image_key_mode_and_owner(host):
+    key = host.file("/etc/tether/image.key")
+    assert key.is_file, "/etc/tether/image.key missing"
+    assert key.mode == 0o600, f"image.key has mode {key.mode:o}"
+    assert key.user == "tether" and key.group == "tether"
+
+
+def test_image_key_matches_manifest(image_key, manifest):
+    if manifest is None:
+        pytest.skip("manifest.json not in the image directory (written at the end of make image)")
+    assert "key_fingerprint" in manifest, "manifest.json has no key_fingerprint"
+    assert _fingerprint(image_key) == manifest["key_fingerprint"].lower()
+
+
+def test_image_key_matches_agent_settings(host, image_key):
+    settings = json.loads(host.file("/etc/tether/agent.json").content_string)
+    assert set(settings) >= {"image_id", "connector", "home_urls", "fingerprint", "cert_serial"}
+    assert _fingerprint(image_key) == settings["fingerprint"]
+
+
+def test_image_certificate_and_ca(host, image_key):
+    from cryptography import x509
+    cert = x509.load_pem_x509_certificate(host.file("/etc/tether/image.crt").content)
+    ca = x509.load_pem_x509_certificate(host.file("/etc/tether/ca.crt").content)
+    assert cert.public_key().public_numbers() == image_key.public_key().public_numbers()
+    cert.verify_directly_issued_by(ca)
+    for name in ("image.crt", "ca.crt", "agent.json"):
+        assert host.file(f"/etc/tether/{name}").mode == 0o644
+
+
+# ------------------------------------------------------------------ firewall
+
+@pytest.fixture(scope="module")
+def chains(host):
+    conf = host.file("/etc/nftables.conf")
+    assert conf.is_file, "/etc/nftables.conf missing"
+    return nftrules.parse(conf.content_string)
+
+
+def _one(chains, hook):
+    found = nftrules.by_hook(chains, hook)
+    assert len(found) == 1, f"expected one {hook} chain, found {[c.name for c in found]}"
+    return found[0]
+
+
+def test_nftables_enabled(host):
+    assert host.file("/etc/systemd/system/sysinit.target.wants/nftables.service").is_symlink
+
+
+def test_nftables_input_drops_all_but_replies(chains):
+    chain = _one(chains, "input")
+    assert chain.policy == "drop"
+    assert "ct state established,related accept" in chain.rules
+    assert 'iif "lo" accept' in chain.rules
+    assert chain.ports("tcp") == set(), "inbound TCP ports are open"
+    extra = [r for r in chain.accepts() if not (
+        r.startswith("ct state") or r.startswith("iif") or "icmpv6 type" in r
+        or r.startswith("udp sport 67 udp dport 68") or r.startswith("udp sport 547 udp dport 546"))]
+    assert extra == [], f"unexpected inbound accept rules: {extra}"
+
+
+def test_nftables_forward_drops(chains):
+    chain = _one(chains, "forward")
+    assert chain.policy == "drop" and chain.accepts() == []
+
+
+def test_nftables_output_policy(chains):
+    chain = _one(chains, "output")
+    assert chain.policy == "drop"
+    assert "ct state established,related accept" in chain.rules
+    assert 'oif "lo" accept' in chain.rules
+
+
+def test_nftables_output_tcp_ports(chains):
+    assert _one(chains, "output").ports("tcp") == OUT_TCP
+
+
+def test_nftables_output_udp_ports(chains):
+    ports = _one(chains, "output").ports("udp")
+    assert OUT_UDP_REQUIRED <= ports <= OUT_UDP_ALLOWED, f"outbound UDP ports {sorted(ports)}"
+
+
+def test_nftables_dhcp(chains):
+    assert any(r.startswith("udp sport 68 udp dport 67") for r in _one(chains, "output").accepts())
+    assert any(r.startswith("udp sport 67 udp dport 68") for r in _one(chains, "input").accepts())
+
+
+# ------------------------------------------------------------------ system
+
+def _fstab(host) -> list[list[str]]:
+    return [line.split() for line in host.file("/etc/fstab").content_string.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_swap_in_fstab(host):
+    assert any(e[0] == "LABEL=swap" and e[2] == "swap" for e in _fstab(host)), "no LABEL=swap entry in fstab"
+
+
+def test_machine_id_uninitialized(host):
+    assert host.file("/etc/machine-id").content == b"uninitialized\n"
+    dbus = host.file("/var/lib/dbus/machine-id")
+    assert not dbus.exists or (dbus.is_symlink and dbus.linked_to == "/etc/machine-id")
+
+
+def test_no_random_seed(host):
+    assert not host.file("/var/lib/systemd/random-seed").exists, "every instance would share the seed"
+
+
+@pytest.fixture(scope="module")
+def kernel_dirs(image_root):
+    dirs = sorted(p for p in (image_root / "usr/lib/modules").iterdir() if p.is_dir())
+    assert dirs, "no kernel in /lib/modules"
+    return dirs
+
+
+@pytest.mark.parametrize("driver", KERNEL_DRIVERS)
+def test_kernel_driver(kernel_dirs, driver):
+    for kdir in kernel_dirs:
+        builtin = (kdir / "modules.builtin").read_text() if (kdir / "modules.builtin").exists() else ""
+        as_module = any(kdir.rglob(f"{driver}.ko*"))
+        assert as_module or f"/{driver}.ko" in builtin, f"kernel {kdir.name} has no {driver} driver"
+
+
+def test_kernel_is_cloud_flavour(kernel_dirs):
+    assert all(d.name.endswith("-cloud-amd64") for d in kernel_dirs), [d.name for d in kernel_dirs]
+
+
+def test_initramfs_has_nvme(host, kernel_dirs):
+    for kdir in kernel_dirs:
+        listing = host.run(f"lsinitramfs /boot/initrd.img-{kdir.name}")
+        assert listing.rc == 0, listing.stderr
+        assert "/nvme.ko" in listing.stdout, f"initrd.img-{kdir.name} cannot reach an NVMe root disk"
+
+
+def test_serial_console(host):
+    grub = host.file("/boot/grub/grub.cfg").content_string
+    linux = [line for line in grub.splitlines() if line.strip().startswith("linux ")]
+    assert linux and all("console=ttyS0" in line for line in linux)
+
+
+def test_timesyncd_enabled(host):
+    assert host.file("/etc/systemd/system/sysinit.target.wants/systemd-timesyncd.service").is_symlink
+
+
+def test_journal_persistent(host):
+    assert "Storage=persistent" in host.run("cat /etc/systemd/journald.conf.d/*.conf").stdout
+
+
+def test_kernel_hardening(host):
+    text = host.run("cat /etc/sysctl.d/*.conf").stdout
+    settings = dict(tuple(p.strip() for p in line.split("=", 1)) for line in text.splitlines()
+                    if "=" in line and not line.lstrip().startswith("#"))
+    for key, value in {"net.ipv4.conf.all.rp_filter": "1", "net.ipv4.conf.all.accept_redirects": "0",
+                       "net.ipv4.conf.all.accept_source_route": "0", "kernel.kptr_restrict": "2",
+                       "kernel.dmesg_restrict": "1", "fs.suid_dumpable": "0"}.items():
+        assert settings.get(key) == value, f"{key} = {settings.get(key)}"
+
+
+def test_no_core_dumps(host):
+    assert "DefaultLimitCORE=0" in host.run("cat /etc/systemd/system.conf.d/*.conf").stdout
+
+
+# ------------------------------------------------------------------ hygiene
+
+def test_no_logs(host):
+    files = host.run("find /data/log -type f").stdout.split()
+    assert files == [], f"logs left in the image: {files[:10]}"
+
+
+def test_no_apt_lists_or_caches(host):
+    files = host.run("find /var/lib/apt/lists /var/cache/apt -type f").stdout.split()
+    assert files == [], f"apt lists/caches left: {files[:10]}"
+
+
+def test_tmp_empty(host):
+    left = host.run("find /tmp /var/tmp -mindepth 1").stdout.split()
+    assert left == [], f"left in /tmp, /var/tmp: {left}"
+
+
+# ------------------------------------------------------------------ OVA
+
+def test_ova_manifest_matches(image_dir, image_name):
+    ova_path = image_dir / f"{image_name}.ova"
+    if not ova_path.is_file():
+        pytest.fail(f"{ova_path} not found: the build did not finish; run make image again")
+    try:
+        from tether.image.ova import verify_ova
+    except ImportError:
+        pytest.skip("tether.image.ova.verify_ova not available")
+    problems = verify_ova(ova_path)
+    assert problems == [], "\n".join(problems)
