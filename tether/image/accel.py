@@ -1,0 +1,77 @@
+"""Pick the qemu accelerator by booting a real Linux kernel, not by guessing.
+
+/dev/kvm can exist and open fine while nested KVM still dies on a Linux
+guest with "KVM internal error ... emulation failure" (the case on these
+build machines). So the probe boots the base disk's own kernel with KVM,
+without a root device: a working KVM gets the kernel through all of its
+early boot to "VFS: Unable to mount root fs" and the panic=-1 reboot, which
+-no-reboot turns into a clean qemu exit within seconds. Anything else (an
+emulation failure, an error, a timeout) means TCG.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+KVM_DEVICE = Path("/dev/kvm")
+#: Printed by the kernel after every driver initialised and no root was found.
+BOOTED_MARKER = "VFS: Unable to mount root fs"
+PROBE_TIMEOUT = 45.0
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    booted: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    accelerator: str  # "kvm" or "tcg"
+    reason: str
+
+
+def kvm_usable_device(device: Path = KVM_DEVICE) -> bool:
+    return device.exists() and os.access(device, os.R_OK | os.W_OK)
+
+
+def decide(device_ok: bool, probe: ProbeResult | None) -> Decision:
+    """KVM only when the device is there and a Linux guest really booted."""
+    if not device_ok:
+        return Decision("tcg", f"{KVM_DEVICE} missing or not accessible")
+    if probe is None:
+        return Decision("tcg", "no kernel to probe KVM with")
+    if probe.booted:
+        return Decision("kvm", "a Linux kernel booted under KVM")
+    return Decision("tcg", f"KVM did not boot a Linux kernel: {probe.detail}")
+
+
+def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> ProbeResult:
+    """Boot `kernel` under KVM with no root device and watch its console."""
+    cmd = [
+        "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256", "-smp", "1",
+        "-nodefaults", "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+        "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 root=/dev/null",
+    ]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"")
+        text = out.decode(errors="replace") if isinstance(out, bytes) else out
+        return ProbeResult(BOOTED_MARKER in text, f"no result within {timeout:.0f} s")
+    except FileNotFoundError:
+        return ProbeResult(False, "qemu-system-x86_64 not installed")
+    if BOOTED_MARKER in res.stdout:
+        return ProbeResult(True, "kernel reached the root mount")
+    lines = [l for l in (res.stderr + res.stdout).splitlines() if l.strip()]
+    why = next((l for l in lines if "KVM" in l or "error" in l.lower()), lines[-1] if lines else f"exit {res.returncode}")
+    return ProbeResult(False, why.strip())
+
+
+def choose(kernel: Path | None) -> Decision:
+    device_ok = kvm_usable_device()
+    probe = probe_kvm(kernel) if device_ok and kernel is not None else None
+    return decide(device_ok, probe)
