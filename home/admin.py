@@ -1,0 +1,164 @@
+"""Administrative operations on a home state directory (what the CLI calls).
+
+Each function does one operator action and returns plain data for the CLI to
+print; none of them needs the server to run. Changes the running server must
+act on (new configuration, revocation) are announced through
+:mod:`tether.home.control` by the CLI afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from pathlib import Path
+
+from tether import configsig
+from tether.home import pki
+from tether.home.paths import StatePaths, StateError, write_private, write_public
+from tether.home.store import Store, StoreError
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+CREDENTIAL_FORMAT = "tether-image-credential"
+CREDENTIAL_VERSION = 1
+
+
+def check_name(kind: str, name: str) -> str:
+    """Connector/cluster names end up in certificates and file names: keep them plain."""
+    if not _NAME_RE.match(name):
+        raise StoreError(f"{kind} name {name!r} must be 1-63 characters of a-z 0-9 _ . - "
+                         "starting with a letter or digit")
+    return name
+
+
+def init(paths: StatePaths, names: list[str]) -> dict:
+    """Create CA, server certificate, config-signing key and database (once)."""
+    if paths.ca_key.exists() or paths.db.exists():
+        raise StateError(f"{paths.root} is initialized already; use another --state "
+                         "or remove the directory to start over (this destroys home's CA)")
+    names = names or ["localhost", "127.0.0.1", "::1"]
+    paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths.root.chmod(0o700)
+    ca_key, ca_cert = pki.create_ca()
+    server_key, server = pki.issue_server(ca_key, ca_cert, names)
+    signing = configsig.generate_signing_key()
+    write_private(paths.ca_key, pki.key_pem(ca_key))
+    write_public(paths.ca_cert, pki.cert_pem(ca_cert))
+    write_private(paths.server_key, pki.key_pem(server_key))
+    write_public(paths.server_cert, pki.cert_pem(server.cert))
+    write_private(paths.config_key, configsig.private_key_pem(signing))
+    write_public(paths.config_pub, configsig.public_key_pem(signing))
+    store = Store.create(paths.db)
+    try:
+        store.add_cert(server.serial, "server", names[0], server.not_before, server.not_after)
+    finally:
+        store.close()
+    return {"state": str(paths.root), "names": names, "ca_serial": pki.serial_hex(ca_cert),
+            "server_serial": server.serial, "config_key_id": configsig.key_id(signing.public_key())}
+
+
+def open_store(paths: StatePaths) -> Store:
+    """The database of an initialized state directory."""
+    paths.require_initialized()
+    return Store(paths.db)
+
+
+def load_ca(paths: StatePaths):
+    """Home's CA key and certificate."""
+    return (pki.load_key_pem(paths.ca_key.read_bytes()),
+            pki.load_cert_pem(paths.ca_cert.read_bytes()))
+
+
+def create_connector(paths: StatePaths, name: str, cluster: str | None,
+                     max_instances: int) -> dict:
+    """A connector: the unit images are issued for and configuration applies to."""
+    check_name("connector", name)
+    cluster = check_name("cluster", cluster or name)
+    if max_instances < 1:
+        raise StoreError("--max-instances must be at least 1 (1 = an OVA, never cloned)")
+    store = open_store(paths)
+    try:
+        store.add_connector(name, cluster, max_instances)
+        return store.connector(name)
+    finally:
+        store.close()
+
+
+def issue_image(paths: StatePaths, connector: str, out: Path, home_urls: list[str]) -> dict:
+    """Write a per-image credential bundle (docs/CONTRACTS.md) to ``out``, mode 0600."""
+    for url in home_urls:
+        if not url.startswith("wss://"):
+            raise StoreError(f"--home-url {url!r} must be a wss:// URL (agents dial TLS only)")
+    store = open_store(paths)
+    try:
+        store.connector(connector)
+        ca_key, ca_cert = load_ca(paths)
+        image_id = str(uuid.uuid4())
+        key, issued = pki.issue_image(ca_key, ca_cert, image_id, connector)
+        fingerprint = pki.spki_fingerprint(key.public_key())
+        urls = home_urls or ["wss://home.tether.invalid:443/"]
+        bundle = {
+            "format": CREDENTIAL_FORMAT, "version": CREDENTIAL_VERSION,
+            "image_id": image_id, "connector": connector, "home_urls": urls,
+            "key_pem": pki.key_pem(key).decode("ascii"), "cert_pem": issued.pem,
+            "ca_pem": pki.cert_pem(ca_cert).decode("ascii"),
+            "fingerprint": fingerprint, "cert_serial": issued.serial,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_private(out, (json.dumps(bundle, indent=2) + "\n").encode("utf-8"))
+        with store.transaction():
+            store.add_cert(issued.serial, "image", f"image:{image_id}", issued.not_before,
+                           issued.not_after, connector=connector, image_id=image_id)
+            store.add_image(image_id, connector, fingerprint, issued.serial, urls)
+        return {"image_id": image_id, "connector": connector, "out": str(out),
+                "fingerprint": fingerprint, "cert_serial": issued.serial, "home_urls": urls}
+    finally:
+        store.close()
+
+
+def set_config(paths: StatePaths, connector: str, file: Path) -> dict:
+    """Store a new configuration version for a connector from a JSON file."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StoreError(f"cannot read {file}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise StoreError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise StoreError(f"{file} must hold a JSON object (the connector's configuration)")
+    configsig.canonical_json(config)  # refuses NaN and the like before it is stored
+    store = open_store(paths)
+    try:
+        version = store.add_config(connector, config)
+        return {"connector": connector, "version": version}
+    finally:
+        store.close()
+
+
+def show_config(paths: StatePaths, connector: str, version: int | None) -> dict:
+    """A stored configuration version (newest by default) and the list of versions."""
+    store = open_store(paths)
+    try:
+        store.connector(connector)
+        row = store.config(connector, version)
+        if row is None:
+            what = f"version {version}" if version else "any configuration"
+            raise StoreError(f"connector {connector!r} has no {what}; set one with "
+                             f"`tether-home config set {connector} FILE`")
+        return {"connector": connector, "version": row["version"], "created_at":
+                row["created_at"], "versions": store.config_versions(connector),
+                "config": row["config"]}
+    finally:
+        store.close()
+
+
+def revoke(paths: StatePaths, serial: str, reason: str) -> dict:
+    """Mark a certificate revoked; the server refuses it from the next handshake on."""
+    serial = serial.lower().removeprefix("0x")
+    store = open_store(paths)
+    try:
+        row = store.revoke_cert(serial, reason)
+        return {"serial": row["serial"], "kind": row["kind"], "subject": row["subject"],
+                "revoked_at": row["revoked_at"]}
+    finally:
+        store.close()

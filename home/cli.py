@@ -1,0 +1,162 @@
+"""``tether-home``: the control plane's command line.
+
+Every command takes ``--state DIR`` (default ``/var/lib/tether-home``, or env
+``TETHER_HOME_STATE``). Commands print a short confirmation on stdout; errors
+go to stderr as one sentence saying what to do, with exit status 2 (usage or
+state problem) or 1 (anything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tether import __version__
+from tether.home import admin, control, logs, status
+from tether.home.paths import StateError, resolve_state
+from tether.home.pki import PkiError
+from tether.home.store import Store, StoreError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tether-home",
+                                     description="tether control plane: CA, enrollment, "
+                                     "configuration and the server agents dial into")
+    parser.add_argument("--version", action="version", version=f"tether-home {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state", help="state directory (default $TETHER_HOME_STATE or "
+                        "/var/lib/tether-home)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", parents=[common], help="create CA, server cert, signing key")
+    p.add_argument("--name", action="append", default=[],
+                   help="host name or IP agents use to reach home (repeatable)")
+
+    p = sub.add_parser("connector", parents=[common], help="manage connectors")
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = csub.add_parser("create", parents=[common], help="create a connector")
+    c.add_argument("name")
+    c.add_argument("--cluster", help="cluster the connector serves (default: its name)")
+    c.add_argument("--max-instances", type=int, default=1,
+                   help="machines one image may run on (1 = an OVA; more for AMIs)")
+    csub.add_parser("list", parents=[common], help="list connectors")
+
+    p = sub.add_parser("image", parents=[common], help="image credentials")
+    isub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    i = isub.add_parser("issue", parents=[common], help="write a per-image credential bundle")
+    i.add_argument("--connector", required=True)
+    i.add_argument("--out", required=True, type=Path)
+    i.add_argument("--home-url", action="append", default=[],
+                   help="wss:// URL the image dials (repeatable, tried in order)")
+
+    p = sub.add_parser("serve", parents=[common], help="run the server")
+    p.add_argument("--listen", default="0.0.0.0:443", help="HOST:PORT (default 0.0.0.0:443)")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+
+    p = sub.add_parser("status", parents=[common], help="connectors, images, instances")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("config", parents=[common], help="connector configuration")
+    fsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    f = fsub.add_parser("set", parents=[common], help="store (and push) a new version")
+    f.add_argument("connector")
+    f.add_argument("file", type=Path)
+    f = fsub.add_parser("show", parents=[common], help="print a version (newest by default)")
+    f.add_argument("connector")
+    f.add_argument("--version", type=int, dest="config_version")
+
+    p = sub.add_parser("revoke", parents=[common], help="revoke an image or instance cert")
+    p.add_argument("serial", help="hex serial (status --json shows them)")
+    p.add_argument("--reason", default="revoked by operator")
+    return parser
+
+
+def _print(doc: dict) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def _run(args: argparse.Namespace) -> int:
+    paths = resolve_state(args.state)
+    cmd, action = args.command, getattr(args, "action", None)
+    if cmd == "init":
+        doc = admin.init(paths, args.name)
+        print(f"initialized {doc['state']} for {', '.join(doc['names'])}")
+    elif cmd == "connector" and action == "create":
+        row = admin.create_connector(paths, args.name, args.cluster, args.max_instances)
+        print(f"connector {row['name']} (cluster {row['cluster']}, "
+              f"max-instances {row['max_instances']})")
+    elif cmd == "connector":
+        store = admin.open_store(paths)
+        try:
+            for row in store.connectors():
+                print(f"{row['name']}\tcluster={row['cluster']}\t"
+                      f"max-instances={row['max_instances']}")
+        finally:
+            store.close()
+    elif cmd == "image":
+        doc = admin.issue_image(paths, args.connector, args.out, args.home_url)
+        print(f"image {doc['image_id']} for {doc['connector']} -> {doc['out']}")
+    elif cmd == "serve":
+        return _serve(paths, args)
+    elif cmd == "status":
+        return _status(paths, args.json)
+    elif cmd == "config" and action == "set":
+        doc = admin.set_config(paths, args.connector, args.file)
+        reply = control.call(paths.control_socket, {"cmd": "config-changed",
+                                                    "connector": args.connector})
+        pushed = (f"pushed to {reply.get('pushed', 0)} connected instance(s)" if reply else
+                  "home is not running; agents get it when they connect")
+        print(f"{doc['connector']} configuration version {doc['version']}: {pushed}")
+    elif cmd == "config":
+        _print(admin.show_config(paths, args.connector, args.config_version))
+    elif cmd == "revoke":
+        doc = admin.revoke(paths, args.serial, args.reason)
+        reply = control.call(paths.control_socket, {"cmd": "revoked", "serial": doc["serial"]})
+        closed = f", closed {reply.get('closed', 0)} socket(s)" if reply else ""
+        print(f"revoked {doc['kind']} certificate {doc['serial']} ({doc['subject']}){closed}")
+    return 0
+
+
+def _serve(paths, args) -> int:
+    from tether.home import server  # websockets only needed here
+
+    logs.setup(args.log_level, args.log_format)
+    server.serve(paths, server.parse_listen(args.listen))
+    return 0
+
+
+def _status(paths, as_json: bool) -> int:
+    paths.require_initialized()
+    live = control.call(paths.control_socket, {"cmd": "live"}, timeout=10)
+    store = Store(paths.db)
+    try:
+        doc = status.report(store, live)
+    finally:
+        store.close()
+    if as_json:
+        _print(doc)
+    else:
+        print(status.render(doc))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (StateError, StoreError, PkiError, ValueError) as exc:
+        print(f"tether-home {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:
+        print(f"tether-home {args.command}: {exc}; run as the user owning the state "
+              "directory", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Who is on the other end: turn a verified client certificate into an identity.
+
+TLS already proved the certificate is from home's CA and unexpired. The gate
+adds what TLS cannot know: the certificate is one home issued and still
+trusts (a row in the ``certs`` table, not revoked) and whether it speaks for
+an *image* (may only enroll) or an *instance* (everything else). A refusal is
+an HTTP status before the WebSocket opens, so a revoked appliance never gets
+as far as the protocol.
+"""
+
+from __future__ import annotations
+
+import http
+import time
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from tether.home import pki
+from tether.home.store import Store
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a connection may do, derived from its certificate's database row."""
+
+    role: str  # "image" or "instance"
+    serial: str
+    connector: str
+    image_id: str
+    instance_id: str | None
+    not_after: float
+
+
+class Refusal(Exception):
+    """The connection is refused before the WebSocket handshake completes."""
+
+    def __init__(self, status: http.HTTPStatus, reason: str, text: str) -> None:
+        super().__init__(f"{reason}: {text}")
+        self.status = status
+        self.reason = reason
+        self.text = text
+
+
+def identify(store: Store, cert: x509.Certificate | None, now: float | None = None) -> Identity:
+    """Map a client certificate to an :class:`Identity` or raise :class:`Refusal`."""
+    now = time.time() if now is None else now
+    if cert is None:
+        raise Refusal(http.HTTPStatus.UNAUTHORIZED, "no_certificate",
+                      "a client certificate from home's CA is required")
+    serial = pki.serial_hex(cert)
+    row = store.cert(serial)
+    if row is None:
+        raise Refusal(http.HTTPStatus.FORBIDDEN, "unknown_certificate",
+                      f"certificate {serial} was not issued by this home's database; "
+                      "re-issue the image credential")
+    if row["revoked_at"] is not None:
+        raise Refusal(http.HTTPStatus.FORBIDDEN, "revoked",
+                      f"certificate {serial} is revoked ({row['revoke_reason'] or 'no reason'})")
+    if row["not_after"] < now:
+        raise Refusal(http.HTTPStatus.FORBIDDEN, "expired",
+                      f"certificate {serial} expired; an instance re-enrolls with its image "
+                      "credential")
+    if row["kind"] not in ("image", "instance"):
+        raise Refusal(http.HTTPStatus.FORBIDDEN, "wrong_kind",
+                      f"a {row['kind']} certificate cannot connect as an agent")
+    if row["kind"] == "instance" and store.instance(row["instance_id"]) is None:
+        raise Refusal(http.HTTPStatus.FORBIDDEN, "unknown_instance",
+                      "the instance behind this certificate is no longer registered")
+    return Identity(role=row["kind"], serial=serial, connector=row["connector"],
+                    image_id=row["image_id"], instance_id=row["instance_id"],
+                    not_after=row["not_after"])
+
+
+def offered_subprotocols(headers) -> list[str]:
+    """All values of Sec-WebSocket-Protocol (comma lists, possibly repeated)."""
+    values = []
+    for header in headers.get_all("Sec-WebSocket-Protocol"):
+        values.extend(v.strip() for v in header.split(",") if v.strip())
+    return values

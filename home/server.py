@@ -1,0 +1,172 @@
+"""``tether-home serve``: the WebSocket/TLS server agents dial into.
+
+websockets (asyncio API) over TLS 1.3 with required client certificates
+(:mod:`tether.home.tlsconf`); before the WebSocket opens, :func:`_process_request`
+checks the subprotocol and maps the certificate to an identity
+(:mod:`tether.home.gate`); each accepted socket becomes an
+:class:`~tether.home.peer.AgentPeer` registered with the :class:`~tether.home.hub.Hub`.
+
+Frames up to :data:`tether.protocol.MAX_FRAME_BYTES` are processed; frames up to
+twice that get a ``too_large`` error reply; anything larger is cut by
+websockets' ``max_size`` with close code 1009.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import os
+import signal
+import uuid
+from dataclasses import dataclass
+
+from websockets.asyncio.server import serve as ws_serve
+
+from tether import __version__, configsig
+from tether import protocol as p
+from tether.home import admin, control, enroll, gate, tlsconf
+from tether.home.hub import Hub
+from tether.home.logs import event
+from tether.home.paths import StatePaths
+from tether.home.peer import AgentPeer
+from tether.home.store import Store
+
+log = logging.getLogger("tether.home.server")
+PING_SECONDS = 30.0
+MAX_SIZE = 2 * p.MAX_FRAME_BYTES
+
+
+class ListenError(ValueError):
+    """--listen is not HOST:PORT."""
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+
+def parse_listen(value: str) -> Listen:
+    """``HOST:PORT`` or ``[V6]:PORT``; port 0 picks a free port (tests)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ListenError(f"--listen {value!r} must be HOST:PORT, e.g. 0.0.0.0:443 or [::]:443")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host:
+        raise ListenError(f"--listen {value!r} needs a host (0.0.0.0 for every address)")
+    return Listen(host, int(port))
+
+
+def load_authority(paths: StatePaths) -> tuple[enroll.Authority, object]:
+    """CA and config-signing key from the state directory."""
+    ca_key, ca_cert = admin.load_ca(paths)
+    config_key = configsig.load_private_key(paths.config_key.read_bytes())
+    authority = enroll.Authority(ca_key=ca_key, ca_cert=ca_cert,
+                                 ca_pem=paths.ca_cert.read_text(),
+                                 config_key_pem=configsig.public_key_pem(config_key).decode())
+    return authority, config_key
+
+
+class HomeServer:
+    """Everything ``serve`` runs: TLS WebSocket listener, hub, control socket."""
+
+    def __init__(self, paths: StatePaths, listen: Listen) -> None:
+        self.paths = paths.require_initialized()
+        self.listen = listen
+        self.store = Store(paths.db)
+        authority, config_key = load_authority(paths)
+        self.hub = Hub(self.store, authority, config_key)
+        self.ssl = tlsconf.server_context(paths.ca_cert, paths.server_cert, paths.server_key)
+        self.bound: list[tuple] = []
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (or :meth:`stop`), then close cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        self.hub.start()
+        async with ws_serve(self._handler, self.listen.host, self.listen.port, ssl=self.ssl,
+                            subprotocols=[p.SUBPROTOCOL], max_size=MAX_SIZE,
+                            process_request=self._process_request, compression=None,
+                            ping_interval=PING_SECONDS, ping_timeout=PING_SECONDS,
+                            server_header=f"tether-home/{__version__}",
+                            backlog=1024) as server:
+            self.bound = [s.getsockname()[:2] for s in server.sockets]
+            ctl = await control.start(self.paths.control_socket, self._control)
+            event(log, logging.INFO, "listening", addresses=self.addresses(),
+                  state=str(self.paths.root), subprotocol=p.SUBPROTOCOL)
+            try:
+                await self._stop.wait()
+            finally:
+                ctl.close()
+                self.paths.control_socket.unlink(missing_ok=True)
+                event(log, logging.INFO, "stopping", sockets=len(self.hub.peers))
+                server.close()
+                await server.wait_closed()
+                await self.hub.stop()
+                self.store.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def addresses(self) -> list[str]:
+        return [f"[{h}]:{pt}" if ":" in h else f"{h}:{pt}" for h, pt in self.bound]
+
+    def _process_request(self, connection, request):
+        """Before the upgrade: right subprotocol, known and unrevoked certificate."""
+        peer = _peer(connection)
+        if p.SUBPROTOCOL not in gate.offered_subprotocols(request.headers):
+            event(log, logging.WARNING, "handshake_refused", peer=peer, reason="subprotocol",
+                  offered=request.headers.get("Sec-WebSocket-Protocol"))
+            return connection.respond(http.HTTPStatus.BAD_REQUEST,
+                                      f"tether home speaks WebSocket subprotocol "
+                                      f"{p.SUBPROTOCOL} only\n")
+        try:
+            cert = tlsconf.peer_certificate(connection.transport)
+            connection.tether_identity = gate.identify(self.store, cert)
+        except gate.Refusal as refusal:
+            event(log, logging.WARNING, "handshake_refused", peer=peer, reason=refusal.reason,
+                  detail=refusal.text)
+            return connection.respond(refusal.status, refusal.text + "\n")
+        return None
+
+    async def _handler(self, connection) -> None:
+        identity = connection.tether_identity
+        peer = AgentPeer(connection, identity, self.hub, uuid.uuid4().hex)
+        self.hub.attach(peer)
+        event(log, logging.INFO, "connected", peer=peer.peer, role=identity.role,
+              connector=identity.connector, instance=identity.instance_id,
+              serial=identity.serial)
+        try:
+            await peer.run()
+        finally:
+            self.hub.detach(peer)
+            event(log, logging.INFO, "disconnected", peer=peer.peer, role=identity.role,
+                  instance=identity.instance_id, code=connection.close_code,
+                  reason=connection.close_reason or None,
+                  violations=peer.session.violations)
+
+    async def _control(self, request: dict) -> dict:
+        cmd = request["cmd"]
+        if cmd == "live":
+            return {"ok": True, "addresses": self.addresses(), "pid": os.getpid(),
+                    "tls_refusals": dict(tlsconf.REFUSALS), **self.hub.live()}
+        if cmd == "config-changed":
+            pushed = await self.hub.push_config_to_connector(str(request.get("connector")))
+            return {"ok": True, "pushed": pushed}
+        if cmd == "revoked":
+            closed = await self.hub.drop_serial(str(request.get("serial")).lower())
+            return {"ok": True, "closed": closed}
+        return {"ok": False, "error": f"unknown control command {cmd!r}"}
+
+
+def _peer(connection) -> str:
+    address = connection.remote_address or ("?", 0)
+    return f"{address[0]}:{address[1]}"
+
+
+def serve(paths: StatePaths, listen: Listen) -> None:
+    """Run the server in this process until a signal stops it."""
+    asyncio.run(HomeServer(paths, listen).run())

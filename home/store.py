@@ -1,0 +1,352 @@
+"""Home's database: one SQLite file in the state directory.
+
+SQLite in WAL mode lets the admin CLI read and write while ``serve`` runs (the
+one-process server owns the sockets, the CLI only touches rows). All SQL lives
+here so the rest of home speaks in plain Python values.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS connectors (
+    name TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    max_instances INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certs (
+    serial TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('server', 'image', 'instance')),
+    subject TEXT NOT NULL,
+    connector TEXT,
+    image_id TEXT,
+    instance_id TEXT,
+    not_before REAL NOT NULL,
+    not_after REAL NOT NULL,
+    revoked_at REAL,
+    revoke_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS images (
+    image_id TEXT PRIMARY KEY,
+    connector TEXT NOT NULL REFERENCES connectors(name),
+    fingerprint TEXT NOT NULL,
+    cert_serial TEXT NOT NULL,
+    home_urls TEXT NOT NULL,
+    issued_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    instance_id TEXT PRIMARY KEY,
+    image_id TEXT NOT NULL REFERENCES images(image_id),
+    connector TEXT NOT NULL,
+    machine_fingerprint TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    sealing_public_key TEXT NOT NULL,
+    cert_serial TEXT,
+    cert_not_after REAL,
+    enrolled_at REAL NOT NULL,
+    last_seen REAL,
+    agent_version TEXT,
+    selfcheck TEXT,
+    listening TEXT,
+    config_version INTEGER,
+    config_status TEXT,
+    UNIQUE (image_id, machine_fingerprint)
+);
+CREATE TABLE IF NOT EXISTS clones (
+    image_id TEXT NOT NULL,
+    connector TEXT NOT NULL,
+    machine_fingerprint TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    PRIMARY KEY (image_id, machine_fingerprint)
+);
+CREATE TABLE IF NOT EXISTS configs (
+    connector TEXT NOT NULL REFERENCES connectors(name),
+    version INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (connector, version)
+);
+CREATE TABLE IF NOT EXISTS sockets (
+    socket_id TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    connector TEXT NOT NULL,
+    image_id TEXT,
+    instance_id TEXT,
+    peer TEXT NOT NULL,
+    socket_index INTEGER,
+    connected_at REAL NOT NULL
+);
+"""
+
+
+class StoreError(RuntimeError):
+    """A database operation failed for a reason the operator can fix."""
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True)
+
+
+def _unjson(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+class Store:
+    """Typed access to home's SQLite database."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(str(path), timeout=10, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+
+    @classmethod
+    def create(cls, path: Path) -> "Store":
+        """Create the schema (idempotent) with the file owner-only (it holds secrets)."""
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        store = cls(path)
+        store.db.executescript(_SCHEMA)
+        store.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                         (str(SCHEMA_VERSION),))
+        return store
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _one(self, sql: str, args: Iterable = ()) -> dict | None:
+        row = self.db.execute(sql, tuple(args)).fetchone()
+        return dict(row) if row else None
+
+    def _all(self, sql: str, args: Iterable = ()) -> list[dict]:
+        return [dict(r) for r in self.db.execute(sql, tuple(args)).fetchall()]
+
+    # ------------------------------------------------------------ connectors
+
+    def add_connector(self, name: str, cluster: str, max_instances: int) -> None:
+        try:
+            self.db.execute("INSERT INTO connectors VALUES (?, ?, ?, ?)",
+                            (name, cluster, max_instances, time.time()))
+        except sqlite3.IntegrityError:
+            raise StoreError(f"connector {name!r} exists already; "
+                             "`tether-home status` lists connectors") from None
+
+    def connector(self, name: str) -> dict:
+        row = self._one("SELECT * FROM connectors WHERE name = ?", (name,))
+        if row is None:
+            raise StoreError(f"no connector {name!r}; create it with "
+                             f"`tether-home connector create {name}`")
+        return row
+
+    def connectors(self) -> list[dict]:
+        return self._all("SELECT * FROM connectors ORDER BY name")
+
+    # ----------------------------------------------------------------- certs
+
+    def add_cert(self, serial: str, kind: str, subject: str, not_before: float,
+                 not_after: float, *, connector: str | None = None, image_id: str | None = None,
+                 instance_id: str | None = None) -> None:
+        self.db.execute("INSERT INTO certs (serial, kind, subject, connector, image_id, "
+                        "instance_id, not_before, not_after) VALUES (?,?,?,?,?,?,?,?)",
+                        (serial, kind, subject, connector, image_id, instance_id, not_before,
+                         not_after))
+
+    def cert(self, serial: str) -> dict | None:
+        return self._one("SELECT * FROM certs WHERE serial = ?", (serial.lower(),))
+
+    def revoke_cert(self, serial: str, reason: str) -> dict:
+        row = self.cert(serial)
+        if row is None:
+            raise StoreError(f"no certificate with serial {serial}; `tether-home status --json` "
+                             "shows image and instance serials")
+        if row["revoked_at"] is None:
+            self.db.execute("UPDATE certs SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
+                            (time.time(), reason, row["serial"]))
+        return self.cert(serial)
+
+    def certs(self, **where: Any) -> list[dict]:
+        clause = " AND ".join(f"{k} = ?" for k in where) or "1"
+        return self._all(f"SELECT * FROM certs WHERE {clause} ORDER BY not_before",
+                         where.values())
+
+    # ---------------------------------------------------------------- images
+
+    def add_image(self, image_id: str, connector: str, fingerprint: str, cert_serial: str,
+                  home_urls: list[str]) -> None:
+        self.db.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
+                        (image_id, connector, fingerprint, cert_serial, json.dumps(home_urls),
+                         time.time()))
+
+    def image(self, image_id: str) -> dict | None:
+        row = self._one("SELECT * FROM images WHERE image_id = ?", (image_id,))
+        if row:
+            row["home_urls"] = json.loads(row["home_urls"])
+        return row
+
+    def images(self) -> list[dict]:
+        rows = self._all("SELECT * FROM images ORDER BY issued_at")
+        for row in rows:
+            row["home_urls"] = json.loads(row["home_urls"])
+        return rows
+
+    # ------------------------------------------------------------- instances
+
+    def instance(self, instance_id: str) -> dict | None:
+        return self._decode_instance(self._one(
+            "SELECT * FROM instances WHERE instance_id = ?", (instance_id,)))
+
+    def instance_for_machine(self, image_id: str, fingerprint: str) -> dict | None:
+        return self._decode_instance(self._one(
+            "SELECT * FROM instances WHERE image_id = ? AND machine_fingerprint = ?",
+            (image_id, fingerprint)))
+
+    def count_instances(self, image_id: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM instances WHERE image_id = ?",
+                               (image_id,)).fetchone()[0]
+
+    def instances(self, connector: str | None = None) -> list[dict]:
+        if connector:
+            rows = self._all("SELECT * FROM instances WHERE connector = ? ORDER BY enrolled_at",
+                             (connector,))
+        else:
+            rows = self._all("SELECT * FROM instances ORDER BY enrolled_at")
+        return [self._decode_instance(r) for r in rows]
+
+    @staticmethod
+    def _decode_instance(row: dict | None) -> dict | None:
+        if row is not None:
+            for key in ("machine", "selfcheck", "listening"):
+                row[key] = _unjson(row[key])
+        return row
+
+    def add_instance(self, instance_id: str, image_id: str, connector: str, fingerprint: str,
+                     machine: dict, sealing_public_key: str) -> None:
+        self.db.execute("INSERT INTO instances (instance_id, image_id, connector, "
+                        "machine_fingerprint, machine, sealing_public_key, enrolled_at) "
+                        "VALUES (?,?,?,?,?,?,?)",
+                        (instance_id, image_id, connector, fingerprint, _json(machine),
+                         sealing_public_key, time.time()))
+
+    def reenroll_instance(self, instance_id: str, machine: dict, sealing_public_key: str) -> None:
+        self.db.execute("UPDATE instances SET machine = ?, sealing_public_key = ?, "
+                        "enrolled_at = ? WHERE instance_id = ?",
+                        (_json(machine), sealing_public_key, time.time(), instance_id))
+
+    def set_instance_cert(self, instance_id: str, serial: str, not_after: float) -> None:
+        self.db.execute("UPDATE instances SET cert_serial = ?, cert_not_after = ? "
+                        "WHERE instance_id = ?", (serial, not_after, instance_id))
+
+    def record_hello(self, instance_id: str, agent_version: str, selfcheck: dict | None,
+                     listening: list | None, config_version: int | None) -> None:
+        self.db.execute("UPDATE instances SET last_seen = ?, agent_version = ?, "
+                        "selfcheck = COALESCE(?, selfcheck), listening = COALESCE(?, listening),"
+                        " config_version = COALESCE(?, config_version) WHERE instance_id = ?",
+                        (time.time(), agent_version, _json(selfcheck), _json(listening),
+                         config_version, instance_id))
+
+    def record_heartbeats(self, beats: dict[str, dict]) -> None:
+        """Write a batch of heartbeats in one transaction (cheap at thousands of agents)."""
+        if not beats:
+            return
+        with self.transaction():
+            self.db.executemany(
+                "UPDATE instances SET last_seen = ?, selfcheck = COALESCE(?, selfcheck), "
+                "listening = COALESCE(?, listening) WHERE instance_id = ?",
+                [(b["at"], _json(b.get("selfcheck")), _json(b.get("listening")), iid)
+                 for iid, b in beats.items()])
+
+    def record_config_state(self, instance_id: str, version: int | None, status: str) -> None:
+        self.db.execute("UPDATE instances SET config_version = COALESCE(?, config_version), "
+                        "config_status = ? WHERE instance_id = ?", (version, status, instance_id))
+
+    # ---------------------------------------------------------------- clones
+
+    def record_clone(self, image_id: str, connector: str, fingerprint: str, machine: dict) -> None:
+        now = time.time()
+        self.db.execute("INSERT INTO clones VALUES (?,?,?,?,?,?,1) "
+                        "ON CONFLICT (image_id, machine_fingerprint) DO UPDATE SET "
+                        "last_seen = excluded.last_seen, attempts = attempts + 1, "
+                        "machine = excluded.machine",
+                        (image_id, connector, fingerprint, _json(machine), now, now))
+
+    def clones(self) -> list[dict]:
+        rows = self._all("SELECT * FROM clones ORDER BY first_seen")
+        for row in rows:
+            row["machine"] = _unjson(row["machine"])
+        return rows
+
+    # --------------------------------------------------------------- configs
+
+    def add_config(self, connector: str, config: dict) -> int:
+        """Store a new version of a connector's configuration; returns its number."""
+        self.connector(connector)
+        with self.transaction():
+            current = self.db.execute("SELECT MAX(version) FROM configs WHERE connector = ?",
+                                      (connector,)).fetchone()[0] or 0
+            self.db.execute("INSERT INTO configs VALUES (?, ?, ?, ?)",
+                            (connector, current + 1, json.dumps(config), time.time()))
+        return current + 1
+
+    def config(self, connector: str, version: int | None = None) -> dict | None:
+        if version is None:
+            row = self._one("SELECT * FROM configs WHERE connector = ? "
+                            "ORDER BY version DESC LIMIT 1", (connector,))
+        else:
+            row = self._one("SELECT * FROM configs WHERE connector = ? AND version = ?",
+                            (connector, version))
+        if row:
+            row["config"] = json.loads(row["config"])
+        return row
+
+    def config_versions(self, connector: str) -> list[int]:
+        return [r[0] for r in self.db.execute(
+            "SELECT version FROM configs WHERE connector = ? ORDER BY version", (connector,))]
+
+    # --------------------------------------------------------------- sockets
+
+    def clear_sockets(self) -> None:
+        """At server start: rows left by a crashed server describe nothing."""
+        self.db.execute("DELETE FROM sockets")
+
+    def add_socket(self, socket_id: str, role: str, connector: str, image_id: str | None,
+                   instance_id: str | None, peer: str, socket_index: int | None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO sockets VALUES (?,?,?,?,?,?,?,?)",
+                        (socket_id, role, connector, image_id, instance_id, peer, socket_index,
+                         time.time()))
+
+    def remove_socket(self, socket_id: str) -> None:
+        self.db.execute("DELETE FROM sockets WHERE socket_id = ?", (socket_id,))
+
+    def sockets(self) -> list[dict]:
+        return self._all("SELECT * FROM sockets ORDER BY connected_at")
+
+    # ------------------------------------------------------------------ misc
+
+    def transaction(self):
+        """``with store.transaction():`` — BEGIN IMMEDIATE ... COMMIT/ROLLBACK."""
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,60 @@
+"""Home's TLS: 1.3 only, client certificate required, home's CA the only anchor.
+
+OpenSSL refuses a client without certificate, with a certificate from another
+CA or with an expired one during the handshake, before any HTTP is read. asyncio
+drops such failures silently (it logs them in debug mode only), so the context
+uses an :class:`ssl.SSLObject` subclass that reports every failed handshake to
+home's log with OpenSSL's reason (``sslobject_class`` is the documented hook).
+Revocation is checked after the handshake, against the database (see
+:mod:`tether.home.gate`).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+
+from tether.home.logs import event
+
+log = logging.getLogger("tether.home.tls")
+
+#: Failed handshakes since start, by reason (reported by ``status`` of the running server).
+REFUSALS: dict[str, int] = {}
+
+
+class _LoggingSSLObject(ssl.SSLObject):
+    """An SSLObject that logs the reason of a failed server-side handshake."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            reason = exc.reason or exc.__class__.__name__
+            REFUSALS[reason] = REFUSALS.get(reason, 0) + 1
+            event(log, logging.WARNING, "tls_refused", reason=reason,
+                  detail=getattr(exc, "verify_message", None) or str(exc))
+            raise
+
+
+def server_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """Mutually authenticated TLS 1.3 server context."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(ca_file))  # only home's CA; no system store
+    ctx.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
+    ctx.options |= ssl.OP_NO_TICKET  # no resumption: every connection presents its cert
+    ctx.sslobject_class = _LoggingSSLObject
+    return ctx
+
+
+def peer_certificate(transport) -> x509.Certificate | None:
+    """The verified client certificate of a connection (None if there is none)."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    return x509.load_der_x509_certificate(der) if der else None
