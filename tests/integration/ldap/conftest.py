@@ -104,3 +104,61 @@ def ldap_admin(slapd, test_ca):
     conn = admin_connection(slapd, test_ca)
     yield conn
     conn.unbind()
+
+
+# --- Samba AD DC ---------------------------------------------------------------
+
+from ldapfix_samba import ADMIN_DN as AD_ADMIN_DN, ADMIN_PW as AD_ADMIN_PW, BASE_DN as AD_BASE, create_samba  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def samba(ldap_tmp, test_ca):
+    dc = create_samba(ldap_tmp / "samba", test_ca)
+    yield dc
+    dc.destroy()
+
+
+def ad_admin_connection(ca) -> ldap3.Connection:
+    tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(ca.ca_file))
+    return ldap3.Connection(ldap3.Server("localhost", port=636, use_ssl=True, tls=tls, get_info=ldap3.NONE),
+                            AD_ADMIN_DN, AD_ADMIN_PW, auto_bind=True, check_names=False)
+
+
+def ad_config(ca, **over) -> dict:
+    raw = {"name": "ad-test", "kind": "ad", "servers": ["localhost:636"], "tls": "ldaps",
+           "ca_file": str(ca.ca_file), "bind_dn": AD_ADMIN_DN, "bind_password": AD_ADMIN_PW,
+           "base_dns": [AD_BASE], "user_container": f"CN=Users,{AD_BASE}", "page_size": 50}
+    raw.update(over)
+    return raw
+
+
+@pytest.fixture
+def ad_raw(samba, test_ca):
+    return ad_config(test_ca)
+
+
+@pytest.fixture
+def ad_admin(samba, test_ca):
+    conn = ad_admin_connection(test_ca)
+    yield conn
+    conn.unbind()
+
+
+def ad_user(conn, name: str, password: str = "Passw0rd-1", container: str | None = None) -> str:
+    """Create an enabled AD user with a password (helper for tests); returns its DN."""
+    dn = f"CN={name},{container or 'CN=Users,' + AD_BASE}"
+    assert conn.add(dn, ["top", "person", "organizationalPerson", "user"],
+                    {"sAMAccountName": name, "userAccountControl": "514", "mail": f"{name}@tether.test",
+                     "displayName": name.title()}), conn.result
+    assert conn.modify(dn, {"unicodePwd": [(ldap3.MODIFY_REPLACE, [f'"{password}"'.encode("utf-16-le")])]}), conn.result
+    assert conn.modify(dn, {"userAccountControl": [(ldap3.MODIFY_REPLACE, ["512"])]}), conn.result
+    return dn
+
+
+def ad_group(conn, name: str, members: list[str]) -> str:
+    dn = f"CN={name},CN=Users,{AD_BASE}"
+    attrs = {"sAMAccountName": name}
+    if members:
+        attrs["member"] = members
+    assert conn.add(dn, ["top", "group"], attrs), conn.result
+    return dn

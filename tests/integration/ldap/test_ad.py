@@ -1,0 +1,135 @@
+"""The directory engine against a real Samba AD DC: sync, incremental, auth, provisioning."""
+
+from __future__ import annotations
+
+import ldap3
+import pytest
+
+from conftest import AD_BASE, ad_group, ad_user
+from tether.agent.directory.auth import authenticate
+from tether.agent.directory.config import load_config
+from tether.agent.directory.provision import provision
+from tether.agent.directory.sync import full_sync, sync
+
+USERS = f"CN=Users,{AD_BASE}"
+
+
+def collect(stream):
+    msgs = list(stream)
+    return msgs, [c for m in msgs if m["type"] == "chunk" for c in m["changes"]]
+
+
+@pytest.fixture(scope="module")
+def ad_seed(samba, test_ca):
+    from conftest import ad_admin_connection
+    conn = ad_admin_connection(test_ca)
+    alice = ad_user(conn, "alice", "Alice-Pass-1")
+    bob = ad_user(conn, "bob", "Bob-Pass-1")
+    inner = ad_group(conn, "inner", [alice])
+    ad_group(conn, "outer", [inner])
+    ad_group(conn, "plain", [bob])
+    conn.unbind()
+    return {"alice": alice, "bob": bob}
+
+
+def test_full_sync_users_groups_memberships(ad_raw, ad_seed):
+    msgs, changes = collect(full_sync(load_config(ad_raw), chunk_size=3))
+    assert msgs[0]["mode"] == "full" and msgs[-1]["type"] == "end"
+    users = {c["attributes"]["username"]: c for c in changes if c["kind"] == "user"}
+    groups = {c["attributes"]["name"]: c for c in changes if c["kind"] == "group"}
+    assert {"alice", "bob", "Administrator"} <= set(users)
+    assert users["alice"]["attributes"]["email"] == "alice@tether.test"
+    assert users["alice"]["disabled"] is False and users["Guest"]["disabled"] is True
+    assert len(users["alice"]["id"]) == 36  # objectGUID as a UUID string
+    assert groups["inner"]["members"] == [ad_seed["alice"]]
+    assert groups["outer"]["members"] == [f"CN=inner,{USERS}"]
+
+
+def test_incremental_adds_modifies_renames_moves_deletes(ad_raw, ad_seed, ad_admin):
+    config = load_config(ad_raw)
+    msgs, before = collect(full_sync(config))
+    ids = {c["dn"]: c["id"] for c in before}
+    cursor = msgs[-1]["cursor"]
+    a = ad_admin
+    carol = ad_user(a, "carol")
+    assert a.modify(ad_seed["bob"], {"mail": [(ldap3.MODIFY_REPLACE, ["bob2@tether.test"])]})
+    dave = ad_user(a, "dave")
+    erin = ad_user(a, "erin")
+    frank = ad_user(a, "frank")
+    collect(full_sync(config))  # (dave, erin, frank exist before the next cursor)
+    cursor2 = list(full_sync(config))[-1]["cursor"]
+    by_dn = {c["dn"]: c["id"] for c in collect(full_sync(config))[1]}
+    assert a.modify_dn(dave, "CN=dave-renamed")
+    assert a.add(f"OU=moved,{AD_BASE}", ["top", "organizationalUnit"], {"ou": "moved"}), a.result
+    assert a.modify_dn(erin, "CN=erin", new_superior=f"OU=moved,{AD_BASE}"), a.result
+    assert a.delete(frank), a.result
+
+    _, changes = collect(sync(config, cursor))
+    assert any(c["op"] == "upsert" and c["dn"] == carol for c in changes)
+    bob = next(c for c in changes if c["id"] == ids[ad_seed["bob"]])
+    assert bob["attributes"]["email"] == "bob2@tether.test"
+
+    msgs2, changes2 = collect(sync(config, cursor2))
+    assert msgs2[0]["mode"] == "incremental"
+    got = {c["id"]: c for c in changes2}
+    assert got[by_dn[dave]]["op"] == "upsert" and got[by_dn[dave]]["dn"] == f"CN=dave-renamed,{USERS}"
+    assert got[by_dn[erin]]["dn"] == f"CN=erin,OU=moved,{AD_BASE}"
+    assert got[by_dn[frank]]["op"] == "delete" and got[by_dn[frank]]["dn"] == frank
+    # and the cursor resumes exactly: nothing new
+    _, again = collect(sync(config, msgs2[-1]["cursor"]))
+    assert again == []
+
+
+def test_cursor_from_another_dc_forces_full_resync(ad_raw):
+    from tether.agent.directory import cursor as cursors
+    other = cursors.encode("ad-usn", usn=1, dc="CN=NTDS Settings,CN=OTHER", t=0)
+    msgs, _ = collect(sync(load_config(ad_raw), other))
+    assert msgs[0]["mode"] == "full" and "another domain controller" in msgs[0]["reason"]
+
+
+def test_authentication_outcomes_and_nested_groups(ad_raw, ad_seed, ad_admin):
+    config = load_config(ad_raw)
+    ok = authenticate(config, "alice", "Alice-Pass-1")
+    assert ok["outcome"] == "success"
+    assert sorted(g["name"] for g in ok["groups"]) == ["inner", "outer"]
+    assert authenticate(config, "alice", "wrong")["outcome"] == "wrong_password"
+    assert authenticate(config, "nobody", "x")["outcome"] == "unknown_user"
+
+    ad_user(ad_admin, "locky", "Locky-Pass-1")
+    for _ in range(3):
+        assert authenticate(config, "locky", "bad")["outcome"] == "wrong_password"
+    assert authenticate(config, "locky", "Locky-Pass-1")["outcome"] == "locked"
+
+    dn = ad_user(ad_admin, "offy", "Offy-Pass-1")
+    assert ad_admin.modify(dn, {"userAccountControl": [(ldap3.MODIFY_REPLACE, ["514"])]})
+    assert authenticate(config, "offy", "Offy-Pass-1")["outcome"] == "disabled"
+
+    dn = ad_user(ad_admin, "oldy", "Oldy-Pass-1")
+    assert ad_admin.modify(dn, {"pwdLastSet": [(ldap3.MODIFY_REPLACE, ["0"])]})
+    assert authenticate(config, "oldy", "Oldy-Pass-1")["outcome"] == "expired"
+
+
+def test_provisioning_over_ldaps(ad_raw, ad_seed, ad_admin):
+    config = load_config(ad_raw)
+    r = provision(config, {"id": "a1", "op": "create_user", "username": "pat",
+                           "attributes": {"email": "pat@tether.test", "name": "Pat Doe"},
+                           "password": "Pat-Pass-1"})
+    assert r["status"] == "done" and r["dn"] == f"CN=Pat Doe,{USERS}", r
+    assert authenticate(config, "pat", "Pat-Pass-1")["outcome"] == "success"
+    assert provision(config, {"id": "a2", "op": "set_password", "username": "pat",
+                              "password": "Pat-Pass-2"})["status"] == "done"
+    assert authenticate(config, "pat", "Pat-Pass-2")["outcome"] == "success"
+    assert provision(config, {"id": "a3", "op": "disable_user", "username": "pat"})["status"] == "done"
+    assert authenticate(config, "pat", "Pat-Pass-2")["outcome"] == "disabled"
+    assert provision(config, {"id": "a4", "op": "enable_user", "username": "pat"})["status"] == "done"
+    assert provision(config, {"id": "a5", "op": "update_user", "username": "pat",
+                              "attributes": {"email": "p@tether.test"}})["status"] == "done"
+    r = provision(config, {"id": "a6", "op": "rename_user", "username": "pat", "new_name": "Pat Roe"})
+    assert r["status"] == "done" and r["dn"] == f"CN=Pat Roe,{USERS}"
+    assert provision(config, {"id": "a7", "op": "add_member", "group": "outer", "member": "pat"})["status"] == "done"
+    assert "outer" in [g["name"] for g in authenticate(config, "pat", "Pat-Pass-2")["groups"]]
+    assert provision(config, {"id": "a8", "op": "remove_member", "group": "outer", "member": "pat"})["status"] == "done"
+    r = provision(config, {"id": "a9", "op": "set_password", "username": "pat", "password": "x"})
+    assert r["status"] == "failed" and r["reason"]  # the DC's own reason (complexity/length or constraint)
+    assert provision(config, {"id": "a10", "op": "delete_user", "username": "pat"})["status"] == "done"
+    assert authenticate(config, "pat", "Pat-Pass-2")["outcome"] == "unknown_user"
