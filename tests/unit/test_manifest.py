@@ -176,3 +176,11 @@ def test_missing_inputs_say_what_to_do(image_dir, root, tmp_path):
         _built(image_dir, root, _bundle())
     with pytest.raises(BuildError, match="make image"):
         manifest.read_manifest(tmp_path)
+
+
+def test_known_digests_are_reused(image_dir, root):
+    data = manifest.build_manifest("img1", _bundle(), root, image_dir / "img1.ova",
+                                   image_dir / "img1.raw", known_sha256={"img1.ova": "ab" * 32})
+    assert data["artifacts"]["img1.ova"]["sha256"] == "ab" * 32
+    assert data["artifacts"]["img1.raw"]["sha256"] == hashlib.sha256(
+        (image_dir / "img1.raw").read_bytes()).hexdigest()

@@ -142,10 +142,19 @@ def _read(path: Path) -> str:
 
 
 def build_manifest(name: str, bundle: dict, root: Path, ova: Path, raw: Path,
-                   built_at: datetime | None = None,
-                   progress: TextIO | None = None) -> dict:
-    """Collect the manifest for image `name`; hashes the OVA and the raw disk."""
+                   built_at: datetime | None = None, progress: TextIO | None = None,
+                   known_sha256: dict[str, str] | None = None) -> dict:
+    """Collect the manifest for image `name`; hashes the OVA and the raw disk.
+
+    `known_sha256` ({file name: hex}) passes digests computed earlier in the
+    build (e.g. OvaResult.sha256) so large files are not read twice.
+    """
     root, ova, raw = Path(root), Path(ova), Path(raw)
+    known = known_sha256 or {}
+
+    def digest(path: Path) -> str:
+        return known.get(path.name) or sha256_file(path, progress)
+
     for artifact in (ova, raw):
         if not artifact.is_file():
             raise BuildError(f"{artifact} not found: the build did not finish; rerun make image")
@@ -164,9 +173,9 @@ def build_manifest(name: str, bundle: dict, root: Path, ova: Path, raw: Path,
         "agent_version": agent_version(root),
         "packages": packages,
         "artifacts": {
-            ova.name: {"size": ova.stat().st_size, "sha256": sha256_file(ova, progress)},
+            ova.name: {"size": ova.stat().st_size, "sha256": digest(ova)},
             raw.name: {"size": raw.stat().st_size, "allocated": allocated_bytes(raw),
-                       "sha256": sha256_file(raw, progress)},
+                       "sha256": digest(raw)},
         },
     }
 
