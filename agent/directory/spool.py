@@ -1,0 +1,98 @@
+"""The on-disk spool: changes wait here, in order, until home acknowledges them.
+
+Why one file per entry: appending is write-to-temp + fsync + rename + fsync of
+the directory, so an entry is either fully there or absent after a crash or
+power loss, never half-written; ordering is the sequence number in the file
+name, so a restarted agent sends the same entries in the same order. Entries
+are removed only by `ack` (cumulative, like the channel's acknowledgements).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+NAME = re.compile(r"^(\d{16})\.json$")
+
+
+class SpoolError(Exception):
+    """The spool directory cannot be used (permissions, damaged entry)."""
+
+
+class Spool:
+    """An ordered, durable queue of JSON-serializable dicts in `directory`."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool directory {self.directory}: {exc}; "
+                             "give the agent a writable state directory") from None
+        for leftover in self.directory.glob("*.tmp"):
+            leftover.unlink()  # an append that never completed: it was never acknowledged as written
+        seqs = self._seqs()
+        self._next = (seqs[-1] + 1) if seqs else 1
+
+    def _seqs(self) -> list[int]:
+        return sorted(int(m.group(1)) for p in self.directory.iterdir() if (m := NAME.match(p.name)))
+
+    def _path(self, seq: int) -> Path:
+        return self.directory / f"{seq:016d}.json"
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def append(self, item: dict) -> int:
+        """Store `item` durably; return its sequence number (only after it is on disk)."""
+        data = json.dumps(item, separators=(",", ":"), sort_keys=True).encode()
+        seq = self._next
+        tmp = self.directory / f"{seq:016d}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._path(seq))
+        self._fsync_dir()
+        self._next = seq + 1
+        return seq
+
+    def pending(self, limit: int | None = None) -> list[tuple[int, dict]]:
+        """The oldest unacknowledged entries, in order, as (seq, item)."""
+        return list(self._iter(limit))
+
+    def _iter(self, limit: int | None) -> Iterator[tuple[int, dict]]:
+        for n, seq in enumerate(self._seqs()):
+            if limit is not None and n >= limit:
+                return
+            try:
+                yield seq, json.loads(self._path(seq).read_bytes())
+            except (OSError, ValueError) as exc:
+                raise SpoolError(f"spool entry {self._path(seq)} is unreadable ({exc}); "
+                                 "move it aside and let the agent run a full resync") from None
+
+    def ack(self, seq: int) -> int:
+        """Home has applied everything up to and including `seq`: remove it; return how many."""
+        removed = 0
+        for s in self._seqs():
+            if s > seq:
+                break
+            self._path(s).unlink()
+            removed += 1
+        if removed:
+            self._fsync_dir()
+        return removed
+
+    def __len__(self) -> int:
+        return len(self._seqs())
+
+    @property
+    def next_seq(self) -> int:
+        return self._next
