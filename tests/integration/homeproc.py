@@ -174,3 +174,136 @@ class HomeProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+# ------------------------------------------------------------------ raw client
+
+
+def client_context(ca_pem: str | Path, cert_pem: str | None, key_pem: str | None,
+                   tmp: Path) -> "ssl.SSLContext":
+    """TLS 1.3 client context pinned to ``ca_pem`` with an optional client cert.
+
+    PEM texts are written to files under ``tmp`` because :mod:`ssl` loads
+    certificates from files only.
+    """
+    import ssl
+    import uuid
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if isinstance(ca_pem, Path):
+        ctx.load_verify_locations(cafile=str(ca_pem))
+    else:
+        ctx.load_verify_locations(cadata=ca_pem)
+    if cert_pem is not None:
+        tag = uuid.uuid4().hex
+        cert_file, key_file = tmp / f"{tag}.crt", tmp / f"{tag}.key"
+        cert_file.write_text(cert_pem)
+        key_file.write_text(key_pem)
+        key_file.chmod(0o600)
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+    return ctx
+
+
+class RawAgent:
+    """A minimal protocol client for tests: one socket, explicit steps.
+
+    It drives a real :class:`tether.protocol.Session` over a real websockets
+    connection, so tests can also send hand-made bad frames (:meth:`send_raw`).
+    """
+
+    def __init__(self, ws) -> None:
+        from tether import protocol as p
+
+        self.p = p
+        self.ws = ws
+        self.session = p.Session(p.Role.AGENT)
+        self.inbox: list = []  # events that arrived while call() waited for its answer
+
+    @classmethod
+    async def connect(cls, url: str, ssl_context, subprotocols=None) -> "RawAgent":
+        from websockets.asyncio.client import connect
+
+        from tether import protocol as p
+
+        ws = await connect(url, ssl=ssl_context, open_timeout=10,
+                           subprotocols=subprotocols or [p.SUBPROTOCOL],
+                           max_size=4 * p.MAX_FRAME_BYTES)
+        return cls(ws)
+
+    async def flush(self) -> None:
+        for text in self.session.data_to_send():
+            await self.ws.send(text)
+
+    async def next_events(self, timeout: float = 10.0) -> list:
+        """Receive one frame and return the session events it produced."""
+        import asyncio
+
+        data = await asyncio.wait_for(self.ws.recv(), timeout)
+        self.session.receive(data)
+        return self.session.events_received()
+
+    async def call(self, op, body: dict, timeout: float = 10.0):
+        """Send a request; return the ResponseReceived/ErrorReceived event for it
+        (requests from home arriving meanwhile are kept in ``self.inbox``)."""
+        sent = self.session.request(op, body)
+        await self.flush()
+        while True:
+            for ev in await self.next_events(timeout):
+                if getattr(ev, "request", None) is not None and ev.request.id == sent.id:
+                    return ev
+                self.inbox.append(ev)
+
+    async def hello(self, image_id: str, instance_id: str | None = None,
+                    fingerprint: str = "machine-1", **extra):
+        body = {"agent_version": "test", "image_id": image_id, "instance_id": instance_id,
+                "machine": {"fingerprint": fingerprint, "platform": "qemu-kvm"},
+                "selfcheck": {"verdict": "ok", "measured": {"vcpu": 4}, "shortfalls": []},
+                "listening": [], "socket_index": 0, "config_version": None, **extra}
+        return await self.call(self.p.Op.HELLO, body)
+
+    async def send_raw(self, data) -> None:
+        await self.ws.send(data)
+
+    async def recv_message(self, timeout: float = 10.0):
+        """The next raw frame, decoded (without session bookkeeping)."""
+        import asyncio
+
+        return self.p.decode(await asyncio.wait_for(self.ws.recv(), timeout))
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def enroll(home: HomeProcess, bundle: dict, tmp: Path, fingerprint: str = "machine-1"):
+    """Enroll like an agent would; returns (instance_id, cert_pem, key_pem, sealing_key)
+    or the ErrorReceived event when home refuses."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from tether import protocol as p
+    from tether import sealing
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    seal_key = sealing.generate_private_key()
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "instance")]))
+           .sign(key, hashes.SHA256())).public_bytes(serialization.Encoding.PEM).decode()
+    agent = await RawAgent.connect(home.url, client_context(bundle["ca_pem"], bundle["cert_pem"],
+                                                             bundle["key_pem"], tmp))
+    try:
+        hello = await agent.hello(bundle["image_id"], fingerprint=fingerprint)
+        assert isinstance(hello, p.ResponseReceived), hello
+        ev = await agent.call(p.Op.ENROLL, {"csr_pem": csr,
+                                            "sealing_public_key": sealing.public_key_text(seal_key),
+                                            "machine": {"fingerprint": fingerprint}})
+    finally:
+        await agent.close()
+    if isinstance(ev, p.ErrorReceived):
+        return ev
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    return ev.message.body["instance_id"], ev.message.body["cert_pem"], key_pem, seal_key
