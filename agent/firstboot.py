@@ -177,6 +177,13 @@ def normalize(raw: dict, source: str, rejected: Iterable[Rejected] = ()) -> Firs
 def _network(out: FirstBootSettings, raw: dict) -> None:
     mode = _text(raw.get("mode")).strip().lower() or ("static" if raw.get("address") else "dhcp")
     if mode == "dhcp":
+        # vSphere's form defaults to dhcp: an address typed in but left on
+        # dhcp is most likely a forgotten switch, so say so instead of
+        # dropping it silently.
+        out.rejected += [Rejected(key, _text(raw[key]).strip(),
+                                  "address mode is dhcp; set it to static to use this")
+                         for key in ("address", "prefix", "gateway")
+                         if _text(raw.get(key)).strip()]
         return
     before = len(out.rejected)
     if mode != "static":

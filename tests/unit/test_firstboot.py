@@ -275,3 +275,11 @@ def test_json_for_the_agent():
     empty = firstboot.FirstBootSettings(source="ec2").to_json()
     assert "home_urls" not in empty and "proxy" not in empty
     assert empty["network"] == {"mode": "dhcp"}
+
+
+def test_address_left_on_dhcp_is_reported_not_used():
+    settings = _guestinfo(_env(**{"network.mode": "dhcp", "network.address": "10.0.0.5",
+                                  "network.prefix": "24"})).get()
+    assert settings.mode == "dhcp" and settings.address is None
+    assert {r.key for r in settings.rejected} == {"address", "prefix"}
+    assert all("set it to static" in r.reason for r in settings.rejected)
