@@ -111,6 +111,7 @@ def build_ova(raw: Path, out: Path, product: ovf.Product, hw: ovf.Hardware = ovf
         mf_path = scratch / f"{stem}.mf"
         mf_path.write_text(manifest_text(digests))
         tmp = scratch / out.name
+        _say(progress, f"ova: packing {ovf_path.name}, {mf_path.name}, {disk.name}")
         _write_tar(tmp, [ovf_path, mf_path, disk])
         os.replace(tmp, out)
         _say(progress, f"ova: wrote {out}")
@@ -127,6 +128,9 @@ def _check_inputs(raw: Path, out: Path) -> None:
                        "not a disk image")
     if out.suffix != ".ova":
         raise OvaError(f"output {out} must end in .ova")
+    if len(out.name) > 80 or "/" in out.stem:
+        raise OvaError(f"image name {out.stem!r} is too long for an OVA member name "
+                       "(USTAR: 100 characters): choose a NAME of at most 70 characters")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         raise OvaError(f"cannot write to {out.parent}: create it or fix its permissions")
 
