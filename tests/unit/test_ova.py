@@ -252,3 +252,15 @@ def test_progress_is_reported(tmp_path):
     ova.build_ova(raw, tmp_path / "p.ova", ovf.Product("p", "1"), progress=out)
     text = out.getvalue()
     assert "converting p.raw" in text and "100.00/100%" in text and "wrote" in text
+
+
+def test_ova_disk_compared_with_raw_in_place(built, tmp_path):
+    raw, path = built
+    assert ova.compare_disk(path, raw) == []
+    changed = tmp_path / "changed.raw"
+    shutil.copy(raw, changed)
+    with open(changed, "r+b") as handle:
+        handle.seek(5 * 1024 * 1024)
+        handle.write(b"different")
+    (problem,) = ova.compare_disk(path, changed)
+    assert "differs from changed.raw" in problem

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -233,6 +235,33 @@ def verify_ova(path: Path, expect: ovf.Hardware | None = ovf.Hardware(),
     if expect is not None:
         problems += hardware_problems(summary, expect, target)
     return problems
+
+
+def compare_disk(ova_path: Path, raw: Path) -> list[str]:
+    """Check that the OVA's VMDK holds exactly the raw disk (the one AWS gets).
+
+    qemu-img reads the VMDK in place inside the tar (raw driver with an
+    offset), so nothing is extracted. Returns problems; empty means identical.
+    """
+    with tarfile.open(ova_path, "r:") as tar:
+        disks = [m for m in tar.getmembers() if m.name.endswith(".vmdk")]
+    if len(disks) != 1:
+        return [f"{ova_path}: expected one .vmdk, found {[m.name for m in disks]}"]
+    spec = {"driver": "vmdk", "file": {"driver": "raw", "offset": disks[0].offset_data,
+                                       "size": disks[0].size,
+                                       "file": {"driver": "file", "filename": str(ova_path)}}}
+    try:
+        proc = subprocess.run(["qemu-img", "compare", "-f", "raw", str(raw),
+                               "json:" + json.dumps(spec)],
+                              capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return ["qemu-img not found: install qemu-utils to compare the OVA's disk"]
+    if proc.returncode == 0:
+        return []
+    detail = (proc.stdout + proc.stderr).strip().splitlines()
+    what = "differs from" if proc.returncode == 1 else "could not be compared with"
+    return [f"{disks[0].name} in {ova_path.name} {what} {raw.name}: "
+            f"{detail[-1] if detail else 'no detail'}"]
 
 
 def _order_problems(contents: OvaContents) -> list[str]:
