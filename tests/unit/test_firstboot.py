@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from tether.agent import firstboot
 from tether.agent.settings import check_home_urls, check_proxy
@@ -283,3 +287,24 @@ def test_address_left_on_dhcp_is_reported_not_used():
     assert settings.mode == "dhcp" and settings.address is None
     assert {r.key for r in settings.rejected} == {"address", "prefix"}
     assert all("set it to static" in r.reason for r in settings.rejected)
+
+
+_values = st.one_of(st.none(), st.text(max_size=40), st.lists(st.text(max_size=20), max_size=3),
+                    st.integers(), st.sampled_from(["static", "dhcp", "10.0.0.5", "24", "40",
+                                                    "255.255.255.0", "wss://h.example/"]))
+
+
+@hyp_settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(firstboot.USER_DATA_KEYS - {"home_url"})),
+                       _values))
+def test_normalize_never_raises_and_output_is_usable(raw):
+    settings = firstboot.normalize(raw, "fuzz")
+    assert settings.mode in ("dhcp", "static")
+    if settings.mode == "static":
+        network = ipaddress.ip_interface(f"{settings.address}/{settings.prefix}")
+        assert network.ip.version == ipaddress.ip_address(settings.address).version
+    doc = settings.to_json()
+    if "home_urls" in doc:
+        check_home_urls(doc["home_urls"], "fuzz")
+    check_proxy(doc.get("proxy"), "fuzz")
+    json.dumps(doc)
