@@ -161,7 +161,8 @@ class Journal:
         """The journal for this very disk file, or None (absent, other disk, unreadable)."""
         path = cls.path_for(raw)
         try:
-            lines = path.read_text().splitlines()
+            text = _drop_torn_tail(path)
+            lines = text.splitlines()
             header = json.loads(lines[0])
         except (OSError, IndexError, ValueError):
             return None
@@ -204,6 +205,16 @@ class Journal:
             handle.write(json.dumps(entry) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def _drop_torn_tail(path: Path) -> str:
+    """Cut a last line the crash left unfinished, so new entries start on a line of their own."""
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        with open(path, "r+") as handle:
+            handle.truncate(len(text.encode()))
+    return text
 
 
 def disk_identity(raw: Path) -> dict:
