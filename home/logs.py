@@ -48,7 +48,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def _quote(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        text = ",".join(value)
+    else:
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
     if text == "" or any(c in text for c in ' "=\n'):
         return json.dumps(text)
     return text

@@ -1,0 +1,118 @@
+"""The in-process API (Hub.request / Hub.stream) against a real TLS socket.
+
+The server runs in the test's own event loop (HomeServer), the agent side is a
+RawAgent answering like a directory-serving agent would: a plain request, a
+streamed sync with acks, an error reply, and an agent that vanishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from homeproc import HomeProcess, RawAgent, client_context, enroll
+from tether import protocol as p
+from tether.home.errors import AgentUnavailable, RequestFailed
+from tether.home.paths import StatePaths
+from tether.home.server import HomeServer, Listen
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """A state dir with an enrolled instance, server stopped again."""
+    home = HomeProcess.start(tmp_path, connector="dir", max_instances=2)
+    try:
+        bundle = home.issue_image()
+        instance = asyncio.run(enroll(home, bundle, tmp_path, "vm-1"))
+    finally:
+        home.stop()
+    return home, bundle, instance
+
+
+@contextlib.asynccontextmanager
+async def running(home: HomeProcess):
+    server = HomeServer(StatePaths(home.state), Listen("127.0.0.1", 0))
+    task = asyncio.create_task(server.run())
+    for _ in range(200):
+        if server.bound:
+            break
+        await asyncio.sleep(0.05)
+    try:
+        yield server, f"wss://127.0.0.1:{server.bound[0][1]}/"
+    finally:
+        server.stop()
+        await task
+
+
+async def serve_agent(agent: RawAgent, replies: int) -> list:
+    """Answer home's requests: status → response, sync → 3 chunks + final."""
+    seen = []
+    while len(seen) < replies:
+        for ev in await agent.next_events():
+            if isinstance(ev, p.AckReceived):
+                seen.append(("ack", ev.message.seq))
+                continue
+            if not isinstance(ev, p.RequestReceived):
+                continue
+            msg = ev.message
+            seen.append(msg.op.value)
+            if msg.op is p.Op.STATUS:
+                agent.session.respond(msg, {"healthy": True})
+            elif msg.op is p.Op.SYNC:
+                for i in range(3):
+                    agent.session.chunk(msg, {"changes": [{"n": i}], "cursor": f"c{i}"})
+                agent.session.respond(msg, {"cursor": "c2", "chunks": 3, "changes": 3})
+            elif msg.op is p.Op.AUTHENTICATE:
+                agent.session.fail(msg, p.ErrorCode.UNAVAILABLE, "directory down")
+            await agent.flush()
+    return seen
+
+
+def test_request_stream_and_errors(prepared, tmp_path):
+    home, bundle, (instance_id, cert_pem, key_pem, _) = prepared
+
+    async def go():
+        async with running(home) as (server, url):
+            with pytest.raises(AgentUnavailable):
+                await server.hub.request("dir", p.Op.STATUS, {})
+            agent = await RawAgent.connect(url, client_context(bundle["ca_pem"], cert_pem,
+                                                               key_pem, tmp_path))
+            await agent.hello(bundle["image_id"], instance_id, config_version=None)
+            helper = asyncio.create_task(serve_agent(agent, 3 + 3))
+            status = await server.hub.request("dir", p.Op.STATUS, {})
+            items = [m async for m in server.hub.stream(
+                "dir", p.Op.SYNC, {"directory": "ad", "mode": "full", "cursor": None})]
+            with pytest.raises(RequestFailed) as failed:
+                await server.hub.request("dir", p.Op.AUTHENTICATE,
+                                         {"directory": "ad", "username": "u", "password": "x"})
+            seen = await asyncio.wait_for(helper, 10)
+            await agent.close()
+            return status, items, failed.value, seen
+    status, items, failed, seen = asyncio.run(go())
+    assert status.body == {"healthy": True}
+    assert [m.kind for m in items] == [p.Kind.CHUNK] * 3 + [p.Kind.RESPONSE]
+    assert [m.body.get("cursor") for m in items] == ["c0", "c1", "c2", "c2"]
+    assert failed.code is p.ErrorCode.UNAVAILABLE and "directory down" in failed.detail
+    assert ("ack", 0) in seen and ("ack", 2) in seen
+
+
+def test_agent_vanishing_fails_pending_request(prepared, tmp_path):
+    home, bundle, (instance_id, cert_pem, key_pem, _) = prepared
+
+    async def go():
+        async with running(home) as (server, url):
+            agent = await RawAgent.connect(url, client_context(bundle["ca_pem"], cert_pem,
+                                                               key_pem, tmp_path))
+            await agent.hello(bundle["image_id"], instance_id, config_version=None)
+            pending = asyncio.create_task(server.hub.request("dir", p.Op.STATUS, {}, timeout=20))
+            await agent.next_events()  # the request arrived; now drop the socket unanswered
+            agent.ws.transport.abort()
+            with pytest.raises(AgentUnavailable):
+                await pending
+            return server.hub.live()
+    live = asyncio.run(go())
+    assert live["sockets"] == 0
