@@ -1,0 +1,247 @@
+"""Fixtures for integration tests: a real home (homeproc.py), real agent processes,
+a real CONNECT proxy. Everything listens on 127.0.0.1 only and is stopped by PID.
+
+* ``home_factory(connector=..., max_instances=...)`` -> a running
+  :class:`homeproc.HomeProcess` (stopped at teardown).
+* ``agent_factory(home_or_bundle, ...)`` -> a started :class:`AgentProcess`:
+  ``tether-agent run`` with temporary ``--etc`` (the image credential laid out as
+  the ansible ``identity`` role does), ``--state``, ``--firstboot`` and a fake
+  DMI directory (its product UUID is the machine fingerprint: two directories
+  are two machines).
+* ``tinyproxy`` -> a started :class:`Tinyproxy` with basic auth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from homeproc import HomeProcess
+
+VENV_BIN = Path(sys.executable).parent
+AGENT = VENV_BIN / "tether-agent"
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def install_credential(bundle: Path, etc: Path, home_urls: list[str] | None = None) -> Path:
+    """Write the appliance's /etc/tether files from a credential bundle."""
+    data = json.loads(Path(bundle).read_text())
+    etc.mkdir(parents=True, exist_ok=True)
+    key = etc / "image.key"
+    key.write_text(data["key_pem"])
+    key.chmod(0o600)
+    (etc / "image.crt").write_text(data["cert_pem"])
+    (etc / "ca.crt").write_text(data["ca_pem"])
+    (etc / "agent.json").write_text(json.dumps({
+        "image_id": data["image_id"], "connector": data["connector"],
+        "home_urls": home_urls or data["home_urls"], "fingerprint": data["fingerprint"],
+        "cert_serial": data["cert_serial"]}))
+    return etc
+
+
+def fake_dmi(directory: Path, product_uuid: str | None = None, vendor: str = "QEMU",
+             product: str = "Standard PC (Q35 + ICH9, 2009)") -> Path:
+    """A /sys/class/dmi/id stand-in: the machine the agent believes it runs on."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sys_vendor").write_text(vendor + "\n")
+    (directory / "product_name").write_text(product + "\n")
+    (directory / "product_uuid").write_text((product_uuid or str(uuid.uuid4())) + "\n")
+    return directory
+
+
+class AgentProcess:
+    """One ``tether-agent run`` process with its own state and machine."""
+
+    def __init__(self, root: Path, etc: Path, *, name: str = "agent",
+                 firstboot: dict | None = None, extra_args: list[str] | None = None,
+                 product_uuid: str | None = None) -> None:
+        self.root = root / name
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.etc = etc
+        self.state = self.root / "state"
+        self.dmi = fake_dmi(self.root / "dmi", product_uuid)
+        self.firstboot = self.root / "firstboot.json"
+        if firstboot is not None:
+            self.firstboot.write_text(json.dumps(firstboot))
+        self.log_path = self.root / "agent.log"
+        self.extra_args = list(extra_args or [])
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return "uuid:" + (self.dmi / "product_uuid").read_text().strip().lower()
+
+    def command(self) -> list[str]:
+        return [str(AGENT), "run", "--etc", str(self.etc), "--state", str(self.state),
+                "--firstboot", str(self.firstboot), "--dmi-dir", str(self.dmi),
+                "--log-level", "DEBUG", *self.extra_args]
+
+    def start(self) -> "AgentProcess":
+        env = {k: v for k, v in os.environ.items()
+               if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
+                                    "notify_socket", "watchdog_usec")}
+        env["PYTHONUNBUFFERED"] = "1"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_log(self, needle: str, timeout: float = 30.0, count: int = 1) -> str:
+        """Wait until ``needle`` appears ``count`` times in the agent's log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            if text.count(needle) >= count:
+                return text
+            if not self.alive():
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"agent log has no {needle!r} (x{count}) after {timeout} s; "
+                             f"alive={self.alive()}; log tail:\n{self.log()[-3000:]}")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM by PID, then SIGKILL if it does not stop; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+class Tinyproxy:
+    """tinyproxy on 127.0.0.1 with basic auth; CONNECT lines land in its log."""
+
+    def __init__(self, root: Path, user: str = "agent", password: str = "pr0xy-pass") -> None:
+        self.binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+        self.root = root / "tinyproxy"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.user, self.password = user, password
+        self.log_path = self.root / "tinyproxy.log"
+        self.conf = self.root / "tinyproxy.conf"
+        self.conf.write_text("\n".join([
+            f"Port {self.port}", "Listen 127.0.0.1", "Timeout 600", "LogLevel Connect",
+            f"LogFile \"{self.log_path}\"", "MaxClients 64", "Allow 127.0.0.1",
+            f"BasicAuth {user} {password}", "DisableViaHeader Yes", ""]))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.user}:{self.password}@127.0.0.1:{self.port}"
+
+    def start(self) -> "Tinyproxy":
+        self.proc = subprocess.Popen([self.binary, "-d", "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"tinyproxy did not listen on {self.port}; see {self.log_path}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def home_factory(tmp_path):
+    """Start real homes; all are stopped (SIGTERM by PID) at teardown."""
+    started: list[HomeProcess] = []
+
+    def make(connector: str = "acme", max_instances: int = 1, **kwargs) -> HomeProcess:
+        home = HomeProcess.start(tmp_path / f"home{len(started)}", connector=connector,
+                                 max_instances=max_instances, **kwargs)
+        started.append(home)
+        return home
+    yield make
+    for home in started:
+        home.stop()
+
+
+@pytest.fixture
+def agent_factory(tmp_path):
+    """Start real agent processes from a credential bundle; stopped at teardown."""
+    started: list[AgentProcess] = []
+
+    def make(bundle: dict, *, home_urls: list[str] | None = None, name: str | None = None,
+             firstboot: dict | None = None, args: list[str] | None = None,
+             product_uuid: str | None = None, etc: Path | None = None,
+             start: bool = True) -> AgentProcess:
+        name = name or f"agent{len(started)}"
+        if etc is None:
+            etc = install_credential(Path(bundle["path"]), tmp_path / name / "etc", home_urls)
+        agent = AgentProcess(tmp_path, etc, name=name, firstboot=firstboot,
+                             extra_args=args, product_uuid=product_uuid)
+        started.append(agent)
+        return agent.start() if start else agent
+    yield make
+    for agent in started:
+        agent.stop()
+
+
+@pytest.fixture
+def tinyproxy(tmp_path):
+    proxy = Tinyproxy(tmp_path).start()
+    yield proxy
+    proxy.stop()
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.25, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; that value is returned."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture
+def waiter():
+    """``waiter(predicate, timeout, what=...)``: poll until true (see wait_for)."""
+    return wait_for
