@@ -157,8 +157,8 @@ def _virtual_system(env: ET.Element, product: Product, hw: Hardware,
           f"tether identity connector {product.version}, image {product.image_id}. "
           "No management interface: configure with the properties below, then power on.")
     os_section = _section(vs, "OperatingSystemSection", "The guest operating system",
-                          id=str(target.cim_os_id), osType=target.guest_os)
-    os_section.attrib[_q("vmw", "osType")] = os_section.attrib.pop(_q("ovf", "osType"))
+                          id=str(target.cim_os_id))
+    os_section.set(_q("vmw", "osType"), target.guest_os)
     _text(os_section, "ovf", "Description", "Debian GNU/Linux 12 (64-bit)")
     _hardware_section(vs, hw, target)
     _product_section(vs, product)
