@@ -123,8 +123,9 @@ def _run(args: argparse.Namespace) -> int:
 def _serve(paths, args) -> int:
     from tether.home import server  # websockets only needed here
 
+    listen = server.parse_listen(args.listen)
     logs.setup(args.log_level, args.log_format)
-    server.serve(paths, server.parse_listen(args.listen))
+    server.serve(paths, listen)
     return 0
 
 

@@ -86,13 +86,20 @@ class HomeServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        try:
+            server = await ws_serve(self._handler, self.listen.host, self.listen.port,
+                                    ssl=self.ssl, subprotocols=[p.SUBPROTOCOL],
+                                    max_size=MAX_SIZE, process_request=self._process_request,
+                                    compression=None, ping_interval=PING_SECONDS,
+                                    ping_timeout=PING_SECONDS,
+                                    server_header=f"tether-home/{__version__}", backlog=1024)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {self.listen.host}:{self.listen.port}: "
+                              f"{exc.strerror or exc}; choose another --listen or stop what "
+                              "uses that port (ports below 1024 need root or "
+                              "CAP_NET_BIND_SERVICE)") from None
         self.hub.start()
-        async with ws_serve(self._handler, self.listen.host, self.listen.port, ssl=self.ssl,
-                            subprotocols=[p.SUBPROTOCOL], max_size=MAX_SIZE,
-                            process_request=self._process_request, compression=None,
-                            ping_interval=PING_SECONDS, ping_timeout=PING_SECONDS,
-                            server_header=f"tether-home/{__version__}",
-                            backlog=1024) as server:
+        async with server:
             self.bound = [s.getsockname()[:2] for s in server.sockets]
             ctl = await control.start(self.paths.control_socket, self._control)
             event(log, logging.INFO, "listening", addresses=self.addresses(),
