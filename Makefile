@@ -7,13 +7,16 @@ STAMPS := .cache/stamps
 NAME ?=
 export CHECKPOINT_DISABLE := 1
 
-.PHONY: help deps venv image verify test test-unit test-integration test-image bench lint clean
+.PHONY: help deps venv image verify test bench boot-test ami launch-aws clean
 
 help:
 	@echo "make image       build a verified appliance OVA + raw disk into images/<name>/"
 	@echo "make verify NAME=...  re-run the image checks on images/<name>/"
 	@echo "make test        the whole test suite (builds an image when none is cached)"
 	@echo "make bench       benchmarks; figures go to bench/results/"
+	@echo "make boot-test NAME=...  boot the image under qemu and wait for it to check in at a test home"
+	@echo "make ami NAME=...        publish images/<name>/<name>.raw as an AMI (AWS environment; AWS_ENDPOINT_URL to test)"
+	@echo "make launch-aws NAME=... launch that AMI on a 4 vCPU / 16 GiB instance"
 
 deps: $(STAMPS)/apt venv
 
@@ -39,6 +42,18 @@ verify: deps
 
 test: deps
 	@$(VPY) tests/run.py
+
+boot-test: deps
+	@test -n "$(NAME)" || { echo "make boot-test: give NAME=<image name> (ls images/)"; exit 2; }
+	@$(VPY) -m pytest tests/e2e --image-dir=images/$(NAME)
+
+ami: deps
+	@test -n "$(NAME)" || { echo "make ami: give NAME=<image name> (ls images/)"; exit 2; }
+	@$(VPY) -m tether.image.ami publish --name $(NAME)
+
+launch-aws: deps
+	@test -n "$(NAME)" || { echo "make launch-aws: give NAME=<image name> (ls images/)"; exit 2; }
+	@$(VPY) -m tether.image.ami launch --name $(NAME) $(if $(HOME_URL),--home-url $(HOME_URL))
 
 bench: deps
 	@$(VPY) bench/run.py
