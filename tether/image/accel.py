@@ -11,7 +11,10 @@ emulation failure, an error, a timeout) means TCG.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,9 @@ from pathlib import Path
 KVM_DEVICE = Path("/dev/kvm")
 #: Printed by the kernel after every driver initialised and no root was found.
 BOOTED_MARKER = "VFS: Unable to mount root fs"
-PROBE_TIMEOUT = 45.0
+#: Under TCG the kernel reaches the marker in ~2.5 s here; a working KVM is
+#: faster still, so 20 s only ever expires on a hung (broken) KVM.
+PROBE_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,36 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> ProbeResult:
     return ProbeResult(False, why.strip())
 
 
-def choose(kernel: Path | None) -> Decision:
+def host_fingerprint(kernel: Path | None) -> str:
+    """What the probe's answer depends on: this boot of the host, the probe kernel.
+
+    boot_id changes at every host reboot (a new host kernel or KVM module
+    setting), so a cached answer never outlives the conditions it measured.
+    """
+    boot_id = Path("/proc/sys/kernel/random/boot_id")
+    parts = [platform.release(), boot_id.read_text().strip() if boot_id.exists() else "",
+             str(kvm_usable_device())]
+    if kernel is not None:
+        parts.append(hashlib.sha256(kernel.read_bytes()).hexdigest())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def choose(kernel: Path | None, cache_file: Path | None = None) -> tuple[Decision, bool]:
+    """The accelerator to use and whether the answer came from the cache."""
+    fingerprint = host_fingerprint(kernel)
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cached = json.loads(cache_file.read_text())
+            if cached.get("fingerprint") == fingerprint:
+                return Decision(cached["accelerator"], cached["reason"]), True
+        except (ValueError, KeyError):
+            pass
     device_ok = kvm_usable_device()
     probe = probe_kvm(kernel) if device_ok and kernel is not None else None
-    return decide(device_ok, probe)
+    decision = decide(device_ok, probe)
+    if cache_file is not None:
+        tmp = cache_file.with_name(cache_file.name + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "accelerator": decision.accelerator,
+                                   "reason": decision.reason}))
+        os.replace(tmp, cache_file)
+    return decision, False

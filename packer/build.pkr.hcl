@@ -1,0 +1,34 @@
+# One playbook for both sources: ansible/site.yml with the build variables file.
+# use_proxy = false: Ansible talks to the guest's sshd directly (Packer's SSH
+# proxy fails against OpenSSH 9, which refuses its ssh-rsa host key).
+build {
+  sources = ["source.qemu.tether", "source.amazon-ebs.tether"]
+
+  provisioner "ansible" {
+    only          = ["qemu.tether"]
+    command       = var.ansible_playbook
+    playbook_file = local.playbook_file
+    user          = "root"
+    use_proxy     = false
+    extra_arguments = ["--extra-vars", "@${var.buildvars_file}"]
+    ansible_env_vars = [
+      "ANSIBLE_CONFIG=${local.ansible_config}",
+      "ANSIBLE_NOCOLOR=1",
+      "ANSIBLE_HOST_KEY_CHECKING=False",
+    ]
+  }
+
+  provisioner "ansible" {
+    only          = ["amazon-ebs.tether"]
+    command       = var.ansible_playbook
+    playbook_file = local.playbook_file
+    user          = "admin"
+    use_proxy     = false
+    extra_arguments = ["--become", "--extra-vars", "@${var.buildvars_file}"]
+    ansible_env_vars = [
+      "ANSIBLE_CONFIG=${local.ansible_config}",
+      "ANSIBLE_NOCOLOR=1",
+      "ANSIBLE_HOST_KEY_CHECKING=False",
+    ]
+  }
+}

@@ -1,0 +1,39 @@
+"""The build-variables file Packer hands to Ansible (`--extra-vars @file`).
+
+Its keys are the contract with the roles (docs/CONTRACTS.md, "Build
+variables"); it is made in one place so the names cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import BuildError
+
+KEYS = ("tether_wheelhouse", "tether_credential", "tether_image_name", "tether_image_id")
+
+
+def make(wheelhouse: Path, credential: Path, name: str, image_id: str) -> dict:
+    """The variables; paths absolute, because Ansible runs from another cwd."""
+    if not wheelhouse.is_dir():
+        raise BuildError(f"wheelhouse {wheelhouse} is not a directory")
+    if not credential.is_file():
+        raise BuildError(f"credential {credential} is not a file")
+    return {
+        "tether_wheelhouse": str(wheelhouse.resolve()),
+        "tether_credential": str(credential.resolve()),
+        "tether_image_name": name,
+        "tether_image_id": image_id,
+    }
+
+
+def write(path: Path, variables: dict) -> Path:
+    missing = [k for k in KEYS if k not in variables]
+    if missing:
+        raise BuildError(f"build variables lack {missing}")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(variables, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
