@@ -48,6 +48,20 @@ class HelloRefused(Exception):
         self.failure = failure
 
 
+def explain(exc: BaseException) -> str:
+    """What an operator should check for a failed dial (appended to the log line)."""
+    name = type(exc).__name__
+    if name in ("InvalidProxyStatus", "InvalidProxyMessage", "InvalidProxy"):
+        return "check the proxy address and its user/password (firstboot or configuration)"
+    if isinstance(exc, ssl.SSLError) or "SSL" in name or "certificate" in str(exc).lower():
+        return "TLS refused: check the clock, home's name in its URL and the image credential"
+    if isinstance(exc, HelloRefused):
+        return f"home refused hello ({exc.code})"
+    if isinstance(exc, (ConnectionRefusedError, OSError, asyncio.TimeoutError)):
+        return "home unreachable: check outbound 443, DNS and the proxy setting"
+    return "see the error"
+
+
 async def open_socket(url: str, options: DialOptions) -> ClientConnection:
     """One WebSocket to ``url``; never uses proxies from the environment."""
     return await connect(
@@ -121,8 +135,8 @@ async def dial(plan: DialPlan, index: int, options: DialOptions, handler: Handle
             if on_failure is not None:
                 on_failure(url, exc)
             delay = plan.failed()
-            log.warning("socket %d: %s failed (%s: %s); next %s in %.1f s", index, url,
-                        type(exc).__name__, exc, plan.url, delay,
+            log.warning("socket %d: %s failed (%s: %s); next %s in %.1f s (%s)", index, url,
+                        type(exc).__name__, exc, plan.url, delay, explain(exc),
                         extra={"tether_url": url, "tether_socket": index,
                                "tether_retry_s": round(delay, 2)})
             try:

@@ -1,0 +1,104 @@
+"""The dial-home channel of real agent processes against a real home on loopback:
+failover from a dead URL, a real CONNECT proxy with basic auth, socket rotation
+without dropped requests, recovery after a home restart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from conftest import free_port
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+
+
+def sockets_of(home, agent) -> int:
+    for row in home.status()["instances"]:
+        if (row.get("machine") or {}).get("fingerprint") == agent.fingerprint:
+            return row["connected_sockets"]
+    return 0
+
+
+def test_failover_from_dead_url_to_live_one(home_factory, agent_factory, waiter):
+    home = home_factory()
+    dead = f"wss://127.0.0.1:{free_port()}/"  # nothing listens there
+    agent = agent_factory(home.issue_image(), home_urls=[dead, home.url])
+    agent.wait_log("socket 1 connected")
+    text = agent.log()
+    assert f"{dead} failed (ConnectionRefusedError" in text
+    assert f"socket 0 connected to {home.url}" in text
+    waiter(lambda: sockets_of(home, agent) == 2, 20, what="2 sockets via the live URL")
+
+
+def test_dial_through_connect_proxy_with_basic_auth(home_factory, agent_factory, tinyproxy,
+                                                    waiter):
+    home = home_factory()
+    agent = agent_factory(home.issue_image(), firstboot={"proxy": tinyproxy.url})
+    agent.wait_log("socket 1 connected")
+    waiter(lambda: sockets_of(home, agent) == 2, 20, what="2 sockets through the proxy")
+    log = tinyproxy.log()
+    # every socket (enrollment + 2) went through CONNECT to home's port, authenticated
+    assert log.count(f"CONNECT 127.0.0.1:{home.port}") >= 3, log[-2000:]
+    assert "407" not in log and "Proxy Authentication Required" not in log
+    # and the proxy saw the connections, not home's address directly
+    assert "Established connection to host \"127.0.0.1\"" in log or "127.0.0.1" in log
+
+
+def test_proxy_with_wrong_password_is_reported(home_factory, agent_factory, tinyproxy):
+    home = home_factory()
+    bad = tinyproxy.url.replace(tinyproxy.password, "wrong")
+    agent = agent_factory(home.issue_image(), firstboot={"proxy": bad})
+    text = agent.wait_log("failed (InvalidProxyStatus", timeout=20)
+    assert re.search(r"HTTP 40[17]", text) and "check the proxy" in text
+    assert agent.alive() and not (agent.state / "instance.crt").exists()
+
+
+def test_rotation_drops_no_request(home_factory, agent_factory, waiter):
+    home = home_factory()
+    agent = agent_factory(home.issue_image(),
+                          args=["--socket-ttl", "3", "--drain-quiet", "1"])
+    agent.wait_log("socket 1 connected")
+    versions = []
+    deadline = time.monotonic() + 14
+    while time.monotonic() < deadline:  # configuration pushes while sockets rotate
+        home.set_config({"agent": {"note": f"push {len(versions) + 1}"}})
+        versions.append(len(versions) + 1)
+        time.sleep(0.3)
+    last = versions[-1]
+    agent.wait_log(f"configuration v{last} applied", timeout=20)
+    text = agent.log()
+    rotations = text.count("rotated: old socket closed")
+    assert rotations >= 4, text[-3000:]
+    applied = {int(v) for v in re.findall(r"configuration v(\d+) applied", text)}
+    # every push home made reached the agent (some versions can be superseded
+    # before home pushes them, never lost in flight)
+    assert "socket closed before the answer" not in text
+    assert "config_push_failed" not in home.log_text()
+    assert last in applied
+    row = next(r for r in home.status()["instances"])
+    assert row["config_version"] == last and row["config_status"] == "applied"
+
+
+def test_agents_return_after_home_restart(home_factory, agent_factory, waiter):
+    home = home_factory(max_instances=2)
+    bundle = home.issue_image()
+    agents = [agent_factory(bundle, name=f"a{i}") for i in range(2)]
+    for agent in agents:
+        agent.wait_log("socket 1 connected")
+    home.stop()
+    time.sleep(2)  # agents notice and back off
+    restarted_at = time.monotonic()
+    home.serve()  # same port, same state
+    for agent in agents:
+        waiter(lambda a=agent: sockets_of(home, a) == 2, 75,
+               what="agent back with both sockets after the restart")
+        assert agent.alive()
+    took = time.monotonic() - restarted_at
+    assert took < 75  # within the 60 s backoff cap plus start-up slack
+    for agent in agents:
+        assert "lost; reconnecting" in agent.log()
+    assert json.dumps(home.status()["clones"]) == "[]"
