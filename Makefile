@@ -33,8 +33,11 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
 	@$(VPY) -m pip install -q -e '.[build,test]'
 	@mkdir -p $(STAMPS) && touch $@
 
+# make image [NAME=] [HOME_STATE=dir | CREDENTIAL=bundle.json] [HOME_URL="wss://a/ wss://b/"]
 image: deps
-	@$(VPY) -m tether.image.cli build $(if $(NAME),--name $(NAME))
+	@$(VPY) -m tether.image.cli build $(if $(NAME),--name $(NAME)) \
+		$(if $(HOME_STATE),--home-state $(HOME_STATE)) $(if $(CREDENTIAL),--credential $(CREDENTIAL)) \
+		$(foreach url,$(HOME_URL),--home-url $(url))
 
 verify: deps
 	@test -n "$(NAME)" || { echo "make verify: give NAME=<image name> (ls images/)"; exit 2; }
