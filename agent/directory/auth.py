@@ -19,7 +19,7 @@ import ldap3
 from ldap3.utils.conv import escape_filter_chars
 
 from .config import DirectoryConfig
-from .connection import Pool, check_result, make_server
+from .connection import DOWN_ERRORS, Pool, check_result, make_server
 from .errors import DirectoryError
 from .groups import groups_of
 
@@ -84,30 +84,69 @@ def _classify_failure(config: DirectoryConfig, result: dict, entry: dict) -> str
     return "wrong_password"
 
 
+class Authenticator:
+    """Keeps one service connection for user look-ups, so each login costs one user bind.
+
+    Why: at login rates the service bind (TLS handshake + bind) would double the
+    cost of every authentication. A dead service connection is replaced once
+    (on the next pool server if need be) and the look-up retried: reads are safe to retry.
+    """
+
+    def __init__(self, config: DirectoryConfig, pool: Pool | None = None):
+        self.config = config
+        self.pool = pool or Pool(config)
+        self.service = None
+
+    def authenticate(self, username: str, password: str, with_groups: bool = True) -> dict:
+        for attempt in (1, 2):
+            if self.service is None or self.service.closed:
+                self.service = self.pool.connect()
+            try:
+                return _authenticate(self.config, self.pool, self.service, username, password, with_groups)
+            except DOWN_ERRORS:
+                self.close()
+                if attempt == 2:
+                    raise DirectoryError("server_down", "the directory stopped answering during "
+                                         "authentication", str(self.config.servers[self.pool.current]))
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.service is not None:
+            try:
+                self.service.unbind()
+            except Exception:
+                pass
+        self.service = None
+
+
 def authenticate(config: DirectoryConfig, username: str, password: str, pool: Pool | None = None,
                  with_groups: bool = True) -> dict:
-    """Bind as `username`; return {'outcome', 'dn', 'groups', 'server', 'reason'}."""
+    """Bind as `username`; return {'outcome', 'dn', 'groups', 'server', 'reason'} (one-shot)."""
+    auth = Authenticator(config, pool)
+    try:
+        return auth.authenticate(username, password, with_groups)
+    finally:
+        auth.close()
+
+
+def _authenticate(config: DirectoryConfig, pool: Pool, service, username: str, password: str,
+                  with_groups: bool) -> dict:
     if not username or not password:
         # an empty password would be an anonymous ("unauthenticated") bind that succeeds
         return {"outcome": "wrong_password", "reason": "empty user name or password"}
-    pool = pool or Pool(config)
-    service = pool.connect()
-    try:
-        entry = find_user(config, service, username)
-        where = str(config.servers[pool.current])
-        if entry is None:
-            return {"outcome": "unknown_user", "server": where}
-        dn = entry["dn"]
-        controls = [(PPOLICY_OID, False, None)] if config.kind == "openldap" else None
-        outcome, reason = _bind_as(config, pool, dn, password, controls, entry)
-        out = {"outcome": outcome, "dn": dn, "server": where}
-        if reason:
-            out["reason"] = reason
-        if outcome == "success" and with_groups:
-            out["groups"] = groups_of(config, service, dn)
-        return out
-    finally:
-        service.unbind()
+    entry = find_user(config, service, username)
+    where = str(config.servers[pool.current])
+    if entry is None:
+        return {"outcome": "unknown_user", "server": where}
+    dn = entry["dn"]
+    controls = [(PPOLICY_OID, False, None)] if config.kind == "openldap" else None
+    outcome, reason = _bind_as(config, pool, dn, password, controls, entry)
+    out = {"outcome": outcome, "dn": dn, "server": where}
+    if reason:
+        out["reason"] = reason
+    if outcome == "success" and with_groups:
+        out["groups"] = groups_of(config, service, dn)
+    return out
 
 
 def _bind_as(config, pool: Pool, dn: str, password: str, controls, entry) -> tuple[str, str | None]:
