@@ -19,7 +19,7 @@ import ldap3
 from ldap3.utils.conv import escape_filter_chars
 
 from .config import DirectoryConfig
-from .connection import DOWN_ERRORS, Pool, check_result, make_server
+from .connection import DOWN_ERRORS, Pool, check_result, make_server, tune_socket
 from .errors import DirectoryError
 from .groups import groups_of
 
@@ -155,6 +155,7 @@ def _bind_as(config, pool: Pool, dn: str, password: str, controls, entry) -> tup
                             raise_exceptions=False)
     try:
         conn.open()
+        tune_socket(conn)
         if config.tls == "starttls":
             conn.start_tls()
         ok = conn.bind(controls=controls)

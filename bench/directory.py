@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Directory engine benchmark against a real slapd (issue 5).
+
+What it measures, all in one run against the same server over LDAPS:
+- slapadd load rate of the generated LDIF (default 100,000 users + 1,000 groups);
+- full sync entries/s through tether.agent.directory.sync.full_sync versus a
+  bare ldap3 paged search of the same entries (ratio; goals >= 0.6 and >= 8,000/s);
+- change -> record latency (write, notification, incremental sync returns the
+  record) p50/p95 through the Notifier + incremental sync;
+- authentication throughput and p99 through the Authenticator versus a direct bind.
+
+Prints the figures and writes bench/results/directory.json.
+Options: --users N --groups N --auth N --changes N (smaller for a quick look).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import ssl
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import ldap3
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "integration" / "ldap"))
+
+from ldapfix_ca import make_ca  # noqa: E402
+from ldapfix_slapd import SUFFIX, SVC_DN, SVC_PW, create_slapd  # noqa: E402
+from tether.agent.directory.auth import Authenticator  # noqa: E402
+from tether.agent.directory.config import load_config  # noqa: E402
+from tether.agent.directory.connection import tune_socket  # noqa: E402
+from tether.agent.directory.incremental import changes_since  # noqa: E402
+from tether.agent.directory.notify import Notifier  # noqa: E402
+from tether.agent.directory.sync import full_sync  # noqa: E402
+
+PAGE = 1000
+USER_PW = "{SSHA}"  # replaced per run by a real hash of BENCH_PW
+BENCH_PW = "bench-pw"
+
+
+def generate_ldif(path: Path, users: int, groups: int) -> None:
+    """inetOrgPerson users; each user in one group (groupOfNames), groups of equal size."""
+    from ldapfix_slapd import ssha
+    pw = ssha(BENCH_PW, salt=b"benchslt")
+    people = f"ou=people,{SUFFIX}"
+    with open(path, "w") as fh:
+        for i in range(users):
+            fh.write(f"dn: uid=user{i:06d},{people}\nobjectClass: inetOrgPerson\nuid: user{i:06d}\n"
+                     f"cn: User {i}\nsn: {i}\nmail: user{i:06d}@example.com\nuserPassword: {pw}\n\n")
+        for g in range(groups):
+            fh.write(f"dn: cn=group{g:04d},ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: group{g:04d}\n")
+            for i in range(g, users, groups):
+                fh.write(f"member: uid=user{i:06d},{people}\n")
+            fh.write("\n")
+
+
+def raw_config(server, ca) -> dict:
+    return {"name": "bench", "kind": "openldap", "servers": [f"localhost:{server.tls_port}"], "tls": "ldaps",
+            "ca_file": str(ca.ca_file), "bind_dn": SVC_DN, "bind_password": SVC_PW, "base_dns": [SUFFIX],
+            "page_size": PAGE}
+
+
+def bare_paged(server, ca, config) -> tuple[int, float]:
+    """Bare ldap3: the same two paged searches (users, groups) the engine runs, no processing."""
+    from tether.agent.directory.mapping import search_attributes
+    tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(ca.ca_file))
+    t0 = time.perf_counter()
+    conn = ldap3.Connection(ldap3.Server("localhost", port=server.tls_port, use_ssl=True, tls=tls,
+                                         get_info=ldap3.NONE), SVC_DN, SVC_PW, check_names=False)
+    conn.open()
+    tune_socket(conn)  # same TCP_NODELAY as the engine, so the comparison is fair
+    conn.bind()
+    n = 0
+    for kind, flt in (("user", config.user_filter), ("group", config.group_filter)):
+        for _ in conn.extend.standard.paged_search(SUFFIX, flt, attributes=search_attributes(config, kind),
+                                                   paged_size=PAGE, generator=True):
+            n += 1
+    conn.unbind()
+    return n, time.perf_counter() - t0
+
+
+def engine_sync(config) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    n = 0
+    for msg in full_sync(config, chunk_size=PAGE):
+        if msg["type"] == "chunk":
+            n += len(msg["changes"])
+    return n, time.perf_counter() - t0
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def bench_auth(server, ca, config, n: int, users: int) -> dict:
+    tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(ca.ca_file))
+    srv = ldap3.Server("localhost", port=server.tls_port, use_ssl=True, tls=tls, get_info=ldap3.NONE)
+    names = [f"user{(i * 7919) % users:06d}" for i in range(n)]
+    direct, engine = [], []
+    t0 = time.perf_counter()
+    for name in names:
+        t = time.perf_counter()
+        c = ldap3.Connection(srv, f"uid={name},ou=people,{SUFFIX}", BENCH_PW)
+        c.open()
+        tune_socket(c)
+        assert c.bind(), c.result
+        c.unbind()
+        direct.append(time.perf_counter() - t)
+    direct_total = time.perf_counter() - t0
+    auth = Authenticator(config)
+    t0 = time.perf_counter()
+    for name in names:
+        t = time.perf_counter()
+        out = auth.authenticate(name, BENCH_PW, with_groups=True)
+        assert out["outcome"] == "success", out
+        engine.append(time.perf_counter() - t)
+    engine_total = time.perf_counter() - t0
+    auth.close()
+    return {"count": n, "direct_per_s": round(n / direct_total, 1), "direct_p99_ms": round(pct(direct, 99) * 1e3, 2),
+            "engine_per_s": round(n / engine_total, 1), "engine_p99_ms": round(pct(engine, 99) * 1e3, 2),
+            "engine_includes": "user look-up + user bind + nested group resolution"}
+
+
+def bench_changes(server, ca, config, n: int) -> dict:
+    """Write -> notification -> incremental sync returns the changed record."""
+    from ldapfix_slapd import ADMIN_DN, ADMIN_PW
+    tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(ca.ca_file))
+    admin = ldap3.Connection(ldap3.Server("localhost", port=server.tls_port, use_ssl=True, tls=tls,
+                                          get_info=ldap3.NONE), ADMIN_DN, ADMIN_PW, auto_bind=True)
+    cursor = next(m for m in _start(config))
+    wake = threading.Event()
+    notifier = Notifier(config, lambda e: wake.set())
+    notifier.start()
+    time.sleep(0.5)
+    latencies = []
+    try:
+        for i in range(n):
+            wake.clear()
+            dn = f"uid=user{i:06d},ou=people,{SUFFIX}"
+            value = f"changed{i}-{time.time_ns()}@example.com"
+            t = time.perf_counter()
+            assert admin.modify(dn, {"mail": [(ldap3.MODIFY_REPLACE, [value])]}), admin.result
+            if not wake.wait(10):
+                raise RuntimeError("no notification within 10 s")
+            found = False
+            for msg in changes_since(config, cursor):
+                if msg["type"] == "chunk":
+                    found |= any(c["attributes"].get("email") == value for c in msg["changes"])
+                elif msg["type"] == "end":
+                    cursor = msg["cursor"]
+            latencies.append(time.perf_counter() - t)
+            assert found, "the incremental sync did not return the change"
+    finally:
+        notifier.stop()
+        admin.unbind()
+    return {"count": n, "p50_ms": round(pct(latencies, 50) * 1e3, 1), "p95_ms": round(pct(latencies, 95) * 1e3, 1)}
+
+
+def _start(config):
+    from tether.agent.directory.connection import Pool
+    from tether.agent.directory.incremental import start_cursor
+    conn = Pool(config).connect()
+    try:
+        yield start_cursor(config, conn)
+    finally:
+        conn.unbind()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--users", type=int, default=100_000)
+    ap.add_argument("--groups", type=int, default=1_000)
+    ap.add_argument("--auth", type=int, default=1_000)
+    ap.add_argument("--changes", type=int, default=50)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "directory.json"))
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-dir-"))
+    server = None
+    try:
+        ca = make_ca(tmp / "tls")
+        ldif = tmp / "data.ldif"
+        print(f"directory bench: generating {args.users} users + {args.groups} groups ...", flush=True)
+        generate_ldif(ldif, args.users, args.groups)
+        t = time.perf_counter()
+        server = create_slapd(tmp / "slapd", ca, data_ldif=ldif, map_size=8 << 30, start=False)
+        load_s = time.perf_counter() - t
+        total = args.users + args.groups
+        print(f"  slapadd: {total} entries in {load_s:.1f} s = {total / load_s:,.0f} entries/s", flush=True)
+        server.start()
+        config = load_config(raw_config(server, ca))
+        print("  warm-up read ...", flush=True)
+        bare_paged(server, ca, config)
+        runs = {"bare": [], "engine": []}
+        for _ in range(2):
+            for name, fn in (("bare", lambda: bare_paged(server, ca, config)), ("engine", lambda: engine_sync(config))):
+                n, secs = fn()
+                runs[name].append((n, secs))
+                print(f"  {name:6s} full read: {n} entries in {secs:.2f} s = {n / secs:,.0f} entries/s", flush=True)
+        bare_best = max(n / s for n, s in runs["bare"])
+        engine_best = max(n / s for n, s in runs["engine"])
+        if runs["bare"][0][0] != runs["engine"][0][0]:
+            raise RuntimeError(f"engine read {runs['engine'][0][0]} entries, bare ldap3 {runs['bare'][0][0]}")
+        print(f"  ratio engine/bare = {engine_best / bare_best:.2f} (goal >= 0.6), engine {engine_best:,.0f}/s "
+              f"(goal >= 8,000/s)", flush=True)
+        print(f"  authentication x{args.auth} ...", flush=True)
+        auth = bench_auth(server, ca, config, args.auth, args.users)
+        print(f"  auth direct bind: {auth['direct_per_s']}/s p99 {auth['direct_p99_ms']} ms; "
+              f"engine: {auth['engine_per_s']}/s p99 {auth['engine_p99_ms']} ms", flush=True)
+        print(f"  change -> record latency x{args.changes} ...", flush=True)
+        changes = bench_changes(server, ca, config, args.changes)
+        print(f"  change -> record (OpenLDAP): p50 {changes['p50_ms']} ms, p95 {changes['p95_ms']} ms", flush=True)
+        result = {
+            "server": "OpenLDAP slapd 2.5 (mdb, syncprov, accesslog, ppolicy), LDAPS on 127.0.0.1",
+            "users": args.users, "groups": args.groups,
+            "slapadd_entries_per_s": round(total / load_s),
+            "full_sync": {"entries": runs["engine"][0][0], "engine_per_s": round(engine_best),
+                          "bare_ldap3_per_s": round(bare_best), "ratio": round(engine_best / bare_best, 3),
+                          "goal_ratio": 0.6, "goal_per_s": 8000, "page_size": PAGE},
+            "auth": auth, "change_latency_openldap": changes,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"  wrote {args.out}")
+        return 0
+    finally:
+        if server is not None:
+            server.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
