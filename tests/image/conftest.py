@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,19 +67,11 @@ def manifest(image_dir: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _partitions(loop: str) -> dict[str, str]:
-    """Partition devices of `loop` by filesystem label (PARTLABEL as fallback)."""
-    base = Path(loop).name
-    deadline = time.monotonic() + 10  # the kernel creates the nodes asynchronously
-    parts: list[Path] = []
-    while time.monotonic() < deadline:
-        parts = sorted(Path("/sys/block", base).glob(f"{base}p*"))
-        if parts and all(Path("/dev", p.name).exists() for p in parts):
-            break
-        time.sleep(0.2)
+def _labels(disk) -> dict[str, str]:
+    """Partition devices of the attached disk by filesystem label (PARTLABEL as fallback)."""
     labels: dict[str, str] = {}
-    for part in parts:
-        dev = f"/dev/{part.name}"
+    for sysdir in sorted(Path("/sys/block", disk.name).glob(f"{disk.name}p*")):
+        dev = f"/dev/{sysdir.name}"
         probe = subprocess.run(["blkid", "-p", "-o", "export", dev], capture_output=True, text=True, check=False)
         fields = dict(line.split("=", 1) for line in probe.stdout.splitlines() if "=" in line)
         for key in ("LABEL", "PART_ENTRY_NAME"):
@@ -94,25 +85,31 @@ def image_root(raw_disk: Path) -> Iterator[Path]:
     """root-a of the image mounted read-only, with the data partition on /data."""
     if os.geteuid() != 0:
         pytest.fail("the image checks attach the disk with losetup: run them as root")
-    loop = _run(["losetup", "--read-only", "--partscan", "--find", "--show", str(raw_disk)])
+    # The build's own loop helper: --partscan, and device nodes made from /sys
+    # where no udev runs (containers); detached and cleaned up on exit.
+    from tether.image.diskio import attached
+    from tether.image.layout import plan
+
     mounts: list[Path] = []
     tmp = Path(tempfile.mkdtemp(prefix="tether-image-"))
     try:
-        labels = _partitions(loop)
-        missing = [label for label in ("root-a", "data") if label not in labels]
-        if missing:
-            pytest.fail(f"{raw_disk} has no partition labelled {', '.join(missing)} "
-                        f"(found {sorted(labels)}): not a tether disk (docs/CONTRACTS.md)")
-        # noload: do not replay the ext4 journal on a read-only device.
-        for label, where in (("root-a", tmp), ("data", tmp / "data")):
-            _run(["mount", "-o", "ro,noload,nodev,nosuid", labels[label], str(where)])
-            mounts.append(where)
-        yield tmp
+        with attached(raw_disk, partitions=len(plan().partitions), read_only=True) as disk:
+            try:
+                labels = _labels(disk)
+                missing = [label for label in ("root-a", "data") if label not in labels]
+                if missing:
+                    pytest.fail(f"{raw_disk} has no partition labelled {', '.join(missing)} "
+                                f"(found {sorted(labels)}): not a tether disk (docs/CONTRACTS.md)")
+                # noload: do not replay the ext4 journal on a read-only device.
+                for label, where in (("root-a", tmp), ("data", tmp / "data")):
+                    _run(["mount", "-o", "ro,noload,nodev,nosuid", labels[label], str(where)])
+                    mounts.append(where)
+                yield tmp
+            finally:
+                for where in reversed(mounts):
+                    subprocess.run(["umount", str(where)], check=False)
     finally:
-        for where in reversed(mounts):
-            subprocess.run(["umount", str(where)], check=False)
-        subprocess.run(["losetup", "--detach", loop], check=False)
-        if not any(tmp.iterdir()):
+        if tmp.exists() and not any(tmp.iterdir()):
             tmp.rmdir()
 
 
