@@ -45,3 +45,18 @@ def test_placed_copy_is_private(tmp_path):
     (tmp_path / "work").mkdir()
     dest = credential.place(src, tmp_path / "work")
     assert dest.stat().st_mode & 0o777 == 0o600
+
+
+def test_home_state_is_created_once_and_every_build_gets_a_new_key(tmp_path):
+    """Through the real tether-home CLI: two builds, two different image keys."""
+    state = tmp_path / "home"
+    credential.ensure_home(state, say=lambda _: None)
+    ca_before = (state / "ca.crt").read_bytes()
+    credential.ensure_home(state, say=lambda _: None)  # second call: nothing to do
+    assert (state / "ca.crt").read_bytes() == ca_before
+    one = credential.issue(state, tmp_path / "one.json", ["wss://home.example:8443/"])
+    two = credential.issue(state, tmp_path / "two.json", [])
+    assert one["fingerprint"] != two["fingerprint"] and one["image_id"] != two["image_id"]
+    assert one["ca_pem"] == two["ca_pem"] == ca_before.decode()
+    assert one["home_urls"] == ["wss://home.example:8443/"]
+    assert (tmp_path / "one.json").stat().st_mode & 0o777 == 0o600

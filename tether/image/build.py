@@ -199,7 +199,7 @@ def _packer(ctx: _Ctx) -> None:
         for stage, seconds in result.timeline.durations().items():
             ctx.progress.record(f"packer.{stage}", seconds)
         if result.returncode != 0:
-            shown = "\n    ".join((result.errors or result.tail)[-15:])
+            shown = "\n    ".join((result.errors or result.tail)[-20:])
             raise BuildError(f"packer build failed (exit {result.returncode}):\n    {shown}\n"
                              f"    full log: {ctx.work / 'packer.log'}, guest console: {ctx.work / 'serial.log'}")
         out = ctx.work / "packer-out" / f"{ctx.name}.img"
@@ -273,7 +273,10 @@ def _cleanup(ctx: _Ctx, ok: bool) -> None:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         ctx.progress.say(f"build failed; logs kept in {ctx.work}")
     if ctx.partial_dir.is_dir():
-        ctx.progress.say(f"unfinished artifacts left in {ctx.partial_dir} (not an image: delete it)")
+        if any(ctx.partial_dir.iterdir()):
+            ctx.progress.say(f"unfinished artifacts left in {ctx.partial_dir} (not an image: delete it)")
+        else:
+            ctx.partial_dir.rmdir()
 
 
 def _result(ctx: _Ctx) -> Result:

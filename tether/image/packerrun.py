@@ -54,6 +54,11 @@ MARKERS = (
 )
 
 
+#: Ansible's lines that say why a task failed (shown in the build's error).
+ERROR_MARKS = ("fatal: [", "[ERROR]", "FAILED!", "    msg:", "UNREACHABLE!")
+SOURCE_PREFIX = "qemu.tether:"
+
+
 @dataclass
 class Timeline:
     """Splits Packer's run into stages by the first message of each."""
@@ -147,8 +152,8 @@ def _handle(line: str, timeline: Timeline, errors: list[str], tail: list[str], s
         if not piece.strip():
             continue
         tail.append(piece)
-        if kind == "error":
-            errors.append(piece)
+        if kind == "error" or any(mark in piece for mark in ERROR_MARKS):
+            errors.append(piece.replace(f"{SOURCE_PREFIX}", "").strip())
         say(piece)
     del tail[:-60]
 
