@@ -17,6 +17,7 @@ import asyncio
 import http
 import logging
 import os
+import resource
 import signal
 import uuid
 from dataclasses import dataclass
@@ -174,6 +175,24 @@ def _peer(connection) -> str:
     return f"{address[0]}:{address[1]}"
 
 
+def raise_file_limit() -> int:
+    """Lift the soft open-files limit to the hard one: every agent socket is a file
+    descriptor, and the usual soft default (1024) would cap home near 1,000 agents."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def serve(paths: StatePaths, listen: Listen) -> None:
     """Run the server in this process until a signal stops it."""
+    limit = raise_file_limit()
+    tlsconf.tune_asyncio_ssl_buffers()
+    event(log, logging.INFO, "starting", version=__version__, open_files_limit=limit)
     asyncio.run(HomeServer(paths, listen).run())

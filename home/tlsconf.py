@@ -53,6 +53,21 @@ def server_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLCon
     return ctx
 
 
+#: Per-connection TLS read buffer. asyncio allocates 256 KiB per TLS connection
+#: up front (CPython gh-109534); 32 KiB still holds two full TLS records and
+#: cuts home's memory per agent socket by ~220 KiB, which decides whether a
+#: small VM holds 2,000 agents.
+SSL_READ_BUFFER = 32 * 1024
+
+
+def tune_asyncio_ssl_buffers(size: int = SSL_READ_BUFFER) -> None:
+    """Shrink asyncio's per-connection TLS read buffer for this process (home only)."""
+    import asyncio.sslproto
+
+    if getattr(asyncio.sslproto.SSLProtocol, "max_size", None) is not None:
+        asyncio.sslproto.SSLProtocol.max_size = size
+
+
 def peer_certificate(transport) -> x509.Certificate | None:
     """The verified client certificate of a connection (None if there is none)."""
     ssl_object = transport.get_extra_info("ssl_object") if transport else None
