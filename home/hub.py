@@ -189,7 +189,11 @@ class Hub:
         return latest["version"], document
 
     async def push_config(self, peer: AgentPeer) -> bool:
-        """Send the newest configuration to one socket; True when applied."""
+        """Send the newest configuration to one socket; True when applied.
+
+        Pushes to one instance are serialized, and skipped when the instance
+        already acknowledged this version (its second socket's hello, say).
+        """
         iid = peer.identity.instance_id
         lock = self._push_locks.setdefault(iid, asyncio.Lock())
         async with lock:
@@ -197,6 +201,9 @@ class Hub:
             if made is None:
                 return False
             version, document = made
+            row = self.store.instance(iid)
+            if row and row["config_status"] == "applied" and (row["config_version"] or 0) >= version:
+                return True
             try:
                 response = await peer.request(p.Op.CONFIG_PUSH, {"config": document})
             except (RequestFailed, AgentUnavailable) as exc:

@@ -394,3 +394,22 @@ def test_restart_keeps_state(home, tmp_path):
         return ev
     ev = run(go())
     assert ev.message.body["instance_id"] == instance_id
+
+
+def test_peer_that_keeps_violating_is_dropped(home, tmp_path):
+    bundle = home.issue_image()
+    ctx = client_context(bundle["ca_pem"], bundle["cert_pem"], bundle["key_pem"], tmp_path)
+
+    async def go():
+        agent = await RawAgent.connect(home.url, ctx)
+        replies = 0
+        with pytest.raises(ConnectionClosed) as info:
+            for _ in range(200):
+                await agent.send_raw("garbage")
+                await agent.recv_message()
+                replies += 1
+        return replies, info.value
+    replies, closed = run(go())
+    assert closed.rcvd.code == 1008
+    assert 40 <= replies <= 60
+    assert home.proc.poll() is None
