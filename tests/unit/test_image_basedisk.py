@@ -65,11 +65,13 @@ def test_kernel_module_found_as_file_or_builtin(tmp_path):
 def test_debootstrap_output_is_condensed():
     lines = ["I: Retrieving InRelease \n", "I: Checking Release signature\n"]
     lines += [f"I: Retrieving pkg{i} 1.0\n" for i in range(100)]
+    lines += [f"I: Configuring pkg{i}...\n" for i in range(50)]
     lines += ["I: Unpacking required packages...\n", "W: something odd\n"]
     log = []
     shown = list(basedisk._progress_lines(iter(lines), log))
     assert len(log) == len(lines)
     assert "debootstrap: Checking Release signature" in shown
     assert sum("retrieving packages" in s for s in shown) == 4  # 1, 41, 81 + InRelease
+    assert sum("configuring packages" in s for s in shown) == 2  # 1, 41
     assert "debootstrap: Unpacking required packages..." in shown
     assert "debootstrap: something odd" in shown

@@ -196,6 +196,9 @@ def _debootstrap(root: Path, inputs: BaseInputs, mirror: str, debs: Path, say) -
         )
 
 
+_PHASE_ENDINGS = ("packages...", "system...")  # "I: Unpacking the base system..."
+
+
 def _progress_lines(stream, log: list[str]):
     """Condense debootstrap's one-line-per-package output to a progress count.
 
@@ -209,7 +212,7 @@ def _progress_lines(stream, log: list[str]):
         log.append(line)
         words = line.split()
         is_pkg = len(words) in (3, 4) and words[0] == "I:" and words[1] in (
-            "Retrieving", "Validating", "Extracting", "Unpacking", "Configuring") and not line.endswith("...")
+            "Retrieving", "Validating", "Extracting", "Unpacking", "Configuring") and not line.endswith(_PHASE_ENDINGS)
         if is_pkg:
             if words[1] != verb:
                 verb, count = words[1], 0
