@@ -159,5 +159,5 @@ def load_config(raw: dict) -> DirectoryConfig:
         user_container=raw.get("user_container"),
         page_size=page_size, sync_password_hashes=bool(raw.get("sync_password_hashes", False)),
         connect_timeout=float(raw.get("connect_timeout", 5)),
-        receive_timeout=max(1, int(raw.get("receive_timeout", 10))),
+        receive_timeout=max(1, int(raw.get("receive_timeout", 5))),
     )

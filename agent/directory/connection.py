@@ -166,7 +166,7 @@ def check_result(conn: ldap3.Connection, what: str) -> dict:
                              f"({res.get('message') or 'sizeLimitExceeded'})", where, res.get("message"))
     if code == 87:
         raise DirectoryError("bad_filter", f"{what}: the server rejected the filter", where, res.get("message"))
-    if code in (51, 52, 53, 80, 81) and code != 53:
+    if code in (51, 52, 80, 81):  # busy, unavailable, other, server down
         raise DirectoryError("server_down", f"{what}: server busy or unavailable ({res.get('description')})",
                              where, res.get("message"))
     raise DirectoryError("operation_failed", f"{what}: {res.get('description')}", where, res.get("message"))

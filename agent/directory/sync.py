@@ -15,7 +15,7 @@ from typing import Iterator
 from . import incremental
 from .config import DirectoryConfig
 from .connection import Pool
-from .mapping import check_mapping, classify, search_attributes, to_record
+from .mapping import check_mapping, search_attributes, to_record
 from .search import PoolSession, paged_search
 
 DEFAULT_CHUNK = 500
