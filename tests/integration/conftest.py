@@ -67,8 +67,9 @@ class AgentProcess:
 
     def __init__(self, root: Path, etc: Path, *, name: str = "agent",
                  firstboot: dict | None = None, extra_args: list[str] | None = None,
-                 product_uuid: str | None = None) -> None:
+                 product_uuid: str | None = None, env: dict | None = None) -> None:
         self.root = root / name
+        self.extra_env = dict(env or {})
         self.root.mkdir(parents=True, exist_ok=True)
         self.etc = etc
         self.state = self.root / "state"
@@ -94,6 +95,7 @@ class AgentProcess:
                if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
                                     "notify_socket", "watchdog_usec")}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
@@ -209,12 +211,12 @@ def agent_factory(tmp_path):
     def make(bundle: dict, *, home_urls: list[str] | None = None, name: str | None = None,
              firstboot: dict | None = None, args: list[str] | None = None,
              product_uuid: str | None = None, etc: Path | None = None,
-             start: bool = True) -> AgentProcess:
+             env: dict | None = None, start: bool = True) -> AgentProcess:
         name = name or f"agent{len(started)}"
         if etc is None:
             etc = install_credential(Path(bundle["path"]), tmp_path / name / "etc", home_urls)
         agent = AgentProcess(tmp_path, etc, name=name, firstboot=firstboot,
-                             extra_args=args, product_uuid=product_uuid)
+                             extra_args=args, product_uuid=product_uuid, env=env)
         started.append(agent)
         return agent.start() if start else agent
     yield make

@@ -1,0 +1,43 @@
+"""The shipped systemd unit: what the contract says it runs, and how hardened it is."""
+
+import configparser
+import re
+import shutil
+import subprocess
+from importlib import resources
+
+import pytest
+
+UNIT = resources.files("tether.agent") / "tether-agent.service"
+
+
+def directives() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def test_unit_runs_the_contract_command_as_notify_service():
+    d = directives()
+    assert d["ExecStart"] == [
+        "/opt/tether/venv/bin/tether-agent run --etc /etc/tether --state /var/lib/tether"]
+    assert d["Type"] == ["notify"] and d["WatchdogSec"] and d["User"] == ["tether"]
+    assert d["StateDirectory"] == ["tether"] and d["StateDirectoryMode"] == ["0700"]
+    assert d["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
+    assert d["CapabilityBoundingSet"] == [""] and d["NoNewPrivileges"] == ["yes"]
+    assert d["ProtectSystem"] == ["strict"]
+    assert any(v.startswith("@system-service") for v in d["SystemCallFilter"])
+    assert d["LoadCredential"] == ["machine-uuid:/sys/class/dmi/id/product_uuid"]
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze missing")
+def test_security_exposure_at_most_2():
+    out = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNIT)],
+                         capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out.stdout + out.stderr)
+    assert match, out.stdout + out.stderr
+    assert float(match.group(1)) <= 2.0
