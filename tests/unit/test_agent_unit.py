@@ -1,6 +1,5 @@
 """The shipped systemd unit: what the contract says it runs, and how hardened it is."""
 
-import configparser
 import re
 import shutil
 import subprocess
