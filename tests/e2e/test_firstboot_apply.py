@@ -1,0 +1,142 @@
+"""The first-boot service's steps, on temporary directories (no VM, no root needed).
+
+The full path (CD mounted by the service, networkd applying the file, the
+agent reporting the static address home) is in test_boot.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tether.agent import firstboot, firstboot_apply as fa, machine
+from tether.image import vm
+
+
+def _settings(**raw) -> firstboot.FirstBootSettings:
+    return firstboot.normalize(raw, "ovf-iso")
+
+
+def test_static_unit_on_the_primary_nic():
+    s = _settings(mode="static", address="10.0.2.50", prefix="24", gateway="10.0.2.2",
+                  dns="10.0.2.3, 192.0.2.53", ntp="ntp1.example")
+    text = fa.network_unit(s, "ens3")
+    assert "Name=ens3" in text
+    assert "Address=10.0.2.50/24" in text and "Gateway=10.0.2.2" in text
+    assert "DNS=10.0.2.3" in text and "DNS=192.0.2.53" in text
+    assert "NTP=ntp1.example" in text and "DHCP=yes" not in text
+
+
+def test_dhcp_with_dns_overrides_the_lease():
+    text = fa.network_unit(_settings(dns="192.0.2.53", hostname="conn-1"), "ens3")
+    assert "DHCP=yes" in text and "Name=en* eth*" in text
+    assert "[DHCPv4]" in text and "UseDNS=no" in text and "UseHostname=no" in text
+
+
+def test_nothing_to_write_when_the_image_default_fits():
+    assert fa.network_unit(_settings(home_urls="wss://h/"), "ens3") is None
+
+
+def test_bad_static_falls_back_to_dhcp_unit():
+    s = _settings(mode="static", address="10.0.2.500", prefix="40", dns="10.0.2.3")
+    text = fa.network_unit(s, "ens3")
+    assert "DHCP=yes" in text and "Address=" not in text
+    assert {r.key for r in s.rejected} >= {"address"}
+
+
+def test_ipv6_static():
+    text = fa.network_unit(_settings(mode="static", address="2001:db8::5", prefix="64",
+                                     gateway="2001:db8::1"), "ens3")
+    assert "Address=2001:db8::5/64" in text and "IPv6AcceptRA=no" in text
+
+
+def test_unit_file_sorts_before_the_image_default():
+    assert fa.UNIT_NAME < "80-dhcp.network"
+
+
+def test_write_network_unit_changes_and_removes(tmp_path):
+    assert fa.write_network_unit("[Match]\n", tmp_path)
+    assert not fa.write_network_unit("[Match]\n", tmp_path)
+    assert (tmp_path / fa.UNIT_NAME).stat().st_mode & 0o777 == 0o644
+    assert fa.write_network_unit(None, tmp_path)
+    assert not (tmp_path / fa.UNIT_NAME).exists()
+
+
+def test_settings_json_is_world_readable_and_agent_shaped(tmp_path):
+    s = _settings(home_urls="wss://10.0.2.100:443/", proxy="nope")
+    path = fa.write_settings(s, tmp_path / "run")
+    doc = json.loads(path.read_text())
+    assert doc["home_urls"] == ["wss://10.0.2.100:443/"] and "proxy" not in doc
+    assert doc["rejected"][0]["key"] == "proxy"
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_sources_per_platform():
+    names = lambda p: [s.name for s in fa.sources_for(p)]  # noqa: E731
+    assert names(machine.VMWARE) == ["ovf-guestinfo", "ovf-iso"]
+    assert names(machine.QEMU) == ["ovf-iso"]
+    assert names(machine.AWS) == ["ovf-iso", "ec2"]
+
+
+def test_primary_nic_is_the_first_physical_ethernet(tmp_path):
+    for name, kind, device in (("lo", "772", False), ("ens4", "1", True), ("ens3", "1", True),
+                               ("docker0", "1", False)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "type").write_text(kind + "\n")
+        if device:
+            (tmp_path / name / "device").mkdir()
+    assert fa.primary_nic(tmp_path) == "ens3"
+
+
+def test_default_route_detection(tmp_path):
+    route = tmp_path / "route"
+    route.write_text("Iface\tDestination\tGateway\nens3\t0002000A\t00000000\n")
+    assert not fa.has_default_route(route)
+    route.write_text("Iface\tDestination\tGateway\nens3\t00000000\t0202000A\n")
+    assert fa.has_default_route(route)
+
+
+def test_hostname_applied_only_when_given():
+    seen = []
+    assert fa.apply_hostname("conn-1", seen.append) and seen == ["conn-1"]
+    assert not fa.apply_hostname(None, seen.append)
+
+
+def test_reload_reports_failures():
+    def run(argv, **kw):
+        return subprocess.CompletedProcess(argv, 1 if argv[1] == "reconfigure" else 0, "", "no such link")
+    problems = fa.reload_networkd("ens9", run)
+    assert problems == ["networkctl reconfigure ens9 failed: no such link"]
+
+
+def test_mount_transport_keeps_only_a_cd_with_ovf_env(tmp_path):
+    """mount is simulated: the second 'CD' carries ovf-env.xml."""
+    mounts = []
+
+    def run(argv, **kw):
+        if argv[0] == "mount":
+            mounts.append(argv[-2])
+            if argv[-2] == "/dev/sr1":
+                (Path(argv[-1]) / "ovf-env.xml").write_text(vm.ovf_environment({"hostname": "x"}))
+            return subprocess.CompletedProcess(argv, 0)
+        return subprocess.CompletedProcess(argv, 0)
+
+    found = fa.mount_transport(tmp_path, [Path("/dev/sr0"), Path("/dev/sr1")], run)
+    assert found == Path("/dev/sr1") and mounts == ["/dev/sr0", "/dev/sr1"]
+
+
+def test_main_reads_an_iso_document_and_writes_everything(tmp_path, monkeypatch, capsys):
+    mount = tmp_path / "ovfenv"
+    mount.mkdir()
+    (mount / "ovf-env.xml").write_text(vm.ovf_environment({
+        "network.mode": "static", "network.address": "10.0.2.50", "network.prefix": "40",
+        "home.url": "wss://10.0.2.100:443/"}))
+    monkeypatch.setattr(fa.machine, "detect_platform", lambda: machine.QEMU)
+    code = fa.main(["--run-dir", str(tmp_path / "run"), "--network-dir", str(tmp_path / "net"),
+                    "--mount-point", str(mount), "--no-mount", "--no-apply"])
+    assert code == 0
+    doc = json.loads((tmp_path / "run" / "firstboot.json").read_text())
+    assert doc["source"] == "ovf-iso" and doc["network"]["mode"] == "dhcp"
+    out = capsys.readouterr().out
+    assert "settings from ovf-iso" in out and "ignored prefix='40'" in out
