@@ -44,8 +44,6 @@ def test_dial_through_connect_proxy_with_basic_auth(home_factory, agent_factory,
     # every socket (enrollment + 2) went through CONNECT to home's port, authenticated
     assert log.count(f"CONNECT 127.0.0.1:{home.port}") >= 3, log[-2000:]
     assert "407" not in log and "Proxy Authentication Required" not in log
-    # and the proxy saw the connections, not home's address directly
-    assert "Established connection to host \"127.0.0.1\"" in log or "127.0.0.1" in log
 
 
 def test_proxy_with_wrong_password_is_reported(home_factory, agent_factory, tinyproxy):

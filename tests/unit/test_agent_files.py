@@ -192,3 +192,18 @@ def test_journal_native_encoding_and_handler(tmp_path):
         receiver.close()
     assert "MESSAGE=dial failed\n" in entry and "PRIORITY=4\n" in entry
     assert "TETHER_URL=wss://h/\n" in entry and "SYSLOG_IDENTIFIER=tether-agent" in entry
+
+
+def test_proxy_from_config_overrides_firstboot_and_takes_sealed_password(tmp_path):
+    from tether.agent.config import ConfigStore
+    from tether.agent.service import Agent
+
+    etc = write_etc(tmp_path, proxy="http://first:boot@proxy-a:3128")
+    agent = Agent(settings.load(etc, tmp_path / "state", None))
+    agent.config = ConfigStore(tmp_path, "corp", sealing.generate_private_key())
+    assert agent.proxy() == "http://first:boot@proxy-a:3128"
+    agent.config.secrets_open = {"agent": {"proxy": "http://svc@proxy-b:8080",
+                                           "proxy_password": "p@ss/word"}}
+    assert agent.proxy() == "http://svc:p%40ss%2Fword@proxy-b:8080"
+    agent.config.secrets_open = {"agent": {"proxy": ""}}
+    assert agent.proxy() is None  # home can switch the proxy off
