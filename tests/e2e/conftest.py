@@ -1,0 +1,72 @@
+"""Fixtures for the boot tests: the image under test, the accelerator, boot timings.
+
+``--image-dir images/<name>/`` names a finished image (default
+$TETHER_IMAGE_DIR); ``--home-state`` the home state it was built with
+(default: images/.home next to it). Without an image the boot tests skip and
+say how to get one; the launcher and first-boot unit tests here run anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bootrun import TIMINGS, BootImage, load_image  # noqa: E402
+from homerig import RigError  # noqa: E402
+from tether.image import vm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    for flag, kwargs in (
+        ("--image-dir", dict(default=os.environ.get("TETHER_IMAGE_DIR"),
+                             help="images/<name>/ of a finished build (default: $TETHER_IMAGE_DIR)")),
+        ("--home-state", dict(default=os.environ.get("TETHER_HOME_STATE_FOR_IMAGE"),
+                              help="home state the image was built with (default: images/.home)")),
+        ("--boot-timeout", dict(default="900", help="seconds to wait for enrollment (TCG is slow)")),
+    ):
+        try:
+            parser.addoption(flag, action="store", **kwargs)
+        except ValueError:
+            pass  # declared by another conftest (tests/image) in the same run
+
+
+@pytest.fixture(scope="session")
+def boot_image(request: pytest.FixtureRequest) -> BootImage:
+    value = request.config.getoption("--image-dir")
+    if not value:
+        pytest.skip("no image given: pass --image-dir images/<name>/ "
+                    "(make boot-test NAME=<name>; build one with make image)")
+    image_dir = Path(value).resolve()
+    if not image_dir.is_dir():
+        pytest.fail(f"--image-dir {image_dir} is not a directory: ls images/ for built images")
+    state = request.config.getoption("--home-state")
+    try:
+        return load_image(image_dir, Path(state).resolve() if state else None)
+    except RigError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="session")
+def boot_timeout(request: pytest.FixtureRequest) -> float:
+    return float(request.config.getoption("--boot-timeout"))
+
+
+@pytest.fixture(scope="session")
+def accelerator() -> str:
+    """kvm only when the image build's probe booted a kernel with it; else tcg."""
+    return vm.choose_accelerator(ROOT / "images" / ".cache").accelerator
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not TIMINGS:
+        return
+    terminalreporter.section("boot timings (seconds from qemu start)")
+    for name, figures in TIMINGS:
+        terminalreporter.write_line(f"{name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
