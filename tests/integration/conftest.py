@@ -247,3 +247,24 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.25, what: str
 def waiter():
     """``waiter(predicate, timeout, what=...)``: poll until true (see wait_for)."""
     return wait_for
+
+
+# Helpers as fixtures: test modules cannot `import conftest` reliably (another
+# conftest.py, e.g. ldap/, may own that module name in the same pytest run).
+
+@pytest.fixture
+def unused_port():
+    """``unused_port()``: a loopback TCP port nobody listens on right now."""
+    return free_port
+
+
+@pytest.fixture
+def credential_installer():
+    """``credential_installer(bundle_path, etc_dir, home_urls=None)`` (see install_credential)."""
+    return install_credential
+
+
+@pytest.fixture
+def agent_command():
+    """Path of the ``tether-agent`` console script in this venv."""
+    return AGENT

@@ -11,8 +11,6 @@ import time
 
 import pytest
 
-from conftest import free_port
-
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
@@ -23,9 +21,9 @@ def sockets_of(home, agent) -> int:
     return 0
 
 
-def test_failover_from_dead_url_to_live_one(home_factory, agent_factory, waiter):
+def test_failover_from_dead_url_to_live_one(home_factory, agent_factory, waiter, unused_port):
     home = home_factory()
-    dead = f"wss://127.0.0.1:{free_port()}/"  # nothing listens there
+    dead = f"wss://127.0.0.1:{unused_port()}/"  # nothing listens there
     agent = agent_factory(home.issue_image(), home_urls=[dead, home.url])
     agent.wait_log("socket 1 connected")
     text = agent.log()

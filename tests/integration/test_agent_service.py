@@ -11,8 +11,6 @@ import subprocess
 
 import pytest
 
-from conftest import AGENT, free_port, install_credential
-
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
@@ -39,11 +37,12 @@ def test_notify_ready_watchdog_and_stopping(home_factory, agent_factory, tmp_pat
     assert "agent stopped" in agent.log()
 
 
-def test_selfcheck_command_reaches_home(home_factory, tmp_path):
+def test_selfcheck_command_reaches_home(home_factory, tmp_path, credential_installer,
+                                       agent_command):
     home = home_factory()
     bundle = home.issue_image()
-    etc = install_credential(bundle["path"], tmp_path / "etc")
-    result = subprocess.run([str(AGENT), "selfcheck", "--json", "--etc", str(etc),
+    etc = credential_installer(bundle["path"], tmp_path / "etc")
+    result = subprocess.run([str(agent_command), "selfcheck", "--json", "--etc", str(etc),
                              "--state", str(tmp_path / "state"),
                              "--firstboot", str(tmp_path / "none.json")],
                             capture_output=True, text=True, timeout=60)
@@ -56,11 +55,12 @@ def test_selfcheck_command_reaches_home(home_factory, tmp_path):
     assert "home_reachable" not in {s["check"] for s in report["shortfalls"]}
 
 
-def test_selfcheck_command_reports_unreachable_home(home_factory, tmp_path):
+def test_selfcheck_command_reports_unreachable_home(home_factory, tmp_path, unused_port,
+                                                   credential_installer, agent_command):
     home = home_factory()
-    dead = f"wss://127.0.0.1:{free_port()}/"
-    etc = install_credential(home.issue_image()["path"], tmp_path / "etc", [dead])
-    result = subprocess.run([str(AGENT), "selfcheck", "--etc", str(etc),
+    dead = f"wss://127.0.0.1:{unused_port()}/"
+    etc = credential_installer(home.issue_image()["path"], tmp_path / "etc", [dead])
+    result = subprocess.run([str(agent_command), "selfcheck", "--etc", str(etc),
                              "--state", str(tmp_path / "state"),
                              "--firstboot", str(tmp_path / "none.json")],
                             capture_output=True, text=True, timeout=60)
