@@ -476,14 +476,17 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     return obj
 
 
+#: One strict decoder for every message (no NaN/Infinity, no duplicate keys).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+
+
 def _parse_json(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError(ErrorCode.MALFORMED, "message is not valid UTF-8") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant,
-                          object_pairs_hook=_no_duplicates)
+        return _DECODER.decode(text)
     except RecursionError:
         raise ProtocolError(ErrorCode.MALFORMED, "JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, int digit limits, duplicates
