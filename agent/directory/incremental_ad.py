@@ -15,6 +15,7 @@ import time
 from typing import Iterator
 
 import ldap3
+from ldap3.utils.conv import escape_filter_chars
 
 from . import cursor as cursors
 from .config import DirectoryConfig
@@ -123,6 +124,35 @@ def _deleted(session, config, usn: int, nc: str) -> list[tuple[int, dict]]:
     return out
 
 
+def _affected_groups(session, config, records: list[dict]) -> list[dict]:
+    """Groups whose member *DNs* changed without their own uSNChanged moving.
+
+    AD stores links by GUID, so renaming, moving or deleting a member changes
+    the DNs a group lists but not the group's USN. Groups holding a changed
+    entry are found by its current DN; a deletion leaves no link to search by,
+    so any deletion re-reads every group in scope (one paged search).
+    """
+    seen = {r["id"] for r in records if r.get("kind") == "group"}
+    attrs = search_attributes(config, "group")
+    if any(r["op"] == "delete" for r in records):
+        filters = [config.group_filter]
+    else:
+        dns = [r["dn"] for r in records if r["op"] == "upsert"]
+        filters = ["(&" + config.group_filter + "(|" + "".join(
+            f"({config.member_attribute}={escape_filter_chars(dn)})" for dn in dns[i:i + 50]) + "))"
+            for i in range(0, len(dns), 50)]
+    out = []
+    for flt in filters:
+        for base in config.base_dns:
+            for page in paged_search(session, base, flt, attrs, config.page_size, "groups of changed entries"):
+                for e in page:
+                    rec = to_record(config, "group", e["dn"], e["raw_attributes"])
+                    if rec["id"] not in seen:
+                        seen.add(rec["id"])
+                        out.append(rec)
+    return out
+
+
 def _stream(config, session: PoolSession, usn: int, dse: dict, chunk_size: int):
     from .incremental import chunked
     try:
@@ -132,6 +162,7 @@ def _stream(config, session: PoolSession, usn: int, dse: dict, chunk_size: int):
         changes = _changed_live(session, config, usn, nc) + _deleted(session, config, usn, nc)
         changes.sort(key=lambda pair: pair[0])
         records = [rec for _, rec in changes]
+        records += _affected_groups(session, config, records)
         seq = 0
         for chunk in chunked(records, chunk_size):
             seq = chunk["seq"]
