@@ -7,10 +7,11 @@ import uuid
 import pytest
 
 from conftest import slapd_config
-from ldapfix_slapd import LIMITED_DN, LIMITED_PW, SUFFIX, free_port, user_ldif
+from ldapfix_slapd import LIMITED_DN, LIMITED_PW, SUFFIX, free_port, ssha, user_ldif
 from tether.agent.directory.auth import authenticate
 from tether.agent.directory.config import load_config
 from tether.agent.directory.errors import DirectoryError
+from tether.agent.directory.provision import provision
 from tether.agent.directory.sync import full_sync
 
 
@@ -87,3 +88,39 @@ def test_primary_stopped_mid_sync_fails_over_with_nothing_missing(slapd_factory,
     assert msgs[-1]["server"] == f"localhost:{secondary.tls_port}"
     users = [i for i in got if i in set(ids)]
     assert sorted(users) == sorted(ids) and len(got) == len(set(got))
+
+
+def test_hung_primary_mid_sync_fails_over(slapd_factory, test_ca):
+    """A primary that stops answering (SIGSTOP, sockets stay open) is left after receive_timeout."""
+    import os
+    import signal
+    ids = [str(uuid.uuid5(uuid.NAMESPACE_DNS, f"hung{i}")) for i in range(120)]
+    data = "\n".join(user_ldif(f"hung{i:03d}", "pw", entryUUID=ids[i]) for i in range(120))
+    primary, secondary = slapd_factory("hp", data), slapd_factory("hs", data)
+    raw = slapd_config(primary, test_ca, page_size=30, receive_timeout=2, connect_timeout=2)
+    raw["servers"] = [f"localhost:{primary.tls_port}", f"localhost:{secondary.tls_port}"]
+    got, end = [], None
+    try:
+        for msg in full_sync(load_config(raw), chunk_size=30):
+            if msg["type"] == "chunk":
+                got += [c["id"] for c in msg["changes"]]
+                if msg["seq"] == 1:
+                    os.kill(primary.proc.pid, signal.SIGSTOP)
+            end = msg
+    finally:
+        os.kill(primary.proc.pid, signal.SIGCONT)
+    assert end["type"] == "end" and end["failovers"] == 1
+    assert sorted(i for i in got if i in set(ids)) == sorted(ids)
+
+
+def test_authentication_and_provisioning_use_the_next_server(slapd_factory, test_ca):
+    data = user_ldif("pool1", ssha("pool-pw"), entryUUID=str(uuid.uuid5(uuid.NAMESPACE_DNS, "pool1")))
+    primary, secondary = slapd_factory("ap", data), slapd_factory("as", data)
+    raw = slapd_config(primary, test_ca)
+    raw["servers"] = [f"localhost:{primary.tls_port}", f"localhost:{secondary.tls_port}"]
+    primary.stop()
+    config = load_config(raw)
+    out = authenticate(config, "pool1", "pool-pw")
+    assert out["outcome"] == "success" and out["server"] == f"localhost:{secondary.tls_port}"
+    r = provision(config, {"id": "p1", "op": "update_user", "username": "pool1", "attributes": {"email": "p@x"}})
+    assert r["status"] == "done"

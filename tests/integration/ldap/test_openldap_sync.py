@@ -111,3 +111,16 @@ def test_purged_accesslog_forces_full_resync(slapd_factory, test_ca):
 def test_garbage_cursor_means_full_resync(ldap_raw):
     msgs, _ = collect(sync(load_config(ldap_raw), "not-a-cursor"))
     assert msgs[0]["mode"] == "full"
+
+
+def test_password_change_syncs_the_new_hash_when_configured(ldap_raw):
+    from tether.agent.directory.provision import provision
+    ldap_raw["sync_password_hashes"] = True
+    config = load_config(ldap_raw)
+    msgs, before = collect(full_sync(config))
+    old = next(c for c in before if c.get("attributes", {}).get("username") == "u018")["password_hashes"]
+    assert provision(config, {"id": "h1", "op": "set_password", "username": "u018",
+                              "password": "brand-new"})["status"] == "done"
+    _, changes = collect(sync(config, msgs[-1]["cursor"]))
+    new = next(c for c in changes if c.get("attributes", {}).get("username") == "u018")["password_hashes"]
+    assert new != old and new[0].startswith("{SSHA}")
