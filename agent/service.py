@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -42,6 +44,8 @@ from .settings import Settings
 log = logging.getLogger("tether.agent")
 
 INSTANCE_FILE = "instance.json"
+#: Where the directory engine plugs in (optional module, see load_directory_bridge).
+DIRECTORY_BRIDGE = "tether.agent.directory.bridge"
 DIRECTORY_OPS = frozenset({p.Op.SYNC, p.Op.SEARCH, p.Op.AUTHENTICATE, p.Op.PROVISION})
 
 
@@ -97,7 +101,17 @@ class Agent:
         self.config = ConfigStore(self.state, self.settings.connector, self.keys.sealing)
         self.config.instance_id = self.instance_id
         self.config.load_last_good()
+        self.directories = load_directory_bridge(self)
+        self.configure_directories()
         self.run_selfcheck()
+
+    def configure_directories(self) -> None:
+        """Hand the (unsealed, in-memory) configuration to the directory engine."""
+        if self.directories is not None and self.config.secrets_open is not None:
+            try:
+                self.directories.configure(self.config.secrets_open)
+            except Exception:  # noqa: BLE001 - a bad directory must not stop the channel
+                log.exception("directory engine refused the configuration")
 
     def _load_instance(self) -> dict:
         path = self.state / INSTANCE_FILE
@@ -390,6 +404,8 @@ class Agent:
             return await self.on_config_push(link, message)
         if message.op is p.Op.STATUS:
             return self.status()
+        if message.op in DIRECTORY_OPS and self.directories is not None:
+            return await self.directories.handle(link, message)
         if message.op in DIRECTORY_OPS:
             raise HandlerError(p.ErrorCode.UNAVAILABLE,
                                f"{message.op.value}: no directory is configured on this "
@@ -407,6 +423,7 @@ class Agent:
         if applied.changed:
             log.info("configuration v%d applied", applied.version,
                      extra={"tether_config_version": applied.version})
+            self.configure_directories()
         await self.send_config_ack(link)
         self.notify_status()
         return {"version": applied.version, "applied": True}
@@ -474,6 +491,21 @@ class Agent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         log.info("agent stopped")
         return 0
+
+
+def load_directory_bridge(agent: "Agent"):
+    """``tether.agent.directory.bridge.Bridge(agent)`` when that module exists.
+
+    Contract for the directory engine: ``configure(config: dict)`` is called with
+    the unsealed configuration at start and after every applied push;
+    ``async handle(link, message) -> dict`` serves sync/search/authenticate/
+    provision (stream chunks with ``link.session.chunk`` + ``link.flush``; raise
+    ``tether.agent.link.HandlerError`` for an error reply). Without the module
+    those operations are answered ``unavailable``.
+    """
+    if importlib.util.find_spec(DIRECTORY_BRIDGE) is None:
+        return None
+    return importlib.import_module(DIRECTORY_BRIDGE).Bridge(agent)
 
 
 def _utcnow() -> dt.datetime:
