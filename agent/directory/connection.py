@@ -8,6 +8,7 @@ its server mid-way must know which server it moved to.
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 from typing import Iterator
@@ -86,13 +87,26 @@ def open_connection(config: DirectoryConfig, address: ServerAddress, user: str |
         raise
     except lx.LDAPSocketOpenError as exc:
         if _is_tls_failure(exc):
-            raise DirectoryError("tls", f"TLS with {where} failed: {_short(exc)}", where) from None
+            raise DirectoryError("tls", f"TLS with {where} failed: {_tls_reason(exc, address)}", where) from None
         raise DirectoryError("server_down", f"cannot connect to {where}: {_short(exc)}", where) from None
     except (lx.LDAPStartTLSError, ssl.SSLError) as exc:
-        raise DirectoryError("tls", f"TLS with {where} failed: {_short(exc)}", where) from None
+        raise DirectoryError("tls", f"TLS with {where} failed: {_tls_reason(exc, address)}", where) from None
     except DOWN_ERRORS as exc:
         raise DirectoryError("server_down", f"{where} stopped answering: {_short(exc)}", where) from None
     return conn
+
+
+def _tls_reason(exc: BaseException, address: ServerAddress) -> str:
+    """A one-line TLS failure reason instead of ldap3's certificate dump."""
+    text = str(exc)
+    if "doesn't match" in text or "does not match" in text or "hostname" in text.lower():
+        names = re.findall(r"\('DNS', '([^']+)'\)|\('IP Address', '([^']+)'\)", text)
+        named = ", ".join(a or b for a, b in names) or "other names"
+        return (f"the server certificate does not name {address.host!r} (it names {named}); "
+                "configure the server by a name its certificate carries")
+    if "certificate verify failed" in text or "unknown ca" in text.lower():
+        return "the server certificate is not signed by the configured CA (ca_file)"
+    return _short(exc)
 
 
 def _short(exc: BaseException) -> str:

@@ -37,7 +37,14 @@ def test_server_down(ldap_raw):
 def test_tls_name_mismatch(ldap_raw, slapd):
     ldap_raw["servers"] = [f"127.0.0.1:{slapd.tls_port}"]  # certificate names only localhost
     err = error_of(ldap_raw)
-    assert err.code == "tls", err
+    assert err.code == "tls" and "does not name '127.0.0.1'" in err.message, err
+
+
+def test_tls_with_the_wrong_ca(ldap_raw, tmp_path):
+    from ldapfix_ca import make_ca
+    ldap_raw["ca_file"] = str(make_ca(tmp_path / "other").ca_file)
+    err = error_of(ldap_raw)
+    assert err.code == "tls" and "not signed by the configured CA" in err.message, err
 
 
 def test_starttls_works_and_plain_needs_explicit_permission(ldap_raw, slapd):
