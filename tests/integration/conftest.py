@@ -268,3 +268,126 @@ def credential_installer():
 def agent_command():
     """Path of the ``tether-agent`` console script in this venv."""
     return AGENT
+
+
+class ScriptedHome:
+    """A protocol peer in home's place, scripted by the test.
+
+    For what the real home never does (tampered pushes, certificates that are
+    due for renewal at once): it serves on a given port with *home's own*
+    server certificate and CA (from ``home.state``), so the unmodified agent
+    process trusts it, and speaks the real :class:`tether.protocol.Session`.
+
+    ``on_request(message) -> body`` answers agent requests other than hello
+    (raise ``ScriptedHome.Refuse(code, detail)`` for an error reply);
+    ``pushes`` are sent as ``config.push`` after the hello of socket 0.
+    Everything seen is recorded in ``requests``, ``answers`` and ``events``.
+    """
+
+    class Refuse(Exception):
+        def __init__(self, code: str, detail: str) -> None:
+            super().__init__(detail)
+            self.code, self.detail = code, detail
+
+    def __init__(self, home: HomeProcess, port: int | None = None, on_request=None,
+                 pushes: list[dict] | None = None) -> None:
+        import threading
+
+        self.home = home
+        self.port = port or home.port
+        self.on_request = on_request
+        self.pushes = list(pushes or [])
+        self.requests: list = []
+        self.answers: list[dict] = []
+        self.events: list = []
+        self.ready = threading.Event()
+        self._stop = None
+        self._loop = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _context(self):
+        import ssl
+
+        state = self.home.state
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=str(state / "ca.crt"))
+        ctx.load_cert_chain(str(state / "server.crt"), str(state / "server.key"))
+        return ctx
+
+    def config_key_pem(self) -> str:
+        from tether import configsig
+
+        key = configsig.load_private_key((self.home.state / "config-signing.key").read_bytes())
+        return configsig.public_key_pem(key).decode()
+
+    async def _handler(self, ws) -> None:
+        from tether import protocol as p
+
+        session = p.Session(role=p.Role.HOME)
+        async for data in ws:
+            session.receive(data)
+            for ev in session.events_received():
+                if isinstance(ev, p.RequestReceived):
+                    self.requests.append(ev.message)
+                    self._answer(session, ev.message)
+                elif isinstance(ev, (p.ResponseReceived, p.ErrorReceived)):
+                    self.answers.append({"kind": ev.message.kind.value, **ev.message.body})
+                elif isinstance(ev, p.EventReceived):
+                    self.events.append(ev.message)
+            for text in session.data_to_send():
+                await ws.send(text)
+
+    def _answer(self, session, message) -> None:
+        from tether import protocol as p
+
+        if message.op is p.Op.HELLO:
+            body = message.body
+            session.respond(message, {
+                "home_version": "scripted", "server_time": time.time(), "role": "instance",
+                "connector": self.home.connector, "instance_id": body.get("instance_id"),
+                "heartbeat_seconds": 30, "config_key_pem": self.config_key_pem()})
+            if body.get("socket_index") == 0:
+                for document in self.pushes:
+                    session.request(p.Op.CONFIG_PUSH, {"config": document})
+            return
+        try:
+            if self.on_request is None:
+                raise self.Refuse("unavailable", "scripted home serves hello only")
+            session.respond(message, self.on_request(message))
+        except self.Refuse as refusal:
+            session.fail(message, refusal.code, refusal.detail)
+
+    def _run(self) -> None:
+        import asyncio
+
+        from websockets.asyncio.server import serve
+
+        from tether import protocol as p
+
+        async def main():
+            self._stop = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
+            async with serve(self._handler, "127.0.0.1", self.port, ssl=self._context(),
+                             subprotocols=[p.SUBPROTOCOL]):
+                self.ready.set()
+                await self._stop.wait()
+        asyncio.run(main())
+
+    def __enter__(self) -> "ScriptedHome":
+        self._thread.start()
+        if not self.ready.wait(10):
+            raise RuntimeError(f"scripted home did not listen on 127.0.0.1:{self.port}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def scripted_home():
+    """The :class:`ScriptedHome` class (use it as a context manager)."""
+    return ScriptedHome
