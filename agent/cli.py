@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "it is replaced (default 3600)")
     run.add_argument("--selfcheck-interval", type=float, default=300.0)
     run.add_argument("--drain-quiet", type=float, default=2.0, help=argparse.SUPPRESS)
+    run.add_argument("--renew-min-interval", type=float, default=60.0, help=argparse.SUPPRESS)
     run.add_argument("--log-level", default="INFO")
     check = sub.add_parser("selfcheck", help="check resources and the way to home")
     _common(check)
@@ -55,7 +56,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = load(args.etc, args.state, args.firstboot)
     options = RunOptions(dmi_dir=args.dmi_dir, sockets=args.sockets, ttl_s=args.socket_ttl,
                          selfcheck_interval_s=args.selfcheck_interval,
-                         drain_quiet_s=args.drain_quiet)
+                         drain_quiet_s=args.drain_quiet,
+                         renew_min_interval_s=args.renew_min_interval)
     return asyncio.run(Agent(settings, options).run())
 
 

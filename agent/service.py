@@ -58,6 +58,9 @@ class RunOptions:
     ttl_s: float | None = None
     selfcheck_interval_s: float = 300.0
     drain_quiet_s: float = 2.0
+    #: Floor between two renewals, so a certificate that is due at once (home's
+    #: back-dating, a skewed clock) cannot make the agent hammer home.
+    renew_min_interval_s: float = 60.0
 
 
 async def sleep_or_stop(event: asyncio.Event, timeout: float) -> bool:
@@ -254,27 +257,31 @@ class Agent:
 
     async def renewal_loop(self) -> None:
         """Renew the instance certificate after 2/3 of its life, over a live socket."""
+        last_attempt = -float("inf")
         while not self.stopping.is_set():
             cert = identity.load_cert(self.state)
             if cert is None or identity.is_expired(cert):
                 await self.ensure_enrolled()
                 continue
-            wait_s = (identity.renew_at(cert) - _utcnow()).total_seconds()
-            if wait_s > 0:
-                await sleep_or_stop(self.stopping, min(wait_s, 300))
+            due_in = max((identity.renew_at(cert) - _utcnow()).total_seconds(),
+                         last_attempt + self.options.renew_min_interval_s - time.monotonic())
+            if due_in > 0:
+                await sleep_or_stop(self.stopping, min(due_in, 300))
                 continue
             link = next((ln for ln in self.links.values() if not ln.draining), None)
             if link is None:
                 await sleep_or_stop(self.stopping, 5)
                 continue
+            last_attempt = time.monotonic()
             try:
                 response = await link.request(p.Op.RENEW, {
                     "csr_pem": identity.make_csr(self.keys, self.instance_id or "instance")})
-                self.store_issued(response.body)
-                log.info("instance certificate renewed")
+                cert = self.store_issued(response.body)
+                log.info("instance certificate renewed; valid until %s",
+                         cert.not_valid_after_utc.isoformat(),
+                         extra={"tether_cert_serial": format(cert.serial_number, "x")})
             except Exception as exc:  # noqa: BLE001 - retry later, the old cert still works
-                log.warning("certificate renewal failed: %s; retrying in 30 s", exc)
-                await sleep_or_stop(self.stopping, 30)
+                log.warning("certificate renewal failed: %s; retrying later", exc)
 
     # ------------------------------------------------------------------ slots
 
