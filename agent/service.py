@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,11 @@ class Agent:
     # ------------------------------------------------------------------ hello
 
     def hello_body(self, link: Link) -> dict:
+        # this socket is open (TCP, TLS, WebSocket done): home is reachable
+        self.home_probe.reachable, self.home_probe.error = True, ""
+        if self.home_probe.dns_ok is False:
+            self.home_probe.dns_ok = None if self.proxy() else True
+        self.report = selfcheck.evaluate(self.report.measured)
         return {
             "agent_version": __version__,
             "image_id": self.settings.image_id,
@@ -179,6 +185,9 @@ class Agent:
         """A failed dial says something about reaching home: keep it for self-check."""
         self.home_probe.reachable = False
         self.home_probe.error = f"{type(exc).__name__}: {exc}"[:300]
+        if isinstance(exc, socket.gaierror):
+            self.home_probe.dns_ok = False
+        self.report = selfcheck.evaluate(self.report.measured)  # verdict follows the probe
 
     def after_hello(self, link: Link) -> None:
         """Learn from home's hello response: its clock, config key, config version."""
@@ -189,6 +198,7 @@ class Agent:
         probe.reachable, probe.error = True, ""
         probe.dns_ok = True if self.proxy() is None else None
         probe.clock_skew_s = round(float(body["server_time"]) - midpoint, 3)
+        self.report = selfcheck.evaluate(self.report.measured)  # verdict follows the probe
         if isinstance(body.get("config_key_pem"), str):
             try:
                 self.config.set_verify_key(body["config_key_pem"])
