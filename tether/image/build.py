@@ -193,7 +193,8 @@ def _packer(ctx: _Ctx) -> None:
             ctx.progress.say(line)
 
         try:
-            result = packerrun.build(_packer_vars(ctx), say=say)
+            result = packerrun.build(_packer_vars(ctx), say=say,
+                                     cache_dir=ctx.opts.images_dir.resolve() / ".cache" / "packer")
         finally:
             log.close()
         for stage, seconds in result.timeline.durations().items():

@@ -110,9 +110,15 @@ def _executable(stdout_fd: int):
 
 
 def build(variables: dict[str, str], only: str = "qemu.tether", say: Callable[[str], None] = print,
-          template_dir: Path = TEMPLATE_DIR) -> PackerResult:
-    """`packer build -only=<only> -var k=v ... packer/`, streamed and timed."""
+          template_dir: Path = TEMPLATE_DIR, cache_dir: Path | None = None) -> PackerResult:
+    """`packer build -only=<only> -var k=v ... packer/`, streamed and timed.
+
+    cache_dir: Packer's download cache (PACKER_CACHE_DIR); by default Packer
+    would create packer_cache/ in the current directory.
+    """
     os.environ["CHECKPOINT_DISABLE"] = "1"  # no calls home to HashiCorp
+    if cache_dir is not None:
+        os.environ["PACKER_CACHE_DIR"] = str(cache_dir)
     read_fd, write_fd = os.pipe()
     packer = _executable(write_fd)
     outcome: dict = {}
