@@ -152,13 +152,35 @@ def show_config(paths: StatePaths, connector: str, version: int | None) -> dict:
         store.close()
 
 
-def revoke(paths: StatePaths, serial: str, reason: str) -> dict:
-    """Mark a certificate revoked; the server refuses it from the next handshake on."""
-    serial = serial.lower().removeprefix("0x")
+def revoke(paths: StatePaths, serial: str | None = None, reason: str = "revoked by operator",
+           *, instance_id: str | None = None, image_id: str | None = None) -> list[dict]:
+    """Mark certificates revoked; the server refuses them from the next handshake on.
+
+    By serial, or every unrevoked certificate of an instance, or an image's
+    certificate (which stops new enrollments and re-enrollments of that image).
+    """
     store = open_store(paths)
     try:
-        row = store.revoke_cert(serial, reason)
-        return {"serial": row["serial"], "kind": row["kind"], "subject": row["subject"],
-                "revoked_at": row["revoked_at"]}
+        serials = _serials_to_revoke(store, serial, instance_id, image_id)
+        rows = [store.revoke_cert(s, reason) for s in serials]
+        return [{"serial": r["serial"], "kind": r["kind"], "subject": r["subject"],
+                 "revoked_at": r["revoked_at"]} for r in rows]
     finally:
         store.close()
+
+
+def _serials_to_revoke(store: Store, serial: str | None, instance_id: str | None,
+                       image_id: str | None) -> list[str]:
+    if sum(x is not None for x in (serial, instance_id, image_id)) != 1:
+        raise StoreError("give exactly one of SERIAL, --instance ID or --image ID")
+    if serial is not None:
+        return [serial.lower().removeprefix("0x")]
+    if instance_id is not None:
+        if store.instance(instance_id) is None:
+            raise StoreError(f"no instance {instance_id}; `tether-home status` lists them")
+        return [c["serial"] for c in store.certs(kind="instance", instance_id=instance_id)
+                if c["revoked_at"] is None]
+    image = store.image(image_id)
+    if image is None:
+        raise StoreError(f"no image {image_id}; `tether-home status` lists them")
+    return [image["cert_serial"]]

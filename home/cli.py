@@ -68,8 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("connector")
     f.add_argument("--version", type=int, dest="config_version")
 
-    p = sub.add_parser("revoke", parents=[common], help="revoke an image or instance cert")
-    p.add_argument("serial", help="hex serial (status --json shows them)")
+    p = sub.add_parser("revoke", parents=[common], help="revoke an image or instance cert",
+                       description="Revoke certificates; connections using them are closed "
+                       "and refused. An instance can re-enroll with its image credential: "
+                       "to retire an appliance for good, revoke its image (--image).")
+    p.add_argument("serial", nargs="?", help="hex serial (status --json shows them)")
+    p.add_argument("--instance", help="revoke every certificate of this instance id")
+    p.add_argument("--image", help="revoke this image's credential certificate")
     p.add_argument("--reason", default="revoked by operator")
     return parser
 
@@ -113,10 +118,15 @@ def _run(args: argparse.Namespace) -> int:
     elif cmd == "config":
         _print(admin.show_config(paths, args.connector, args.config_version))
     elif cmd == "revoke":
-        doc = admin.revoke(paths, args.serial, args.reason)
-        reply = control.call(paths.control_socket, {"cmd": "revoked", "serial": doc["serial"]})
-        closed = f", closed {reply.get('closed', 0)} socket(s)" if reply else ""
-        print(f"revoked {doc['kind']} certificate {doc['serial']} ({doc['subject']}){closed}")
+        docs = admin.revoke(paths, args.serial, args.reason, instance_id=args.instance,
+                            image_id=args.image)
+        if not docs:
+            print("nothing to revoke: no unrevoked certificate matches")
+        for doc in docs:
+            reply = control.call(paths.control_socket, {"cmd": "revoked",
+                                                        "serial": doc["serial"]})
+            closed = f", closed {reply.get('closed', 0)} socket(s)" if reply else ""
+            print(f"revoked {doc['kind']} certificate {doc['serial']} ({doc['subject']}){closed}")
     return 0
 
 

@@ -100,6 +100,9 @@ def test_image_issue_writes_the_contract_bundle(state, tmp_path):
     (["connector", "create", "Bad Name"], "must be"),
     (["connector", "create", "zero", "--max-instances", "0"], "at least 1"),
     (["revoke", "abcdef"], "no certificate"),
+    (["revoke"], "exactly one"),
+    (["revoke", "--instance", "nope"], "no instance"),
+    (["revoke", "--image", "nope"], "no image"),
     (["config", "show", "acme", "--version", "99"], "no version 99"),
     (["config", "show", "nope"], "no connector"),
 ])
@@ -144,6 +147,9 @@ def test_revoke_marks_image(state, tmp_path):
     status = json.loads(cli(state, "status", "--json").stdout)
     assert next(i for i in status["images"] if i["cert_serial"] == serial)["revoked"]
     assert "REVOKED" in cli(state, "status").stdout
+    image_id = json.loads(out.read_text())["image_id"]
+    again = cli(state, "revoke", "--image", image_id)
+    assert again.returncode == 0 and serial in again.stdout
 
 
 def test_serve_bad_listen(state):

@@ -413,3 +413,22 @@ def test_peer_that_keeps_violating_is_dropped(home, tmp_path):
     assert closed.rcvd.code == 1008
     assert 40 <= replies <= 60
     assert home.proc.poll() is None
+
+
+def test_revoke_instance_closes_and_refuses(home, tmp_path):
+    bundle = home.issue_image()
+    instance_id, cert_pem, key_pem, _ = run(enroll(home, bundle, tmp_path, "vm-r"))
+    ctx = client_context(bundle["ca_pem"], cert_pem, key_pem, tmp_path)
+
+    async def go():
+        agent = await RawAgent.connect(home.url, ctx)
+        await agent.hello(bundle["image_id"], instance_id, config_version=10**6)
+        out = await asyncio.to_thread(home.cli, "revoke", "--instance", instance_id)
+        with pytest.raises(ConnectionClosed):
+            await agent.next_events()
+        return out.stdout, await _refused(home, ctx)
+    out, refused = run(go())
+    assert "revoked instance certificate" in out and "closed 1 socket" in out
+    assert isinstance(refused, InvalidStatus) and refused.response.status_code == 403
+    row = next(i for i in home.status()["instances"] if i["instance_id"] == instance_id)
+    assert row["cert_revoked"] and row["connected_sockets"] == 0
