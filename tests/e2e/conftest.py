@@ -9,6 +9,7 @@ say how to get one; the launcher and first-boot unit tests here run anyway.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -35,6 +36,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             parser.addoption(flag, action="store", **kwargs)
         except ValueError:
             pass  # declared by another conftest (tests/image) in the same run
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM ends the run like Ctrl-C, so fixtures still stop the VM and home."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Boot speed: qemu start -> enrollment -> first check-in, against the same disk's own boot.
+
+Boots a finished image once (the boot test's setup: a copy of the image's
+home state on 127.0.0.1, the OVF's hardware, the home URL on an ISO-transport
+CD, a copy-on-write copy of the disk) and records, in seconds from qemu
+start, when these show up:
+
+* console: tether-firstboot finished, tether-agent starting, tether-agent
+  started, ``multi-user.target`` reached (systemd's own status lines);
+* home's log: the instance ``enrolled``, its first ``hello`` (check-in).
+
+The agent's own share is check-in minus "agent starting": what the agent
+adds on top of the operating system's boot. The issue's goal is check-in
+within 20 s under TCG; the figure depends heavily on host load, which is
+written next to it. Writes bench/results/boot.json.
+
+    .venv/bin/python bench/boot.py --image-dir images/<name> [--home-state DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+
+import bootrun  # noqa: E402
+from homerig import RigError, start_home  # noqa: E402
+from tether.image import vm  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "boot.json"
+GOAL_S = 20.0
+#: Console milestones: name -> text systemd prints (escape codes stripped).
+CONSOLE_MILESTONES = {
+    "firstboot_done_s": "Finished tether-firstboot",
+    "agent_starting_s": "Starting tether-agent",
+    "agent_started_s": "Started tether-agent",
+    "multi_user_s": "Reached target multi-user.target",
+}
+
+
+def newest_image(images: Path) -> Path | None:
+    """The most recently finished image (one with a manifest) under images/."""
+    done = sorted((m.parent for m in images.glob("*/manifest.json")), key=lambda p: p.stat().st_mtime)
+    return done[-1] if done else None
+
+
+def watch(boot: bootrun.Boot, timeout: float) -> dict:
+    """Poll console and home log until check-in and multi-user.target, or timeout."""
+    seen: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and boot.machine.running():
+        console = boot.console()
+        for name, marker in CONSOLE_MILESTONES.items():
+            if name not in seen and marker in console:
+                seen[name] = round(boot.machine.elapsed(), 1)
+        if "enrolled_s" not in boot.timings and boot.home.events("enrolled", machine=boot.fingerprint):
+            boot.wait_enrolled(1)
+        enrolled = boot.home.events("enrolled", machine=boot.fingerprint)
+        if enrolled and "checked_in_s" not in boot.timings and boot.home.events(
+                "hello", instance=enrolled[0]["instance"], role="instance"):
+            boot.wait_checked_in(enrolled[0]["instance"], 1)
+        if "checked_in_s" in boot.timings and "multi_user_s" in seen:
+            break
+        time.sleep(0.25)
+    return {**seen, **boot.timings}
+
+
+def run(image_dir: Path, home_state: Path | None, timeout: float, accelerator: str) -> dict:
+    image = bootrun.load_image(image_dir, home_state)
+    with tempfile.TemporaryDirectory(prefix="tether-bench-boot-") as tmp:
+        home = start_home(image.home_state, Path(tmp), image.image_id, vm.GUEST_HOME_ADDRESS)
+        boot = None
+        try:
+            boot = bootrun.start(image, home, Path(tmp) / "vm", {"home.url": bootrun.HOME_URL},
+                                 accelerator)
+            figures = watch(boot, timeout)
+        finally:
+            if boot is not None:
+                boot.stop()
+            home.stop()
+    if "checked_in_s" in figures and "agent_starting_s" in figures:
+        figures["agent_share_s"] = round(figures["checked_in_s"] - figures["agent_starting_s"], 1)
+    return {"image": image.name, "accelerator": accelerator, "vcpu": vm.OVF_CPUS,
+            "memory_mib": vm.OVF_MEMORY_MIB, "goal_checked_in_s": GOAL_S,
+            "host_cpus": os.cpu_count(), "host_load_1m_after": round(os.getloadavg()[0], 2),
+            **figures}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--image-dir", type=Path, help="images/<name> (default: newest finished)")
+    parser.add_argument("--home-state", type=Path, help="home state of the image (default images/.home)")
+    parser.add_argument("--timeout", type=float, default=900.0)
+    args = parser.parse_args()
+    image_dir = args.image_dir or newest_image(ROOT / "images")
+    if image_dir is None:
+        print("bench boot: skipped, no finished image under images/ (make image)")
+        return 0
+    accelerator = vm.choose_accelerator(ROOT / "images" / ".cache").accelerator
+    print(f"bench boot: {image_dir.name} under {accelerator}, one boot (this takes minutes)",
+          flush=True)
+    try:
+        result = run(image_dir.resolve(), args.home_state, args.timeout, accelerator)
+    except (RigError, vm.VmError) as exc:
+        print(f"bench boot: failed: {exc}", file=sys.stderr)
+        return 1
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    for key, value in result.items():
+        print(f"  {key}: {value}")
+    print(f"written to {RESULTS.relative_to(ROOT)}")
+    return 0 if "checked_in_s" in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
