@@ -11,6 +11,7 @@ connector X", round-robin over its instance sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -256,8 +257,10 @@ class Hub:
     async def stream(self, connector: str, op: p.Op, body: dict,
                      timeout: float = 30.0) -> AsyncIterator[p.Message]:
         """Streamed request: yields chunk messages, then the final response."""
-        async for message in self._pick(connector).stream(p.Op(op), body, timeout):
-            yield message
+        async with contextlib.aclosing(self._pick(connector).stream(p.Op(op), body,
+                                                                   timeout)) as stream:
+            async for message in stream:
+                yield message
 
     def live(self) -> dict:
         """Figures only the running server knows (for ``status``)."""

@@ -160,7 +160,7 @@ class AgentPeer:
             await self.flush()
             ev = await asyncio.wait_for(waiter, timeout)
         except (ConnectionClosed, asyncio.TimeoutError) as exc:
-            self.session.forget(sent.id)
+            self._withdraw(sent.id, f"home stopped waiting after {timeout:.0f} s")
             self._waiters.pop(sent.id, None)
             raise AgentUnavailable(f"{op.value} to {self.peer} got no answer: "
                                    f"{'timed out' if isinstance(exc, asyncio.TimeoutError) else 'socket closed'}") from None
@@ -173,26 +173,44 @@ class AgentPeer:
         sent = self.session.request(op, body)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[sent.id] = queue
+        finished = False
         try:
             await self.flush()
             while True:
                 try:
                     ev = await asyncio.wait_for(queue.get(), timeout)
                 except asyncio.TimeoutError:
-                    self.session.forget(sent.id)
                     raise AgentUnavailable(f"{op.value} stream from {self.peer} stalled "
                                            f"for {timeout:.0f} s") from None
                 if ev is None:
+                    finished = True
                     raise AgentUnavailable(f"{op.value} stream from {self.peer}: socket closed")
                 if isinstance(ev, p.ChunkReceived):
                     yield ev.message
                     self.session.ack(ev.message, {"cursor": ev.message.body.get("cursor")})
                     await self.flush()
                     continue
+                finished = True
                 yield _result(ev)
                 return
         finally:
             self._streams.pop(sent.id, None)
+            if not finished:  # consumer stopped early or the agent stalled: tell it
+                self._withdraw(sent.id, "home stopped reading the stream")
+
+    def _withdraw(self, request_id: str, detail: str) -> None:
+        """Cancel one of our requests at the agent (sent in the background)."""
+        if self.session.cancel(request_id, detail) is not None:
+            try:
+                self._spawn(self._flush_quietly())
+            except RuntimeError:  # no running loop: the process is shutting down
+                pass
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self.flush()
+        except ConnectionClosed:
+            pass
 
     def _fail_waiters(self) -> None:
         for waiter in self._waiters.values():

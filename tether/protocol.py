@@ -74,6 +74,11 @@ Conversation
 4. ``event`` messages (``heartbeat``, ``config.ack``) are one-way; they get no
    reply unless they are invalid.
 
+5. A requester that gives up (timeout, consumer gone) sends an ``error`` with
+   code ``cancelled`` and ``re`` = its own request id (:meth:`Session.cancel`);
+   the answering side gets :class:`CancelReceived`, should stop working on it,
+   and must not answer it any more (its Session refuses to).
+
 Errors never cause an error reply (no ping-pong), and a protocol violation
 never closes the session by itself: the peer gets an ``error`` message with a
 specific :class:`ErrorCode` and the I/O layer logs the :class:`ProtocolViolation`
@@ -235,6 +240,7 @@ class ErrorCode(str, enum.Enum):
     NOT_FOUND = "not_found"
     UNAVAILABLE = "unavailable"          # no agent connected / directory down
     TIMEOUT = "timeout"
+    CANCELLED = "cancelled"              # the requester withdrew its request
     BUSY = "busy"
     INTERNAL = "internal"
 
@@ -668,6 +674,14 @@ class ErrorReceived:
 
 
 @dataclass(frozen=True)
+class CancelReceived:
+    """The peer withdrew ``request`` (one it sent us): stop serving it, do not answer."""
+
+    message: Message
+    request: Message
+
+
+@dataclass(frozen=True)
 class ChunkReceived:
     """One streamed piece of the answer to ``request``; ack it when stored."""
 
@@ -697,7 +711,7 @@ class ProtocolViolation:
     error: ProtocolError
 
 
-Event = (RequestReceived | ResponseReceived | ErrorReceived | ChunkReceived
+Event = (RequestReceived | ResponseReceived | ErrorReceived | CancelReceived | ChunkReceived
          | AckReceived | EventReceived | ProtocolViolation)
 
 
@@ -842,8 +856,21 @@ class Session:
         return [state.request for state in self._outgoing.values()]
 
     def forget(self, request_id: str) -> None:
-        """Stop waiting for a request (timeout/cancel); a late answer is then ignored."""
+        """Stop waiting for a request locally; a late answer then gets ``unknown_request``."""
         self._outgoing.pop(request_id, None)
+
+    def cancel(self, request_id: str, detail: str = "the requester gave up") -> Message | None:
+        """Withdraw one of our open requests and tell the peer (``cancelled`` error)."""
+        state = self._outgoing.pop(request_id, None)
+        if state is None:
+            return None
+        body = {"code": ErrorCode.CANCELLED.value, "detail": detail}
+        return self._queue(self._make(Kind.ERROR, state.request.op, body, re=request_id))
+
+    def is_open(self, request: Message | str) -> bool:
+        """True while a request from the peer still awaits our answer (not cancelled)."""
+        key = request.id if isinstance(request, Message) else request
+        return key in self._incoming
 
     def _open_incoming(self, request: Message | str) -> _Incoming:
         key = request.id if isinstance(request, Message) else request
@@ -931,6 +958,12 @@ class Session:
     def _dispatch(self, message: Message) -> None:
         kind = message.kind
         if kind is Kind.ERROR:
+            if message.re is not None and message.re not in self._outgoing \
+                    and message.re in self._incoming \
+                    and message.body.get("code") == ErrorCode.CANCELLED.value:
+                state = self._incoming.pop(message.re)
+                self._events.append(CancelReceived(message, state.request))
+                return
             request = self._outgoing.pop(message.re, None) if message.re else None
             if message.re is not None and message.re == self._hello_sent and not self.established:
                 self._hello_sent = None  # e.g. stale: fix clock_offset, say hello again

@@ -116,3 +116,33 @@ def test_agent_vanishing_fails_pending_request(prepared, tmp_path):
             return server.hub.live()
     live = asyncio.run(go())
     assert live["sockets"] == 0
+
+
+def test_consumer_leaving_a_stream_cancels_it_at_the_agent(prepared, tmp_path):
+    home, bundle, (instance_id, cert_pem, key_pem, _) = prepared
+
+    async def agent_side(agent: RawAgent):
+        while True:
+            for ev in await agent.next_events():
+                if isinstance(ev, p.RequestReceived):
+                    for i in range(p.STREAM_WINDOW):
+                        agent.session.chunk(ev.message, {"changes": [i], "cursor": f"c{i}"})
+                    await agent.flush()
+                elif isinstance(ev, p.CancelReceived):
+                    return ev
+
+    async def go():
+        async with running(home) as (server, url):
+            agent = await RawAgent.connect(url, client_context(bundle["ca_pem"], cert_pem,
+                                                               key_pem, tmp_path))
+            await agent.hello(bundle["image_id"], instance_id, config_version=None)
+            watcher = asyncio.create_task(agent_side(agent))
+            stream = server.hub.stream("dir", p.Op.SYNC, {"directory": "ad", "mode": "full"})
+            first = await stream.__anext__()
+            await stream.aclose()
+            cancel = await asyncio.wait_for(watcher, 10)
+            await agent.close()
+            return first, cancel
+    first, cancel = asyncio.run(go())
+    assert first.body["cursor"] == "c0"
+    assert cancel.message.body["code"] == "cancelled" and cancel.request.op is p.Op.SYNC

@@ -344,3 +344,28 @@ def test_violations_are_counted():
         home.receive("garbage")
     assert home.violations == 3
     assert len(home.data_to_send()) == 3
+
+
+def test_cancel_reaches_the_serving_side_and_closes_the_request():
+    agent, home = connected()
+    sent = home.request(Op.SYNC, {"directory": "ad", "mode": "full"})
+    (req,) = pump(home, agent)
+    agent.chunk(req.message, {"changes": [], "cursor": "c0"})
+    pump(agent, home)
+    assert home.cancel(sent.id, "consumer went away").body["code"] == "cancelled"
+    assert home.pending() == []
+    (cancel,) = pump(home, agent)
+    assert isinstance(cancel, p.CancelReceived) and cancel.request.id == req.message.id
+    assert not agent.is_open(req.message)
+    with pytest.raises(ProtocolError):
+        agent.chunk(req.message, {"changes": [], "cursor": "c1"})
+    assert home.cancel(sent.id) is None  # twice is a no-op
+
+
+def test_cancelled_error_for_unknown_request_is_just_an_error():
+    clock = FakeClock()
+    agent, home = connected(clock)
+    home.receive(p.encode(p.Message(id="x9", kind=Kind.ERROR, op=Op.STATUS, ts=clock.now,
+                                    body={"code": "cancelled", "detail": "?"}, re="nothing")))
+    (event,) = home.events_received()
+    assert isinstance(event, p.ErrorReceived) and event.request is None
