@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import re
 
-import ldap3
 from ldap3.utils.conv import escape_filter_chars
 
 from .config import DirectoryConfig
-from .connection import DOWN_ERRORS, Pool, check_result, make_server, tune_socket
+from .connection import DOWN_ERRORS, Pool, check_result
 from .errors import DirectoryError
 from .groups import groups_of
 
@@ -85,24 +84,30 @@ def _classify_failure(config: DirectoryConfig, result: dict, entry: dict) -> str
 
 
 class Authenticator:
-    """Keeps one service connection for user look-ups, so each login costs one user bind.
+    """Keeps a service connection (look-ups) and a bind connection (user binds) open.
 
-    Why: at login rates the service bind (TLS handshake + bind) would double the
-    cost of every authentication. A dead service connection is replaced once
-    (on the next pool server if need be) and the look-up retried: reads are safe to retry.
+    Why: the TLS handshake is most of the cost of a login; LDAP allows binding
+    again on an open connection, so each login costs a search and a bind, not
+    two handshakes. On a dropped connection both are replaced (on the next
+    pool server if need be) and the login is tried once more. Not thread-safe:
+    use one Authenticator per worker.
     """
 
     def __init__(self, config: DirectoryConfig, pool: Pool | None = None):
         self.config = config
         self.pool = pool or Pool(config)
         self.service = None
+        self.binder = None
 
     def authenticate(self, username: str, password: str, with_groups: bool = True) -> dict:
         for attempt in (1, 2):
-            if self.service is None or self.service.closed:
-                self.service = self.pool.connect()
             try:
-                return _authenticate(self.config, self.pool, self.service, username, password, with_groups)
+                if self.service is None or self.service.closed:
+                    self.close()
+                    self.service = self.pool.connect()
+                    self.binder = self.pool.connect()  # same server: pool.current did not move
+                return _authenticate(self.config, self.pool, self.service, self.binder,
+                                     username, password, with_groups)
             except DOWN_ERRORS:
                 self.close()
                 if attempt == 2:
@@ -111,12 +116,13 @@ class Authenticator:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        if self.service is not None:
-            try:
-                self.service.unbind()
-            except Exception:
-                pass
-        self.service = None
+        for conn in (self.service, self.binder):
+            if conn is not None:
+                try:
+                    conn.unbind()
+                except Exception:
+                    pass
+        self.service = self.binder = None
 
 
 def authenticate(config: DirectoryConfig, username: str, password: str, pool: Pool | None = None,
@@ -129,7 +135,7 @@ def authenticate(config: DirectoryConfig, username: str, password: str, pool: Po
         auth.close()
 
 
-def _authenticate(config: DirectoryConfig, pool: Pool, service, username: str, password: str,
+def _authenticate(config: DirectoryConfig, pool: Pool, service, binder, username: str, password: str,
                   with_groups: bool) -> dict:
     if not username or not password:
         # an empty password would be an anonymous ("unauthenticated") bind that succeeds
@@ -140,7 +146,7 @@ def _authenticate(config: DirectoryConfig, pool: Pool, service, username: str, p
         return {"outcome": "unknown_user", "server": where}
     dn = entry["dn"]
     controls = [(PPOLICY_OID, False, None)] if config.kind == "openldap" else None
-    outcome, reason = _bind_as(config, pool, dn, password, controls, entry)
+    outcome, reason = _bind_as(config, pool, binder, dn, password, controls, entry)
     out = {"outcome": outcome, "dn": dn, "server": where}
     if reason:
         out["reason"] = reason
@@ -149,23 +155,16 @@ def _authenticate(config: DirectoryConfig, pool: Pool, service, username: str, p
     return out
 
 
-def _bind_as(config, pool: Pool, dn: str, password: str, controls, entry) -> tuple[str, str | None]:
-    conn = ldap3.Connection(make_server(config, config.servers[pool.current]),
-                            user=dn, password=password, receive_timeout=config.receive_timeout,
-                            raise_exceptions=False)
-    try:
-        conn.open()
-        tune_socket(conn)
-        if config.tls == "starttls":
-            conn.start_tls()
-        ok = conn.bind(controls=controls)
-        result = conn.result or {}
-    except ldap3.core.exceptions.LDAPException as exc:
-        raise DirectoryError("server_down", f"bind as user failed: {exc}", str(config.servers[pool.current]))
-    finally:
-        conn.unbind()
+def _bind_as(config, pool: Pool, binder, dn: str, password: str, controls, entry) -> tuple[str, str | None]:
+    """Bind as `dn` on the open bind connection; classify a refusal."""
+    binder.user, binder.password = dn, password
+    ok = binder.bind(controls=controls)
+    result = binder.result or {}
     if ok:
         return "success", None
+    if result.get("result") in (51, 52, 80):
+        raise DirectoryError("server_down", f"bind as {dn!r}: server busy or unavailable",
+                             str(config.servers[pool.current]), result.get("message"))
     if result.get("result") not in (49, 53):
         raise DirectoryError("operation_failed", f"bind as {dn!r}: {result.get('description')}",
                              str(config.servers[pool.current]), result.get("message"))

@@ -131,3 +131,15 @@ def test_authentication_and_provisioning_use_the_next_server(slapd_factory, test
     assert out["outcome"] == "success" and out["server"] == f"localhost:{secondary.tls_port}"
     r = provision(config, {"id": "p1", "op": "update_user", "username": "pool1", "attributes": {"email": "p@x"}})
     assert r["status"] == "done"
+
+
+def test_authenticator_reconnects_after_a_server_restart(slapd_factory, test_ca):
+    from tether.agent.directory.auth import Authenticator
+    server = slapd_factory("restart", user_ldif("re1", ssha("re-pw")))
+    auth = Authenticator(load_config(slapd_config(server, test_ca)))
+    assert auth.authenticate("re1", "re-pw")["outcome"] == "success"
+    assert auth.authenticate("re1", "bad")["outcome"] == "wrong_password"  # same connections, rebinding
+    server.stop()
+    server.start()
+    assert auth.authenticate("re1", "re-pw")["outcome"] == "success"
+    auth.close()
