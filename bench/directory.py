@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import ssl
 import statistics
@@ -100,32 +101,53 @@ def pct(values: list[float], p: float) -> float:
 
 
 def bench_auth(server, ca, config, n: int, users: int) -> dict:
+    """Logins through the Authenticator vs direct binds (new TLS connection each, and rebinding one)."""
     tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(ca.ca_file))
     srv = ldap3.Server("localhost", port=server.tls_port, use_ssl=True, tls=tls, get_info=ldap3.NONE)
     names = [f"user{(i * 7919) % users:06d}" for i in range(n)]
-    direct, engine = [], []
-    t0 = time.perf_counter()
-    for name in names:
-        t = time.perf_counter()
+
+    def timed(fn) -> tuple[float, list[float]]:
+        lat = []
+        t0 = time.perf_counter()
+        for name in names:
+            t = time.perf_counter()
+            fn(name)
+            lat.append(time.perf_counter() - t)
+        return n / (time.perf_counter() - t0), lat
+
+    def new_connection(name):
         c = ldap3.Connection(srv, f"uid={name},ou=people,{SUFFIX}", BENCH_PW)
         c.open()
         tune_socket(c)
         assert c.bind(), c.result
         c.unbind()
-        direct.append(time.perf_counter() - t)
-    direct_total = time.perf_counter() - t0
+
+    kept = ldap3.Connection(srv, f"uid={names[0]},ou=people,{SUFFIX}", BENCH_PW)
+    kept.open()
+    tune_socket(kept)
+
+    def rebind(name):
+        kept.user, kept.password = f"uid={name},ou=people,{SUFFIX}", BENCH_PW
+        assert kept.bind(), kept.result
+
     auth = Authenticator(config)
-    t0 = time.perf_counter()
-    for name in names:
-        t = time.perf_counter()
+
+    def engine(name):
         out = auth.authenticate(name, BENCH_PW, with_groups=True)
         assert out["outcome"] == "success", out
-        engine.append(time.perf_counter() - t)
-    engine_total = time.perf_counter() - t0
+
+    def engine_nogroups(name):
+        assert auth.authenticate(name, BENCH_PW, with_groups=False)["outcome"] == "success"
+
+    out = {"count": n, "engine_includes": "user look-up by uid + user bind (+ nested group resolution)"}
+    for label, fn in (("direct_new_connection", new_connection), ("direct_rebind", rebind),
+                      ("engine", engine), ("engine_without_groups", engine_nogroups)):
+        rate, lat = timed(fn)
+        out[label] = {"per_s": round(rate, 1), "p50_ms": round(pct(lat, 50) * 1e3, 2),
+                      "p99_ms": round(pct(lat, 99) * 1e3, 2)}
+    kept.unbind()
     auth.close()
-    return {"count": n, "direct_per_s": round(n / direct_total, 1), "direct_p99_ms": round(pct(direct, 99) * 1e3, 2),
-            "engine_per_s": round(n / engine_total, 1), "engine_p99_ms": round(pct(engine, 99) * 1e3, 2),
-            "engine_includes": "user look-up + user bind + nested group resolution"}
+    return out
 
 
 def bench_changes(config, admin, dns: list[str]) -> dict:
@@ -191,6 +213,48 @@ def bench_ad_changes(tmp: Path, ca, n: int) -> dict:
         dc.destroy()
 
 
+def bench_failover(tmp: Path, ca) -> dict:
+    """Seconds from losing the primary mid-sync to the next page from the secondary.
+
+    Two replicas with identical entries (same entryUUIDs); `stopped` = slapd
+    ended (connection refused), `hung` = SIGSTOP (sockets open, no answers:
+    detected by receive_timeout, default 5 s).
+    """
+    import os
+    import signal
+    import uuid
+    from ldapfix_slapd import user_ldif
+    data = "\n".join(user_ldif(f"fo{i:05d}", "pw", entryUUID=str(uuid.uuid5(uuid.NAMESPACE_DNS, f"fo{i}")))
+                     for i in range(2000))
+    out = {}
+    for mode in ("stopped", "hung"):
+        primary = create_slapd(tmp / f"fo-{mode}-p", ca, data_ldif=data)
+        secondary = create_slapd(tmp / f"fo-{mode}-s", ca, data_ldif=data)
+        try:
+            raw = raw_config(primary, ca)
+            raw.update(page_size=100, servers=[f"localhost:{primary.tls_port}", f"localhost:{secondary.tls_port}"])
+            lost_at, gap, ids = None, None, set()
+            for msg in full_sync(load_config(raw), chunk_size=100):
+                if msg["type"] != "chunk":
+                    continue
+                if lost_at is not None and gap is None:
+                    gap = time.perf_counter() - lost_at
+                ids.update(c["id"] for c in msg["changes"])
+                if msg["seq"] == 3:
+                    if mode == "stopped":
+                        primary.stop()
+                    else:
+                        os.kill(primary.proc.pid, signal.SIGSTOP)
+                    lost_at = time.perf_counter()
+            out[mode] = {"seconds_to_next_page": round(gap, 2), "entries": len(ids), "complete": len(ids) == 2000}
+        finally:
+            if primary.proc is not None:
+                os.kill(primary.proc.pid, signal.SIGCONT)
+            primary.destroy()
+            secondary.destroy()
+    return out
+
+
 def _start(config):
     from tether.agent.directory.connection import Pool
     from tether.agent.directory.incremental import start_cursor
@@ -210,6 +274,7 @@ def main() -> int:
     ap.add_argument("--no-ad", action="store_true", help="skip the Samba AD DC latency figures")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "directory.json"))
     args = ap.parse_args()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     tmp = Path(tempfile.mkdtemp(prefix="tether-bench-dir-"))
     server = None
     try:
@@ -240,13 +305,18 @@ def main() -> int:
               f"(goal >= 8,000/s)", flush=True)
         print(f"  authentication x{args.auth} ...", flush=True)
         auth = bench_auth(server, ca, config, args.auth, args.users)
-        print(f"  auth direct bind: {auth['direct_per_s']}/s p99 {auth['direct_p99_ms']} ms; "
-              f"engine: {auth['engine_per_s']}/s p99 {auth['engine_p99_ms']} ms", flush=True)
+        for label in ("direct_new_connection", "direct_rebind", "engine", "engine_without_groups"):
+            print(f"  auth {label:22s}: {auth[label]['per_s']:7.1f}/s  p50 {auth[label]['p50_ms']} ms  "
+                  f"p99 {auth[label]['p99_ms']} ms", flush=True)
         print(f"  change -> record latency x{args.changes} ...", flush=True)
         changes = bench_openldap_changes(server, ca, config, args.changes)
         print(f"  change -> record (OpenLDAP): p50 {changes['p50_ms']} ms, p95 {changes['p95_ms']} ms", flush=True)
         server.destroy()
         server = None
+        failover = bench_failover(tmp, ca)
+        for mode, f in failover.items():
+            print(f"  failover, primary {mode} mid-sync: next page after {f['seconds_to_next_page']} s, "
+                  f"complete={f['complete']} (goal <= 10 s)", flush=True)
         ad_changes = None
         if not args.no_ad:
             ad_changes = bench_ad_changes(tmp, ca, args.changes)
@@ -254,12 +324,13 @@ def main() -> int:
                   f"p95 {ad_changes['p95_ms']} ms", flush=True)
         result = {
             "server": "OpenLDAP slapd 2.5 (mdb, syncprov, accesslog, ppolicy), LDAPS on 127.0.0.1",
-            "users": args.users, "groups": args.groups,
+            "users": args.users, "groups": args.groups, "load_average_at_start": load_at_start,
+            "cpus": os.cpu_count(),
             "slapadd_entries_per_s": round(total / load_s),
             "full_sync": {"entries": runs["engine"][0][0], "engine_per_s": round(engine_best),
                           "bare_ldap3_per_s": round(bare_best), "ratio": round(engine_best / bare_best, 3),
                           "goal_ratio": 0.6, "goal_per_s": 8000, "page_size": PAGE},
-            "auth": auth, "change_latency_openldap": changes, "change_latency_samba_ad": ad_changes,
+            "auth": auth, "failover": failover, "change_latency_openldap": changes, "change_latency_samba_ad": ad_changes,
             "change_latency_means": "directory write -> notification -> incremental sync returns the record "
                                     "(the agent side of change -> home store; the channel adds its own time)",
         }
