@@ -27,6 +27,8 @@ from tether.home.store import Store
 
 log = logging.getLogger("tether.home.hub")
 FLUSH_SECONDS = 5.0
+#: Read-only operations that may be retried on another instance of the connector.
+FAILOVER_OPS = frozenset({p.Op.AUTHENTICATE, p.Op.STATUS})
 #: Agents may report a handful of sockets; more is a bug or an attack.
 MAX_LISTENING = 256
 
@@ -238,27 +240,69 @@ class Hub:
 
     # ------------------------------------------------------ in-process API
 
-    def agents(self, connector: str) -> list[AgentPeer]:
-        """Established instance sockets of a connector."""
-        return [pe for pe in self._by_connector.get(connector, []) if pe.session.established]
+    def agents(self, connector: str | None = None, *,
+               cluster: str | None = None) -> list[AgentPeer]:
+        """Established instance sockets of a connector, or of every connector in a cluster."""
+        if cluster is not None:
+            names = [row["name"] for row in self.store.connectors() if row["cluster"] == cluster]
+        else:
+            names = [connector]
+        return [pe for name in names for pe in self._by_connector.get(name, [])
+                if pe.session.established]
 
-    def _pick(self, connector: str) -> AgentPeer:
-        group = self.agents(connector)
+    def _candidates(self, connector: str | None, cluster: str | None) -> list[AgentPeer]:
+        """Agents to try, one socket per instance, starting at the round-robin position."""
+        key = f"cluster:{cluster}" if cluster is not None else str(connector)
+        group = self.agents(connector, cluster=cluster)
         if not group:
-            raise AgentUnavailable(f"no agent of connector {connector!r} is connected")
-        counter = self._round_robin.setdefault(connector, itertools.count())
-        return group[next(counter) % len(group)]
+            raise AgentUnavailable(f"no agent of {key.replace(':', ' ')} is connected")
+        start = next(self._round_robin.setdefault(key, itertools.count())) % len(group)
+        ordered, seen = [], set()
+        for peer in group[start:] + group[:start]:
+            if peer.identity.instance_id not in seen:
+                seen.add(peer.identity.instance_id)
+                ordered.append(peer)
+        return ordered
 
-    async def request(self, connector: str, op: p.Op, body: dict,
-                      timeout: float = 30.0) -> p.Message:
-        """Send ``op`` to a connected agent of ``connector``; its response message."""
-        return await self._pick(connector).request(p.Op(op), body, timeout)
+    def _pick(self, connector: str | None, cluster: str | None = None) -> AgentPeer:
+        return self._candidates(connector, cluster)[0]
 
-    async def stream(self, connector: str, op: p.Op, body: dict,
-                     timeout: float = 30.0) -> AsyncIterator[p.Message]:
-        """Streamed request: yields chunk messages, then the final response."""
-        async with contextlib.aclosing(self._pick(connector).stream(p.Op(op), body,
-                                                                   timeout)) as stream:
+    async def request(self, connector: str | None, op: p.Op, body: dict, timeout: float = 30.0,
+                      *, cluster: str | None = None, failover: bool | None = None) -> p.Message:
+        """Send ``op`` to a connected agent of ``connector`` (or of ``cluster``).
+
+        Round-robin over instances. With failover (default for the read-only
+        ops in :data:`FAILOVER_OPS`), an agent that vanishes, times out or
+        answers ``unavailable`` (its directory is unreachable) is skipped and
+        the next instance is tried, so one dead appliance goes unnoticed.
+        """
+        op = p.Op(op)
+        failover = op in FAILOVER_OPS if failover is None else failover
+        candidates = self._candidates(connector, cluster)
+        if not failover:
+            candidates = candidates[:1]
+        last: HomeError | None = None
+        for peer in candidates:
+            try:
+                return await peer.request(op, body, timeout)
+            except (AgentUnavailable, RequestFailed) as exc:
+                if exc.code is not p.ErrorCode.UNAVAILABLE:
+                    raise  # the agent answered: wrong password, bad request... final
+                last = exc
+                event(log, logging.WARNING, "failover", op=op.value, peer=peer.peer,
+                      instance=peer.identity.instance_id, code=exc.code.value, detail=exc.detail)
+        assert last is not None
+        raise last
+
+    async def stream(self, connector: str | None, op: p.Op, body: dict, timeout: float = 30.0,
+                     *, cluster: str | None = None) -> AsyncIterator[p.Message]:
+        """Streamed request: yields chunk messages, then the final response.
+
+        No automatic failover: a broken stream resumes with a new request from
+        the last acknowledged cursor (the caller keeps it).
+        """
+        peer = self._pick(connector, cluster)
+        async with contextlib.aclosing(peer.stream(p.Op(op), body, timeout)) as stream:
             async for message in stream:
                 yield message
 

@@ -146,3 +146,49 @@ def test_consumer_leaving_a_stream_cancels_it_at_the_agent(prepared, tmp_path):
     first, cancel = asyncio.run(go())
     assert first.body["cursor"] == "c0"
     assert cancel.message.body["code"] == "cancelled" and cancel.request.op is p.Op.SYNC
+
+
+def test_failover_to_another_instance_and_cluster_routing(prepared, tmp_path):
+    home, bundle, (iid_a, cert_a, key_a, _) = prepared
+    home.serve()
+    try:
+        iid_b, cert_b, key_b, _ = asyncio.run(enroll(home, bundle, tmp_path, "vm-2"))
+    finally:
+        home.stop()
+
+    async def answer(agent: RawAgent, healthy: bool, served: list):
+        while True:
+            for ev in await agent.next_events():
+                if isinstance(ev, p.RequestReceived):
+                    served.append(healthy)
+                    if healthy:
+                        agent.session.respond(ev.message, {"ok": True, "dn": "uid=u"})
+                    else:
+                        agent.session.fail(ev.message, p.ErrorCode.UNAVAILABLE, "no DC reachable")
+                    await agent.flush()
+
+    async def go():
+        async with running(home) as (server, url):
+            agents, tasks, served = [], [], []
+            for iid, cert, key, healthy in ((iid_a, cert_a, key_a, False),
+                                            (iid_b, cert_b, key_b, True)):
+                agent = await RawAgent.connect(url, client_context(bundle["ca_pem"], cert, key,
+                                                                   tmp_path))
+                await agent.hello(bundle["image_id"], iid, config_version=None)
+                agents.append(agent)
+                tasks.append(asyncio.create_task(answer(agent, healthy, served)))
+            body = {"directory": "ad", "username": "u", "password": "pw"}
+            results = [await server.hub.request("dir", p.Op.AUTHENTICATE, body) for _ in range(4)]
+            by_cluster = await server.hub.request(None, p.Op.AUTHENTICATE, body, cluster="dir")
+            with pytest.raises(RequestFailed):  # provisioning never fails over
+                for _ in range(2):
+                    await server.hub.request("dir", p.Op.PROVISION,
+                                             {"directory": "ad", "action": "create", "target": {}})
+            for task in tasks:
+                task.cancel()
+            for agent in agents:
+                await agent.close()
+            return results, by_cluster, served
+    results, by_cluster, served = asyncio.run(go())
+    assert all(r.body["ok"] for r in results) and by_cluster.body["ok"]
+    assert False in served  # the broken instance was tried, and skipped
