@@ -61,6 +61,7 @@ class Link:
         self.draining = False
         self._waiters: dict[str, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._serving: dict[str, asyncio.Task] = {}
         self.hello_response: p.Message | None = None
         self.hello_sent_at = 0.0
         self.hello_rtt = 0.0
@@ -114,6 +115,8 @@ class Link:
                 self._resolve(event)
             elif isinstance(event, p.RequestReceived):
                 self._start(event.message)
+            elif isinstance(event, p.CancelReceived):
+                self._cancel(event.request)
             elif isinstance(event, p.ProtocolViolation):
                 log.warning("home sent an invalid message: %s", event.error,
                             extra={"tether_error": event.error.code.value,
@@ -142,23 +145,36 @@ class Link:
         self.last_request_at = time.monotonic()
         task = asyncio.get_running_loop().create_task(self._serve(message))
         self._tasks.add(task)
+        self._serving[message.id] = task
         task.add_done_callback(self._tasks.discard)
+
+    def _cancel(self, request: p.Message) -> None:
+        """Home withdrew a request (it timed out there): stop work, send nothing."""
+        task = self._serving.get(request.id)
+        if task is not None and not task.done():
+            task.cancel()
+        log.info("home cancelled %s %s", request.op.value, request.id,
+                 extra={"tether_url": self.url})
 
     async def _serve(self, message: p.Message) -> None:
         try:
             body = await self.handler(self, message)
-            self.session.respond(message, body)
+            if self.session.is_open(message):
+                self.session.respond(message, body)
         except HandlerError as exc:
-            self.session.fail(message, exc.code, exc.detail)
+            if self.session.is_open(message):
+                self.session.fail(message, exc.code, exc.detail)
         except asyncio.CancelledError:
-            raise
+            return
         except Exception as exc:  # noqa: BLE001 - a bug answers "internal", never kills us
             log.exception("handler for %s failed", message.op.value)
-            self.session.fail(message, p.ErrorCode.INTERNAL,
-                              f"agent error while serving {message.op.value}: {exc}")
+            if self.session.is_open(message):
+                self.session.fail(message, p.ErrorCode.INTERNAL,
+                                  f"agent error while serving {message.op.value}: {exc}")
         finally:
             self.in_flight -= 1
             self.served += 1
+            self._serving.pop(message.id, None)
         try:
             await self.flush()
         except ConnectionClosed:

@@ -23,12 +23,15 @@ class ScriptedSocket:
         self.frames = list(frames)
         self.sent = []
         self.closed = False
+        self.keep_open = False  # wait for frames appended later instead of ending
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
         await asyncio.sleep(0)
+        while not self.frames and self.keep_open:
+            await asyncio.sleep(0.01)
         if not self.frames:
             raise StopAsyncIteration
         return self.frames.pop(0)
@@ -159,3 +162,42 @@ def test_fuzz_agent_receive_path_never_raises(batch):
     for text in ws.sent:  # everything the agent says back is itself valid protocol
         p.decode(text)
     assert link.in_flight == 0
+
+
+def test_cancel_from_home_stops_the_handler_and_sends_nothing():
+    started, finished = [], []
+
+    async def slow(link, message):
+        started.append(message.id)
+        await asyncio.sleep(5)
+        finished.append(message.id)
+        return {}
+
+    ws = ScriptedSocket([])
+    ws.keep_open = True
+    link = Link(ws, "wss://home/", 0, slow)
+
+    async def go():
+        hello = asyncio.ensure_future(link.request(p.Op.HELLO, {"agent_version": "t",
+                                                                "image_id": "i"}))
+        await asyncio.sleep(0)
+        hid = json.loads(ws.sent[0])["id"]
+        ws.frames = [envelope("response", "hello", {
+            "home_version": "t", "server_time": time.time(), "role": "instance",
+            "connector": "c"}, re=hid),
+            envelope("request", "status", {}, mid="slow1")]
+        reader = asyncio.ensure_future(link.run())
+        await hello
+        while not started:
+            await asyncio.sleep(0.01)
+        ws.frames.append(envelope("error", "status", {"code": "cancelled",
+                                                      "detail": "home gave up"}, re="slow1"))
+        while link.in_flight:
+            await asyncio.sleep(0.01)
+        assert not reader.done()  # cancelled while the socket stayed open
+        ws.keep_open = False
+        await reader
+    asyncio.run(go())
+    assert started == ["slow1"] and finished == []
+    assert link.in_flight == 0
+    assert not [m for m in decoded(ws) if m.get("re") == "slow1"]
