@@ -8,6 +8,7 @@ reported for its own process (expected: none), and configuration state.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -114,6 +115,9 @@ def render(doc: dict[str, Any]) -> str:
             f"{' REVOKED' if n['cert_revoked'] else ''}")
         lines.append(f"      machine={(n['machine'] or {}).get('fingerprint')} "
                      f"selfcheck: {_figures(n['selfcheck'])}")
+        if listening:  # an appliance must listen nowhere: show exactly what it reported
+            lines.append("      LISTENING: " + ", ".join(json.dumps(x, sort_keys=True)
+                                                         for x in listening[:8]))
     lines.append(f"flagged clones ({len(doc['clones'])}):")
     for c in doc["clones"]:
         lines.append(f"  image={c['image_id']} machine={c['machine_fingerprint']} "

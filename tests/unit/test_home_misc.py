@@ -67,6 +67,9 @@ def test_render_status_shows_figures_and_clones():
     assert "TLS refusals 2" in text and "sockets=2" in text and "listening=0" in text
     assert "degraded vcpu=2 ram=8.0GiB [short: 2 vCPU, need 4]" in text
     assert "machine=uuid-2 attempts=4" in text
+    assert "LISTENING" not in text
+    doc["instances"][0]["listening"] = [{"laddr": "0.0.0.0:22", "kind": "tcp"}]
+    assert 'LISTENING: {"kind": "tcp", "laddr": "0.0.0.0:22"}' in status.render(doc)
 
 
 def test_control_socket_round_trip(tmp_path):
