@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[common], help="run the server")
     p.add_argument("--listen", default="0.0.0.0:443", help="HOST:PORT (default 0.0.0.0:443)")
+    p.add_argument("--hello-timeout", type=float, default=30.0,
+                   help="close sockets that do not say hello within this many seconds")
+    p.add_argument("--max-sockets-per-agent", type=int, default=16,
+                   help="sockets one appliance may hold at once (default 16)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
 
@@ -135,7 +139,10 @@ def _serve(paths, args) -> int:
 
     listen = server.parse_listen(args.listen)
     logs.setup(args.log_level, args.log_format)
-    server.serve(paths, listen)
+    if args.hello_timeout <= 0 or args.max_sockets_per_agent < 1:
+        raise ValueError("--hello-timeout must be > 0 and --max-sockets-per-agent >= 1")
+    server.serve(paths, listen, hello_timeout=args.hello_timeout,
+                 max_sockets=args.max_sockets_per_agent)
     return 0
 
 

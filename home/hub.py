@@ -72,6 +72,12 @@ class Hub:
         beats, self._beats = self._beats, {}
         self.store.record_heartbeats(beats)
 
+    def sockets_of(self, identity) -> int:
+        """Open sockets of the same appliance (instance id, or image certificate)."""
+        key = identity.instance_id or identity.serial
+        return sum(1 for pe in self.peers.values()
+                   if (pe.identity.instance_id or pe.identity.serial) == key)
+
     def attach(self, peer: AgentPeer) -> None:
         self.peers[peer.socket_id] = peer
 

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.home.peer")
 MAX_VIOLATIONS = 50
 REQUEST_TIMEOUT = 30.0
+#: A socket that has not completed hello by then is closed (it holds resources for nothing).
+HELLO_TIMEOUT = 30.0
 
 
 class AgentPeer:
@@ -49,8 +51,9 @@ class AgentPeer:
 
     # ------------------------------------------------------------------ loop
 
-    async def run(self) -> None:
+    async def run(self, hello_timeout: float = HELLO_TIMEOUT) -> None:
         """Read until the socket closes; never raises for anything the peer sends."""
+        self._spawn(self._hello_watchdog(hello_timeout))
         try:
             async for data in self.ws:
                 self.session.receive(data)
@@ -68,6 +71,13 @@ class AgentPeer:
             self._fail_waiters()
             for task in list(self._tasks):
                 task.cancel()
+
+    async def _hello_watchdog(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+        if not self.session.established:
+            event(log, logging.WARNING, "peer_dropped", peer=self.peer,
+                  reason=f"no hello within {timeout:.0f} s", **self._who())
+            await self.ws.close(1008, "hello expected")
 
     async def flush(self) -> None:
         """Send everything the session queued, in order (one sender at a time)."""

@@ -30,12 +30,14 @@ from tether.home import admin, control, enroll, gate, tlsconf
 from tether.home.hub import Hub
 from tether.home.logs import event
 from tether.home.paths import StatePaths
-from tether.home.peer import AgentPeer
+from tether.home.peer import HELLO_TIMEOUT, AgentPeer
 from tether.home.store import Store
 
 log = logging.getLogger("tether.home.server")
 PING_SECONDS = 30.0
 MAX_SIZE = 2 * p.MAX_FRAME_BYTES
+#: Sockets one appliance may hold at once: agents use 2, plus overlap while rotating.
+MAX_SOCKETS_PER_AGENT = 16
 
 
 class ListenError(ValueError):
@@ -72,9 +74,13 @@ def load_authority(paths: StatePaths) -> tuple[enroll.Authority, object]:
 class HomeServer:
     """Everything ``serve`` runs: TLS WebSocket listener, hub, control socket."""
 
-    def __init__(self, paths: StatePaths, listen: Listen) -> None:
+    def __init__(self, paths: StatePaths, listen: Listen, *,
+                 hello_timeout: float = HELLO_TIMEOUT,
+                 max_sockets: int = MAX_SOCKETS_PER_AGENT) -> None:
         self.paths = paths.require_initialized()
         self.listen = listen
+        self.hello_timeout = hello_timeout
+        self.max_sockets = max_sockets
         self.store = Store(paths.db)
         authority, config_key = load_authority(paths)
         self.hub = Hub(self.store, authority, config_key)
@@ -133,7 +139,12 @@ class HomeServer:
                                       f"{p.SUBPROTOCOL} only\n")
         try:
             cert = tlsconf.peer_certificate(connection.transport)
-            connection.tether_identity = gate.identify(self.store, cert)
+            identity = gate.identify(self.store, cert)
+            if self.hub.sockets_of(identity) >= self.max_sockets:
+                raise gate.Refusal(http.HTTPStatus.TOO_MANY_REQUESTS, "too_many_sockets",
+                                   f"this appliance already holds {self.max_sockets} sockets; "
+                                   "close some before opening more")
+            connection.tether_identity = identity
         except gate.Refusal as refusal:
             event(log, logging.WARNING, "handshake_refused", peer=peer, reason=refusal.reason,
                   detail=refusal.text)
@@ -148,7 +159,7 @@ class HomeServer:
               connector=identity.connector, instance=identity.instance_id,
               serial=identity.serial)
         try:
-            await peer.run()
+            await peer.run(self.hello_timeout)
         finally:
             self.hub.detach(peer)
             event(log, logging.INFO, "disconnected", peer=peer.peer, role=identity.role,
@@ -190,9 +201,9 @@ def raise_file_limit() -> int:
     return soft
 
 
-def serve(paths: StatePaths, listen: Listen) -> None:
-    """Run the server in this process until a signal stops it."""
+def serve(paths: StatePaths, listen: Listen, **options) -> None:
+    """Run the server in this process until a signal stops it (options: see HomeServer)."""
     limit = raise_file_limit()
     tlsconf.tune_asyncio_ssl_buffers()
     event(log, logging.INFO, "starting", version=__version__, open_files_limit=limit)
-    asyncio.run(HomeServer(paths, listen).run())
+    asyncio.run(HomeServer(paths, listen, **options).run())

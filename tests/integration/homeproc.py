@@ -44,6 +44,7 @@ class HomeProcess:
     state: Path
     connector: str
     port: int = 0
+    serve_args: tuple[str, ...] = ()
     proc: subprocess.Popen | None = None
     images: list[dict] = field(default_factory=list)
 
@@ -52,11 +53,15 @@ class HomeProcess:
     @classmethod
     def start(cls, tmp: Path, connector: str = "acme", max_instances: int = 1,
               cluster: str | None = None, names: tuple[str, ...] = ("127.0.0.1", "localhost"),
-              port: int = 0) -> "HomeProcess":
-        """init + connector create + serve; returns once the server accepts."""
+              port: int = 0, serve_args: tuple[str, ...] = ()) -> "HomeProcess":
+        """init + connector create + serve; returns once the server accepts.
+
+        ``serve_args`` go to ``tether-home serve`` (e.g. ``("--hello-timeout", "2")``).
+        """
         tmp = Path(tmp)
         tmp.mkdir(parents=True, exist_ok=True)
-        home = cls(root=tmp, state=tmp / "home-state", connector=connector, port=port)
+        home = cls(root=tmp, state=tmp / "home-state", connector=connector, port=port,
+                   serve_args=tuple(serve_args))
         home.cli("init", *sum((["--name", n] for n in names), []))
         extra = ["--cluster", cluster] if cluster else []
         home.cli("connector", "create", connector, "--max-instances", str(max_instances), *extra)
@@ -86,7 +91,8 @@ class HomeProcess:
         try:
             self.proc = subprocess.Popen(
                 [TETHER_HOME, "serve", "--state", str(self.state),
-                 "--listen", f"127.0.0.1:{self.port}", "--log-level", "DEBUG"],
+                 "--listen", f"127.0.0.1:{self.port}", "--log-level", "DEBUG",
+                 *self.serve_args],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             log.close()

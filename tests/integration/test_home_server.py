@@ -432,3 +432,28 @@ def test_revoke_instance_closes_and_refuses(home, tmp_path):
     assert isinstance(refused, InvalidStatus) and refused.response.status_code == 403
     row = next(i for i in home.status()["instances"] if i["instance_id"] == instance_id)
     assert row["cert_revoked"] and row["connected_sockets"] == 0
+
+
+def test_silent_sockets_and_socket_floods_are_limited(tmp_path):
+    with HomeProcess.start(tmp_path, serve_args=("--hello-timeout", "1",
+                                                 "--max-sockets-per-agent", "2")) as strict:
+        bundle = strict.issue_image()
+        ctx = client_context(bundle["ca_pem"], bundle["cert_pem"], bundle["key_pem"], tmp_path)
+
+        async def go():
+            silent = await RawAgent.connect(strict.url, ctx)
+            with pytest.raises(ConnectionClosed) as info:
+                await silent.next_events(timeout=10)
+            first = await RawAgent.connect(strict.url, ctx)
+            second = await RawAgent.connect(strict.url, ctx)
+            for agent in (first, second):
+                await agent.hello(bundle["image_id"])
+            with pytest.raises(InvalidStatus) as refused:
+                await RawAgent.connect(strict.url, ctx)
+            await first.close()
+            await second.close()
+            return info.value, refused.value
+        closed, refused = run(go())
+        assert closed.rcvd.code == 1008
+        assert refused.response.status_code == 429
+        assert "no hello within 1 s" in strict.log_text()
