@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hello-timeout", type=float, default=30.0,
                    help="close sockets that do not say hello within this many seconds")
     p.add_argument("--max-sockets-per-agent", type=int, default=16,
-                   help="sockets one appliance may hold at once (default 16)")
+                   help="sockets one enrolled instance may hold at once (default 16)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
 

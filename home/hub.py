@@ -73,10 +73,9 @@ class Hub:
         self.store.record_heartbeats(beats)
 
     def sockets_of(self, identity) -> int:
-        """Open sockets of the same appliance (instance id, or image certificate)."""
-        key = identity.instance_id or identity.serial
+        """Open sockets of the same enrolled instance."""
         return sum(1 for pe in self.peers.values()
-                   if (pe.identity.instance_id or pe.identity.serial) == key)
+                   if pe.identity.instance_id == identity.instance_id)
 
     def attach(self, peer: AgentPeer) -> None:
         self.peers[peer.socket_id] = peer

@@ -36,7 +36,7 @@ from tether.home.store import Store
 log = logging.getLogger("tether.home.server")
 PING_SECONDS = 30.0
 MAX_SIZE = 2 * p.MAX_FRAME_BYTES
-#: Sockets one appliance may hold at once: agents use 2, plus overlap while rotating.
+#: Sockets one enrolled instance may hold at once: agents use 2, plus overlap while rotating.
 MAX_SOCKETS_PER_AGENT = 16
 
 
@@ -140,7 +140,9 @@ class HomeServer:
         try:
             cert = tlsconf.peer_certificate(connection.transport)
             identity = gate.identify(self.store, cert)
-            if self.hub.sockets_of(identity) >= self.max_sockets:
+            # Instances only: many machines of one AMI may enroll at the same moment
+            # with the same image certificate.
+            if identity.role == "instance" and self.hub.sockets_of(identity) >= self.max_sockets:
                 raise gate.Refusal(http.HTTPStatus.TOO_MANY_REQUESTS, "too_many_sockets",
                                    f"this appliance already holds {self.max_sockets} sockets; "
                                    "close some before opening more")

@@ -438,16 +438,19 @@ def test_silent_sockets_and_socket_floods_are_limited(tmp_path):
     with HomeProcess.start(tmp_path, serve_args=("--hello-timeout", "1",
                                                  "--max-sockets-per-agent", "2")) as strict:
         bundle = strict.issue_image()
-        ctx = client_context(bundle["ca_pem"], bundle["cert_pem"], bundle["key_pem"], tmp_path)
+        image_ctx = client_context(bundle["ca_pem"], bundle["cert_pem"], bundle["key_pem"],
+                                   tmp_path)
+        instance_id, cert_pem, key_pem, _ = run(enroll(strict, bundle, tmp_path, "vm-s"))
+        ctx = client_context(bundle["ca_pem"], cert_pem, key_pem, tmp_path)
 
         async def go():
-            silent = await RawAgent.connect(strict.url, ctx)
+            silent = await RawAgent.connect(strict.url, image_ctx)
             with pytest.raises(ConnectionClosed) as info:
                 await silent.next_events(timeout=10)
             first = await RawAgent.connect(strict.url, ctx)
             second = await RawAgent.connect(strict.url, ctx)
             for agent in (first, second):
-                await agent.hello(bundle["image_id"])
+                await agent.hello(bundle["image_id"], instance_id, config_version=10**6)
             with pytest.raises(InvalidStatus) as refused:
                 await RawAgent.connect(strict.url, ctx)
             await first.close()
