@@ -102,4 +102,5 @@ class SlotClock:
             return True
         if in_flight:
             return False
-        return waited >= self.drain_max or now - max(draining_since, last_request_at) >= self.drain_quiet
+        quiet = now - max(draining_since, last_request_at)
+        return waited >= self.drain_max or quiet >= self.drain_quiet

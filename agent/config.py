@@ -74,7 +74,8 @@ class ConfigStore:
 
     # ---- documents
 
-    def _verify(self, document: object, min_version: int | None) -> tuple[configsig.SignedConfig, dict]:
+    def _verify(self, document: object,
+                min_version: int | None) -> tuple[configsig.SignedConfig, dict]:
         signed = configsig.verify_config(self.verify_key(), document, connector=self.connector,
                                          instance_id=self.instance_id, min_version=min_version)
         try:

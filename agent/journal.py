@@ -88,7 +88,8 @@ def setup(level: int = logging.INFO, force_stderr: bool = False) -> str:
     root.setLevel(level)
     use_journal = (not force_stderr and os.environ.get("JOURNAL_STREAM") is not None
                    and os.path.exists(JOURNAL_SOCKET))
-    handler: logging.Handler = JournalHandler() if use_journal else logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = (JournalHandler() if use_journal
+                                else logging.StreamHandler(sys.stderr))
     if not use_journal:
         handler.setFormatter(KeyValueFormatter())
     root.addHandler(handler)

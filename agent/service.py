@@ -33,7 +33,7 @@ from tether import protocol as p
 from . import identity, machine, selfcheck, tlsctx
 from .atomicfile import write_atomic
 from .backoff import Backoff
-from .channel import DialPlan, SlotClock
+from .channel import DialPlan
 from .config import ConfigStore
 from .dialer import DialOptions, dial
 from .link import HandlerError, Link, RequestFailed
@@ -41,6 +41,7 @@ from .listening import listening_sockets
 from .probes import host_port
 from .sdnotify import Notifier, watchdog_interval_s
 from .settings import Settings
+from .slots import Slot
 
 log = logging.getLogger("tether.agent")
 
@@ -304,102 +305,10 @@ class Agent:
         return float(self.options.ttl_s or self.config.channel_overrides().get("socket_ttl_s")
                      or self.settings.ttl_s)
 
-    async def slot(self, index: int) -> None:
-        """Keep socket ``index`` up; replace it at its TTL before closing the old one."""
-        plan = DialPlan(list(self.settings.home_urls), Backoff())
-        clock = SlotClock(ttl=self.ttl(), drain_quiet=self.options.drain_quiet_s)
-        options = self.dial_options(self.instance_ssl)
-        current: tuple[Link, asyncio.Task] | None = None
-        expires = 0.0
-        while not self.stopping.is_set():
-            if current is None:
-                plan.restart()
-                current = await self._connect(plan, index, options)
-                if current is None:
-                    return
-                expires = clock.expires_at(time.monotonic())
-            link, reader = current
-            done = await self._wait_reader(reader, expires - time.monotonic())
-            if self.stopping.is_set():
-                break
-            if done:
-                log.warning("socket %d to %s lost; reconnecting", index, link.url,
-                            extra={"tether_url": link.url, "tether_socket": index})
-                if self.links.get(index) is link:
-                    del self.links[index]
-                current = None
-                continue
-            log.info("socket %d reached its TTL; opening the replacement first", index,
-                     extra={"tether_socket": index})
-            plan.restart()
-            replacement = await self._connect(plan, index, options)
-            if replacement is None:
-                break
-            self._spawn(self.drain(link, reader, clock))
-            current = replacement
-            clock.ttl = self.ttl()
-            expires = clock.expires_at(time.monotonic())
-        if current is not None:
-            await current[0].close("agent stopping")
-
-    async def _connect(self, plan, index, options):
-        if not self.has_identity() and not await self.ensure_enrolled():
-            return None
-        got = await dial(plan, index, options, self.handle, self.hello_body,
-                         self.stopping, self.note_failure)
-        if got is None:
-            return None
-        link, reader = got
-        self.after_hello(link)
-        self.links[index] = link
-        self._spawn(self.heartbeats(link, reader))
-        await self.send_config_ack(link)
-        self.notify_status()
-        return got
-
-    async def _wait_reader(self, reader: asyncio.Task, timeout: float) -> bool:
-        """Wait for the reader to end (socket lost) or timeout/stop; True if it ended."""
-        stop = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait({reader, stop}, timeout=max(0.0, timeout),
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        return reader.done()
-
-    async def drain(self, link: Link, reader: asyncio.Task, clock: SlotClock) -> None:
-        """Retire a rotated socket without dropping a request (see channel.SlotClock)."""
-        link.draining = True
-        self.draining.add(link)
-        since = time.monotonic()
-        try:
-            await link.event(p.Op.HEARTBEAT, {**self._heartbeat_body(), "draining": True})
-        except Exception:  # noqa: BLE001 - already gone: nothing to drain
-            pass
-        while not reader.done() and not clock.may_close(
-                since, link.last_request_at, link.in_flight, time.monotonic()):
-            await asyncio.sleep(0.1)
-        await link.close("rotation")
-        self.draining.discard(link)
-        log.info("socket %d rotated: old socket closed after serving %d requests",
-                 link.index, link.served, extra={"tether_socket": link.index})
-
-    def _heartbeat_body(self) -> dict:
+    def heartbeat_body(self) -> dict:
         return {"uptime": round(time.monotonic() - self.started, 3),
                 "listening": listening_sockets(), "config_version": self.config.version,
                 "selfcheck": self.report.as_dict()}
-
-    async def heartbeats(self, link: Link, reader: asyncio.Task) -> None:
-        """Heartbeat events at the interval home asked for in its hello response."""
-        every = link.hello_response.body.get("heartbeat_seconds") or p.HEARTBEAT_SECONDS
-        while not reader.done() and not link.draining:
-            await asyncio.wait({reader}, timeout=float(every))
-            if reader.done() or link.draining:
-                return
-            try:
-                await link.event(p.Op.HEARTBEAT, self._heartbeat_body())
-            except Exception:  # noqa: BLE001 - the socket is going; the slot reconnects
-                return
 
     async def send_config_ack(self, link: Link, error: configsig.ConfigError | None = None) -> None:
         """Tell home which configuration runs (after hello and after every push)."""
@@ -479,7 +388,7 @@ class Agent:
         while not await sleep_or_stop(self.stopping, interval):
             self.notifier.watchdog()
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
@@ -495,11 +404,11 @@ class Agent:
                             f"self-check {self.report.verdict}")
         interval = watchdog_interval_s()
         if interval:
-            self._spawn(self.watchdog_loop(interval))
-        self._spawn(self.selfcheck_loop())
+            self.spawn(self.watchdog_loop(interval))
+        self.spawn(self.selfcheck_loop())
         if await self.ensure_enrolled():
-            slots = [self._spawn(self.slot(i)) for i in range(self.sockets())]
-            self._spawn(self.renewal_loop())
+            slots = [self.spawn(Slot(self, i).run()) for i in range(self.sockets())]
+            self.spawn(self.renewal_loop())
             await self.stopping.wait()
             await asyncio.wait(slots, timeout=10)
         self.notifier.stopping()

@@ -59,7 +59,8 @@ def test_home_problems_are_shortfalls():
                                      error="DNS: Name or service not known"))
     assert [s.check for s in selfcheck.evaluate(bad_dns).shortfalls] == ["dns"]
     unreachable = measure(home=HomeProbe(host="h", dns_ok=True, reachable=False))
-    assert [s.check for s in selfcheck.evaluate(unreachable).shortfalls] == ["home_reachable"]
+    checks = [s.check for s in selfcheck.evaluate(unreachable).shortfalls]
+    assert checks == ["home_reachable"]
     skewed = measure(home=HomeProbe(host="h", dns_ok=True, reachable=True,
                                     clock_skew_s=-95.2))
     (s,) = selfcheck.evaluate(skewed).shortfalls
@@ -122,7 +123,8 @@ def test_fingerprint_prefers_ec2_instance_id(tmp_path):
 
 def test_fingerprint_from_uuid_or_credential(tmp_path):
     (tmp_path / "x").mkdir()
-    d = dmi(tmp_path / "x", sys_vendor="VMware, Inc.", product_uuid="4231A3E6-DEAD-BEEF-0000-0123456789AB")
+    d = dmi(tmp_path / "x", sys_vendor="VMware, Inc.",
+            product_uuid="4231A3E6-DEAD-BEEF-0000-0123456789AB")
     assert machine.identify(d).fingerprint == "uuid:4231a3e6-dead-beef-0000-0123456789ab"
     creds = tmp_path / "creds"
     creds.mkdir()
