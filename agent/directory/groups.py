@@ -16,16 +16,18 @@ from .mapping import search_attributes, to_record
 IN_CHAIN = "1.2.840.113556.1.4.1941"
 
 
-def _groups_with_member(config: DirectoryConfig, conn, dn: str, chain: bool) -> list[dict]:
+def _groups_with_member(config: DirectoryConfig, conn, dns: list[str], chain: bool) -> list[dict]:
+    """Groups listing any of `dns` as member (one search for the whole list)."""
     rule = f":{IN_CHAIN}:" if chain else ""
-    flt = f"(&{config.group_filter}({config.member_attribute}{rule}={escape_filter_chars(dn)}))"
+    ors = "".join(f"({config.member_attribute}{rule}={escape_filter_chars(dn)})" for dn in dns)
+    flt = f"(&{config.group_filter}(|{ors}))"
     attrs = [a for a in search_attributes(config, "group") if a != config.member_attribute]
     out = []
     for base in config.base_dns:
         conn.search(base, flt, attributes=attrs)
         if (conn.result or {}).get("result") == 32:
             continue
-        check_result(conn, f"group lookup for {dn!r}")
+        check_result(conn, f"group lookup for {dns[0]!r}")
         for e in conn.response:
             if e.get("type") == "searchResEntry":
                 rec = to_record(config, "group", e["dn"], e["raw_attributes"])
@@ -36,14 +38,14 @@ def _groups_with_member(config: DirectoryConfig, conn, dn: str, chain: bool) -> 
 def groups_of(config: DirectoryConfig, conn, dn: str) -> list[dict]:
     """Every group `dn` belongs to, directly or through nested groups, sorted by DN."""
     if config.kind == "ad":
-        found = _groups_with_member(config, conn, dn, chain=True)
+        found = _groups_with_member(config, conn, [dn], chain=True)
         return sorted(found, key=lambda g: g["dn"].lower())
     seen: dict[str, dict] = {}
     frontier = [dn]
-    while frontier:
+    while frontier:  # one search per nesting level, all members of the level at once
         nxt = []
-        for member in frontier:
-            for g in _groups_with_member(config, conn, member, chain=False):
+        for i in range(0, len(frontier), 50):
+            for g in _groups_with_member(config, conn, frontier[i:i + 50], chain=False):
                 if g["dn"].lower() not in seen:
                     seen[g["dn"].lower()] = g
                     nxt.append(g["dn"])

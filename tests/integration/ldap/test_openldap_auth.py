@@ -47,3 +47,12 @@ def test_ppolicy_decoder():
     assert ppolicy_error(bytes.fromhex("3003810101")) == 1
     assert ppolicy_error(bytes.fromhex("3008a0058003010203")) is None
     assert ppolicy_error(b"") is None
+
+
+def test_cyclic_nested_groups_terminate(ldap_raw, ldap_admin):
+    groups = f"ou=groups,{SUFFIX}"
+    assert ldap_admin.add(f"cn=cyc-a,{groups}", ["groupOfNames"], {"cn": "cyc-a", "member": [f"uid=u006,{PEOPLE}"]})
+    assert ldap_admin.add(f"cn=cyc-b,{groups}", ["groupOfNames"], {"cn": "cyc-b", "member": [f"cn=cyc-a,{groups}"]})
+    assert ldap_admin.modify(f"cn=cyc-a,{groups}", {"member": [(ldap3.MODIFY_ADD, [f"cn=cyc-b,{groups}"])]})
+    out = authenticate(load_config(ldap_raw), "u006", "pw006")
+    assert sorted(g["name"] for g in out["groups"]) == ["cyc-a", "cyc-b", "staff"]
