@@ -9,8 +9,9 @@ deps: `make deps` on this machine (the idempotent check when installed).
 Figures are printed and written to bench/results/build.json. The builds go
 to a scratch images directory (BENCH_IMAGES_DIR, default images/.bench) so
 the user's images/ and its cache stay untouched; it is removed at the end
-unless BENCH_KEEP=1. BENCH_BUILD_RUNS=warm skips the cold build (reuses the
-scratch directory's cache).
+unless BENCH_KEEP=1. BENCH_BUILD_RUNS=warm skips the cold build; with
+BENCH_IMAGES_DIR=images it then measures a warm build against the user's
+own cache (that directory is never deleted).
 """
 
 from __future__ import annotations
@@ -93,20 +94,24 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/build.py: the image build needs root; skipped", file=sys.stderr)
         return 0
-    images_dir = Path(os.environ.get("BENCH_IMAGES_DIR", ROOT / "images" / ".bench"))
+    scratch = ROOT / "images" / ".bench"
+    images_dir = Path(os.environ.get("BENCH_IMAGES_DIR", scratch))
     runs = os.environ.get("BENCH_BUILD_RUNS", "cold,warm").split(",")
     result: dict = {"machine": {"cpus": os.cpu_count()}, "goals": GOALS,
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     result["deps_s"] = round(time_deps(), 1)
     try:
         if "cold" in runs:
+            if images_dir != scratch:
+                sys.exit("bench/build.py: a cold run starts from an empty images dir; "
+                         "it only empties its own scratch dir (unset BENCH_IMAGES_DIR)")
             shutil.rmtree(images_dir, ignore_errors=True)
             result["cold"] = one_build(images_dir, "cold")
         if "warm" in runs:
             result["warm"] = one_build(images_dir, "warm")
     finally:
-        if os.environ.get("BENCH_KEEP") != "1":
-            shutil.rmtree(images_dir, ignore_errors=True)
+        if images_dir == scratch and os.environ.get("BENCH_KEEP") != "1":
+            shutil.rmtree(images_dir, ignore_errors=True)  # only the scratch dir bench made
     report(result)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")

@@ -187,9 +187,12 @@ def _packer_vars(ctx: _Ctx) -> dict[str, str]:
 def _packer(ctx: _Ctx) -> None:
     with ctx.progress.stage("packer", f"Packer: boot ({ctx.accelerator}), Ansible roles, sysprep, poweroff"):
         log = (ctx.work / "packer.log").open("w")
+        t0 = time.monotonic()
 
         def say(line: str) -> None:
-            log.write(line + "\n")
+            minutes, seconds = divmod(int(time.monotonic() - t0), 60)
+            log.write(f"[+{minutes:02d}:{seconds:02d}] {line}\n")  # per-task cost, after the fact
+            log.flush()
             ctx.progress.say(line)
 
         try:

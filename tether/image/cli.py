@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import build, verify
 from .errors import BuildError
-from .progress import Progress
+from .progress import Progress, fmt_seconds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +39,14 @@ def _parser() -> argparse.ArgumentParser:
 def _build(args) -> int:
     opts = build.Options(images_dir=args.images_dir, name=args.name, home_state=args.home_state,
                          credential=args.credential, home_urls=args.home_urls, verify=not args.no_verify)
-    result = build.run(opts, Progress())
+    progress = Progress()
+    try:
+        result = build.run(opts, progress)
+    except BuildError:
+        if progress.times:
+            print("stages before the failure: " + ", ".join(
+                f"{k} {fmt_seconds(v)}" for k, v in progress.times.items()), file=sys.stderr)
+        raise
     print(build.summary(result))
     return 0
 
