@@ -198,7 +198,7 @@ def bench_openldap_changes(server, ca, config, n: int) -> dict:
 
 def bench_ad_changes(tmp: Path, ca, n: int) -> dict:
     """The same change -> record latency against a Samba AD DC on 127.0.0.1 (persistent search + USN)."""
-    from conftest import ad_admin_connection, ad_config, ad_user
+    from ldapfix_helpers import ad_admin_connection, ad_config, ad_user
     from ldapfix_samba import create_samba
     print("  provisioning a Samba AD DC (about 10 s) ...", flush=True)
     dc = create_samba(tmp / "samba", ca)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ldap3
 import pytest
 
-from conftest import AD_BASE, ad_group, ad_user
+from ldapfix_helpers import AD_BASE, ad_group, ad_user
 from tether.agent.directory.auth import authenticate
 from tether.agent.directory.config import load_config
 from tether.agent.directory.provision import provision
@@ -21,7 +21,7 @@ def collect(stream):
 
 @pytest.fixture(scope="module")
 def ad_seed(samba, test_ca):
-    from conftest import ad_admin_connection
+    from ldapfix_helpers import ad_admin_connection
     conn = ad_admin_connection(test_ca)
     alice = ad_user(conn, "alice", "Alice-Pass-1")
     bob = ad_user(conn, "bob", "Bob-Pass-1")

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from conftest import slapd_config
+from ldapfix_helpers import slapd_config
 from ldapfix_slapd import LIMITED_DN, LIMITED_PW, SUFFIX, free_port, ssha, user_ldif
 from tether.agent.directory.auth import authenticate
 from tether.agent.directory.config import load_config

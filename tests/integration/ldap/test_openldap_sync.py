@@ -6,7 +6,7 @@ import time
 
 import ldap3
 
-from conftest import admin_connection, seed_ldif, slapd_config
+from ldapfix_helpers import admin_connection, seed_ldif, slapd_config
 from ldapfix_slapd import ADMIN_PW, SUFFIX, SVC_DN, SVC_PW
 from tether.agent.directory.config import load_config
 from tether.agent.directory.sync import full_sync, sync

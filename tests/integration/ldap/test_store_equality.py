@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ldap3
 
-from conftest import AD_BASE, ad_group, ad_user
+from ldapfix_helpers import AD_BASE, ad_group, ad_user
 from ldapfix_slapd import SUFFIX
 from tether.agent.directory import DirectoryService, Spool
 
