@@ -167,6 +167,8 @@ class Hub:
             return
         body = message.body
         if message.op is p.Op.HEARTBEAT:
+            if body.get("draining"):
+                peer.draining = True
             beat = self._beats.setdefault(iid, {})
             beat["at"] = time.time()
             if "selfcheck" in body:
@@ -256,18 +258,15 @@ class Hub:
                 if pe.session.established]
 
     def _candidates(self, connector: str | None, cluster: str | None) -> list[AgentPeer]:
-        """Agents to try, one socket per instance, starting at the round-robin position."""
+        """Sockets to try in order: round-robin over the ones not draining, then the
+        draining ones (they still answer, but are about to close)."""
         key = f"cluster:{cluster}" if cluster is not None else str(connector)
         group = self.agents(connector, cluster=cluster)
         if not group:
             raise AgentUnavailable(f"no agent of {key.replace(':', ' ')} is connected")
         start = next(self._round_robin.setdefault(key, itertools.count())) % len(group)
-        ordered, seen = [], set()
-        for peer in group[start:] + group[:start]:
-            if peer.identity.instance_id not in seen:
-                seen.add(peer.identity.instance_id)
-                ordered.append(peer)
-        return ordered
+        rotated = group[start:] + group[:start]
+        return [pe for pe in rotated if not pe.draining] + [pe for pe in rotated if pe.draining]
 
     def _pick(self, connector: str | None, cluster: str | None = None) -> AgentPeer:
         return self._candidates(connector, cluster)[0]
@@ -276,28 +275,31 @@ class Hub:
                       *, cluster: str | None = None, failover: bool | None = None) -> p.Message:
         """Send ``op`` to a connected agent of ``connector`` (or of ``cluster``).
 
-        Round-robin over instances. With failover (default for the read-only
-        ops in :data:`FAILOVER_OPS`), an agent that vanishes, times out or
-        answers ``unavailable`` (its directory is unreachable) is skipped and
-        the next instance is tried, so one dead appliance goes unnoticed.
+        Round-robin over sockets, skipping sockets being rotated out. With
+        failover (default for the read-only ops in :data:`FAILOVER_OPS`), a
+        socket that closes or times out is replaced by the next one, and an
+        instance that answers ``unavailable`` (its directory is unreachable) by
+        the next instance, so one dead appliance goes unnoticed.
         """
         op = p.Op(op)
         failover = op in FAILOVER_OPS if failover is None else failover
         candidates = self._candidates(connector, cluster)
-        if not failover:
-            candidates = candidates[:1]
         last: HomeError | None = None
-        for peer in candidates:
+        given_up: set[str | None] = set()
+        for peer in candidates if failover else candidates[:1]:
+            if peer.identity.instance_id in given_up or peer.ws.close_code is not None:
+                continue
             try:
                 return await peer.request(op, body, timeout)
             except (AgentUnavailable, RequestFailed) as exc:
                 if exc.code is not p.ErrorCode.UNAVAILABLE:
                     raise  # the agent answered: wrong password, bad request... final
+                if isinstance(exc, RequestFailed):
+                    given_up.add(peer.identity.instance_id)
                 last = exc
                 event(log, logging.WARNING, "failover", op=op.value, peer=peer.peer,
                       instance=peer.identity.instance_id, code=exc.code.value, detail=exc.detail)
-        assert last is not None
-        raise last
+        raise last or AgentUnavailable(f"every socket of {connector or cluster} closed")
 
     async def stream(self, connector: str | None, op: p.Op, body: dict, timeout: float = 30.0,
                      *, cluster: str | None = None) -> AsyncIterator[p.Message]:

@@ -43,6 +43,8 @@ class AgentPeer:
         self.peer = _peer_name(ws)
         self.session = p.Session(p.Role.HOME)
         self.hello: dict | None = None
+        #: The agent announced (heartbeat ``draining``) that it rotates this socket out.
+        self.draining = False
         self.connected_at = time.time()
         self._send_lock = asyncio.Lock()
         self._waiters: dict[str, asyncio.Future] = {}

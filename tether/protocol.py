@@ -159,7 +159,8 @@ class Op(str, enum.Enum):
         body: ``csr_pem`` str (same key or a new one). response: as ``enroll``.
     ``heartbeat`` (event A→H)
         body: ``uptime`` float, optional ``selfcheck`` object, ``listening``
-        list, ``config_version`` int|null.
+        list, ``config_version`` int|null, ``draining`` bool (true: this socket
+        is being rotated out; home sends it no new requests).
     ``config.push`` (request H→A)
         body: ``config`` object, a signed document from
         :func:`tether.configsig.sign_config` (secrets inside sealed to the
@@ -306,6 +307,7 @@ BODY_FIELDS: dict[tuple[Op, Kind], dict[str, tuple[tuple, bool]]] = {
         "selfcheck": ((dict,), False),
         "listening": ((list,), False),
         "config_version": ((int, None), False),
+        "draining": ((bool,), False),
     },
     (Op.CONFIG_PUSH, Kind.REQUEST): {"config": ((dict,), True)},
     (Op.CONFIG_PUSH, Kind.RESPONSE): {
