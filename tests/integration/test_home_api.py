@@ -192,3 +192,38 @@ def test_failover_to_another_instance_and_cluster_routing(prepared, tmp_path):
     results, by_cluster, served = asyncio.run(go())
     assert all(r.body["ok"] for r in results) and by_cluster.body["ok"]
     assert False in served  # the broken instance was tried, and skipped
+
+
+def test_draining_socket_gets_no_new_requests(prepared, tmp_path):
+    home, bundle, (instance_id, cert_pem, key_pem, _) = prepared
+
+    async def answer(agent: RawAgent, name: str, served: list):
+        while True:
+            for ev in await agent.next_events():
+                if isinstance(ev, p.RequestReceived):
+                    served.append(name)
+                    agent.session.respond(ev.message, {"socket": name})
+                    await agent.flush()
+
+    async def go():
+        async with running(home) as (server, url):
+            ctx = client_context(bundle["ca_pem"], cert_pem, key_pem, tmp_path)
+            old, new = (await RawAgent.connect(url, ctx), await RawAgent.connect(url, ctx))
+            served: list = []
+            for index, agent in enumerate((old, new)):
+                await agent.hello(bundle["image_id"], instance_id, config_version=None,
+                                  socket_index=index)
+            tasks = [asyncio.create_task(answer(old, "old", served)),
+                     asyncio.create_task(answer(new, "new", served))]
+            old.session.event(p.Op.HEARTBEAT, {"uptime": 1.0, "draining": True})
+            await old.flush()
+            while not any(pe.draining for pe in server.hub.agents("dir")):
+                await asyncio.sleep(0.02)
+            for _ in range(6):
+                await server.hub.request("dir", p.Op.STATUS, {})
+            for task in tasks:
+                task.cancel()
+            await old.close()
+            await new.close()
+            return served
+    assert asyncio.run(go()) == ["new"] * 6
