@@ -231,7 +231,8 @@ class Hub:
     async def push_config_to_connector(self, connector: str) -> int:
         """After ``config set``: push to one socket of every connected instance."""
         chosen: dict[str, AgentPeer] = {}
-        for peer in self._by_connector.get(connector, []):
+        peers = self._by_connector.get(connector, [])
+        for peer in sorted(peers, key=lambda pe: pe.draining):  # sockets staying open first
             chosen.setdefault(peer.identity.instance_id, peer)
         results = await asyncio.gather(*(self.push_config(pe) for pe in chosen.values()),
                                        return_exceptions=True)
