@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from cryptography import x509
 from ldap3.core.exceptions import LDAPInvalidFilterError
 from ldap3.operation.search import parse_filter
 
@@ -49,6 +50,7 @@ class DirectoryConfig:
     servers: tuple[ServerAddress, ...]
     tls: str
     ca_file: str | None
+    ca_pem: str | None
     bind_dn: str
     bind_password: str = field(repr=False)
     base_dns: tuple[str, ...]
@@ -117,10 +119,41 @@ def _mapping(raw: dict, kind: str, which: str) -> dict:
     return mapping
 
 
+KNOWN_KEYS = {
+    "name", "id", "kind", "servers", "tls", "allow_plain", "ca_file", "ca_pem", "bind_dn", "bind_password",
+    "base_dns", "user_filter", "group_filter", "attribute_mapping", "login_attribute", "member_attribute",
+    "user_container", "page_size", "sync_password_hashes", "connect_timeout", "receive_timeout",
+    "schedule", "cluster",
+}
+
+
+def _trust(raw: dict, tls: str) -> tuple[str | None, str | None]:
+    """The CA to validate servers against: a PEM file path or PEM text (as home pushes it)."""
+    ca_file, ca_pem = raw.get("ca_file"), raw.get("ca_pem")
+    if tls == "plain":
+        return ca_file, ca_pem
+    if not ca_file and not ca_pem:
+        raise ConfigError("'ca_pem' (PEM text) or 'ca_file' (path) is required with TLS: the CA that "
+                          "signed the directory servers' certificates")
+    if ca_file and not os.path.isfile(ca_file):
+        raise ConfigError(f"'ca_file' {ca_file!r} does not exist")
+    if ca_pem:
+        try:
+            if not x509.load_pem_x509_certificates(ca_pem.encode()):
+                raise ValueError("no certificate")
+        except (ValueError, AttributeError):
+            raise ConfigError("'ca_pem' holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+    return ca_file, ca_pem
+
+
 def load_config(raw: dict) -> DirectoryConfig:
     """Check a configuration dict and return the normalized, immutable config."""
     if not isinstance(raw, dict):
         raise ConfigError("the directory configuration must be a JSON object")
+    unknown = sorted(set(raw) - KNOWN_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(map(repr, unknown))}; known keys: "
+                          f"{', '.join(sorted(KNOWN_KEYS))}")
     kind = raw.get("kind", "openldap")
     if kind not in KINDS:
         raise ConfigError(f"'kind' must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -130,13 +163,7 @@ def load_config(raw: dict) -> DirectoryConfig:
     if tls == "plain" and raw.get("allow_plain") is not True:
         raise ConfigError("'tls': 'plain' sends passwords in clear text; use 'ldaps' or 'starttls', "
                           "or set 'allow_plain': true if this network is trusted")
-    ca_file = raw.get("ca_file")
-    if tls != "plain":
-        if not ca_file:
-            raise ConfigError("'ca_file' is required with TLS: the PEM file of the CA that signed "
-                              "the directory servers' certificates")
-        if not os.path.isfile(ca_file):
-            raise ConfigError(f"'ca_file' {ca_file!r} does not exist")
+    ca_file, ca_pem = _trust(raw, tls)
     base_dns = raw.get("base_dns")
     if isinstance(base_dns, str):
         base_dns = [base_dns]
@@ -149,7 +176,7 @@ def load_config(raw: dict) -> DirectoryConfig:
         raise ConfigError("'page_size' must be an integer between 1 and 10000")
     return DirectoryConfig(
         name=str(raw.get("name", "directory")), kind=kind, servers=_servers(raw, tls), tls=tls,
-        ca_file=ca_file, bind_dn=_require(raw, "bind_dn"), bind_password=_require(raw, "bind_password"),
+        ca_file=ca_file, ca_pem=ca_pem, bind_dn=_require(raw, "bind_dn"), bind_password=_require(raw, "bind_password"),
         base_dns=tuple(base_dns),
         user_filter=check_filter(raw.get("user_filter", user_filter), "user_filter"),
         group_filter=check_filter(raw.get("group_filter", group_filter), "group_filter"),

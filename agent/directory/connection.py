@@ -28,7 +28,7 @@ DOWN_ERRORS = (lx.LDAPSocketOpenError, lx.LDAPSocketReceiveError, lx.LDAPSocketS
 def _tls(config: DirectoryConfig) -> ldap3.Tls | None:
     if config.tls == "plain":
         return None
-    return ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file,
+    return ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file, ca_certs_data=config.ca_pem,
                      version=ssl.PROTOCOL_TLS_CLIENT)
 
 
@@ -105,7 +105,7 @@ def _tls_reason(exc: BaseException, address: ServerAddress) -> str:
         return (f"the server certificate does not name {address.host!r} (it names {named}); "
                 "configure the server by a name its certificate carries")
     if "certificate verify failed" in text or "unknown ca" in text.lower():
-        return "the server certificate is not signed by the configured CA (ca_file)"
+        return "the server certificate is not signed by the configured CA (ca_pem / ca_file)"
     return _short(exc)
 
 

@@ -38,3 +38,11 @@ def test_authenticate_provision_and_search(ldap_raw):
         svc.search("user", "(mail=unclosed")
     assert info.value.code == "bad_filter"
     svc.close()
+
+
+def test_ca_given_as_pem_text(ldap_raw):
+    from pathlib import Path
+    ldap_raw["ca_pem"] = Path(ldap_raw.pop("ca_file")).read_text()
+    svc = DirectoryService(ldap_raw)
+    assert svc.authenticate("u003", "pw003")["outcome"] == "success"
+    svc.close()
