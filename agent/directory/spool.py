@@ -55,12 +55,18 @@ class Spool:
         data = json.dumps(item, separators=(",", ":"), sort_keys=True).encode()
         seq = self._next
         tmp = self.directory / f"{seq:016d}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._path(seq))
-        self._fsync_dir()
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._path(seq))
+            self._fsync_dir()
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise SpoolError(f"cannot write to the spool in {self.directory}: {exc.strerror or exc}; "
+                             "free disk space on the data partition; the change was not stored, "
+                             "so the sync must be retried") from None
         self._next = seq + 1
         return seq
 

@@ -64,3 +64,16 @@ def test_damaged_entry_is_a_clear_error(tmp_path):
     (tmp_path / "0000000000000001.json").write_bytes(b"not json")
     with pytest.raises(SpoolError, match="full resync"):
         spool.pending()
+
+
+def test_full_disk_is_a_clear_error_and_leaves_no_debris(tmp_path, monkeypatch):
+    import errno
+    spool = Spool(tmp_path)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(SpoolError, match="No space left on device.*free disk space"):
+        spool.append({"x": 1})
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == [] and spool.append({"x": 2}) == 1

@@ -143,3 +143,24 @@ def test_authenticator_reconnects_after_a_server_restart(slapd_factory, test_ca)
     server.start()
     assert auth.authenticate("re1", "re-pw")["outcome"] == "success"
     auth.close()
+
+
+def test_write_cut_off_midway_reports_outcome_unknown(slapd_factory, test_ca):
+    """The server stops answering after the order was sent: failed, and flagged as not safe to retry."""
+    import os
+    import signal
+    from tether.agent.directory.connection import Pool
+    server = slapd_factory("cut", user_ldif("cut1", "pw"))
+    config = load_config(slapd_config(server, test_ca, receive_timeout=1))
+
+    class FreezeAfterConnect(Pool):
+        def connect(self, *args, **kwargs):
+            conn = super().connect(*args, **kwargs)
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            return conn
+    try:
+        r = provision(config, {"id": "w1", "op": "delete_user", "dn": f"uid=cut1,ou=people,{SUFFIX}"},
+                      pool=FreezeAfterConnect(config))
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert r["status"] == "failed" and r["code"] == "server_down" and r["outcome_unknown"] is True
