@@ -7,8 +7,6 @@ limit below it is the `size_limit` error.
 
 from __future__ import annotations
 
-from ldap3.utils.conv import escape_filter_chars  # noqa: F401  (re-exported for callers building filters)
-
 from .config import DirectoryConfig, check_filter
 from .connection import Pool, check_result
 from .errors import DirectoryError

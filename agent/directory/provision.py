@@ -15,7 +15,7 @@ from ldap3.utils.dn import escape_rdn, parse_dn
 
 from .auth import ADMIN_LOCK, find_user
 from .config import DirectoryConfig
-from .connection import DOWN_ERRORS, Pool, check_result
+from .connection import DOWN_ERRORS, Pool
 from .errors import DirectoryError
 
 UAC_DISABLED = 0x2

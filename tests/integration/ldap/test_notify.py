@@ -6,7 +6,7 @@ import queue
 
 import ldap3
 
-from ldapfix_helpers import AD_BASE, ad_user, admin_connection, slapd_config
+from ldapfix_helpers import ad_user, admin_connection, slapd_config
 from ldapfix_slapd import SUFFIX, user_ldif
 from tether.agent.directory.config import load_config
 from tether.agent.directory.notify import Notifier
