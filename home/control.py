@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("tether.home.control")
 MAX_LINE = 64 * 1024

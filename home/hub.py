@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from tether import __version__, configsig, sealing
 from tether import protocol as p
@@ -177,7 +177,7 @@ class Hub:
             if listening is not None and len(listening) <= MAX_LISTENING:
                 beat["listening"] = listening
         elif message.op is p.Op.CONFIG_ACK:
-            status = body["status"] if not body.get("error") else f"{body['status']}:{body['error']}"
+            status = f"{body['status']}:{body['error']}" if body.get("error") else body["status"]
             self.store.record_config_state(iid, body.get("version"), status)
             event(log, logging.INFO if body["status"] != "rejected" else logging.WARNING,
                   "config_ack", instance=iid, version=body.get("version"), status=body["status"],
@@ -212,7 +212,8 @@ class Hub:
                 return False
             version, document = made
             row = self.store.instance(iid)
-            if row and row["config_status"] == "applied" and (row["config_version"] or 0) >= version:
+            applied = row and row["config_status"] == "applied"
+            if applied and (row["config_version"] or 0) >= version:
                 return True
             try:
                 response = await peer.request(p.Op.CONFIG_PUSH, {"config": document})

@@ -57,7 +57,7 @@ class StatePaths:
     def control_socket(self) -> Path:
         return self.root / "control.sock"
 
-    def require_initialized(self) -> "StatePaths":
+    def require_initialized(self) -> StatePaths:
         """Fail with the command to run when ``init`` has not been done here."""
         missing = [p.name for p in (self.db, self.ca_key, self.ca_cert, self.server_key,
                                     self.server_cert, self.config_key) if not p.exists()]

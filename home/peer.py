@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
 
 from websockets.exceptions import ConnectionClosed
 
@@ -35,7 +36,7 @@ HELLO_TIMEOUT = 30.0
 class AgentPeer:
     """State and I/O of one connected agent socket."""
 
-    def __init__(self, ws, identity: Identity, hub: "Hub", socket_id: str) -> None:
+    def __init__(self, ws, identity: Identity, hub: Hub, socket_id: str) -> None:
         self.ws = ws
         self.identity = identity
         self.hub = hub
@@ -171,11 +172,11 @@ class AgentPeer:
         try:
             await self.flush()
             ev = await asyncio.wait_for(waiter, timeout)
-        except (ConnectionClosed, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ConnectionClosed) as exc:
             self._withdraw(sent.id, f"home stopped waiting after {timeout:.0f} s")
             self._waiters.pop(sent.id, None)
-            raise AgentUnavailable(f"{op.value} to {self.peer} got no answer: "
-                                   f"{'timed out' if isinstance(exc, asyncio.TimeoutError) else 'socket closed'}") from None
+            why = "timed out" if isinstance(exc, TimeoutError) else "socket closed"
+            raise AgentUnavailable(f"{op.value} to {self.peer} got no answer: {why}") from None
         return _result(ev)
 
     async def stream(self, op: p.Op, body: dict,
@@ -191,7 +192,7 @@ class AgentPeer:
             while True:
                 try:
                     ev = await asyncio.wait_for(queue.get(), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise AgentUnavailable(f"{op.value} stream from {self.peer} stalled "
                                            f"for {timeout:.0f} s") from None
                 if ev is None:

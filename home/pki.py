@@ -77,7 +77,7 @@ def spki_fingerprint(public_key) -> str:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _name(common_name: str, unit: str | None = None) -> x509.Name:
@@ -145,7 +145,8 @@ def server_names(names: list[str]) -> list[x509.GeneralName]:
             sans.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
             if not name or any(c.isspace() for c in name) or "/" in name:
-                raise PkiError(f"--name {name!r} is neither a host name nor an IP address")
+                raise PkiError(
+                    f"--name {name!r} is neither a host name nor an IP address") from None
             sans.append(x509.DNSName(name))
     return sans
 

@@ -11,7 +11,8 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 SCHEMA_VERSION = 1
 
@@ -115,7 +116,7 @@ class Store:
         self.db.execute("PRAGMA foreign_keys=ON")
 
     @classmethod
-    def create(cls, path: Path) -> "Store":
+    def create(cls, path: Path) -> Store:
         """Create the schema (idempotent) with the file owner-only (it holds secrets)."""
         path.touch(mode=0o600, exist_ok=True)
         path.chmod(0o600)

@@ -96,7 +96,8 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = f"tether.v{PROTOCOL_VERSION}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -53,7 +54,7 @@ class HomeProcess:
     @classmethod
     def start(cls, tmp: Path, connector: str = "acme", max_instances: int = 1,
               cluster: str | None = None, names: tuple[str, ...] = ("127.0.0.1", "localhost"),
-              port: int = 0, serve_args: tuple[str, ...] = ()) -> "HomeProcess":
+              port: int = 0, serve_args: tuple[str, ...] = ()) -> HomeProcess:
         """init + connector create + serve; returns once the server accepts.
 
         ``serve_args`` go to ``tether-home serve`` (e.g. ``("--hello-timeout", "2")``).
@@ -68,7 +69,8 @@ class HomeProcess:
         home.serve()
         return home
 
-    def cli(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True,
+            input: str | None = None) -> subprocess.CompletedProcess:
         """Run ``tether-home ARGS --state <state>``; raises with stderr when it fails."""
         command = [TETHER_HOME, *args, "--state", str(self.state)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=60, input=input)
@@ -142,7 +144,7 @@ class HomeProcess:
         self.stop()
         self.serve()
 
-    def __enter__(self) -> "HomeProcess":
+    def __enter__(self) -> HomeProcess:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -186,13 +188,12 @@ class HomeProcess:
 
 
 def client_context(ca_pem: str | Path, cert_pem: str | None, key_pem: str | None,
-                   tmp: Path) -> "ssl.SSLContext":
+                   tmp: Path) -> ssl.SSLContext:
     """TLS 1.3 client context pinned to ``ca_pem`` with an optional client cert.
 
     PEM texts are written to files under ``tmp`` because :mod:`ssl` loads
     certificates from files only.
     """
-    import ssl
     import uuid
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -228,7 +229,7 @@ class RawAgent:
         self.inbox: list = []  # events that arrived while call() waited for its answer
 
     @classmethod
-    async def connect(cls, url: str, ssl_context, subprotocols=None) -> "RawAgent":
+    async def connect(cls, url: str, ssl_context, subprotocols=None) -> RawAgent:
         from websockets.asyncio.client import connect
 
         from tether import protocol as p

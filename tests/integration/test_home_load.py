@@ -40,7 +40,7 @@ async def _beat(agent: RawAgent, stop: asyncio.Event) -> None:
         await agent.flush()
         try:
             await asyncio.wait_for(stop.wait(), HEARTBEAT_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 

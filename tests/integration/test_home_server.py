@@ -48,7 +48,7 @@ def _pem(key) -> str:
 
 
 def _cert(subject_key, issuer_key, issuer_name, days_from: float, days_to: float) -> str:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intruder")]))
             .issuer_name(issuer_name).public_key(subject_key.public_key())

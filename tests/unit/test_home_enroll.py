@@ -151,4 +151,5 @@ def test_server_names_and_csr_checks():
     with pytest.raises(pki.PkiError):
         pki.server_names(["bad name"])
     with pytest.raises(pki.PkiError):
-        pki.load_csr("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")
+        pki.load_csr("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n"
+                     "-----END CERTIFICATE REQUEST-----\n")
