@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -106,17 +105,26 @@ class Agent:
         self.config = ConfigStore(self.state, self.settings.connector, self.keys.sealing)
         self.config.instance_id = self.instance_id
         self.config.load_last_good()
-        self.directories = load_directory_bridge(self)
+        self.directories = None
         self.configure_directories()
         self.run_selfcheck()
 
     def configure_directories(self) -> None:
-        """Hand the (unsealed, in-memory) configuration to the directory engine."""
-        if self.directories is not None and self.config.secrets_open is not None:
-            try:
-                self.directories.configure(self.config.secrets_open)
-            except Exception:  # noqa: BLE001 - a bad directory must not stop the channel
-                log.exception("directory engine refused the configuration")
+        """Hand the (unsealed, in-memory) configuration to the directory engine.
+
+        The engine (and ldap3 with it) is loaded only once a configuration names
+        directories, so an agent without any keeps a small footprint.
+        """
+        config = self.config.secrets_open
+        if not config or not config.get("directories"):
+            return
+        try:
+            if self.directories is None:
+                self.directories = load_directory_bridge(self)
+            if self.directories is not None:
+                self.directories.configure(config)
+        except Exception:  # noqa: BLE001 - a bad directory must not stop the channel
+            log.exception("directory engine refused the configuration")
 
     def _load_instance(self) -> dict:
         path = self.state / INSTANCE_FILE
@@ -429,7 +437,8 @@ def load_directory_bridge(agent: "Agent"):
     ``tether.agent.link.HandlerError`` for an error reply). Without the module
     those operations are answered ``unavailable``.
     """
-    if importlib.util.find_spec(DIRECTORY_BRIDGE) is None:
+    # look for the file, not find_spec: that would import the directory package
+    if not (Path(__file__).parent / "directory" / "bridge.py").exists():
         return None
     return importlib.import_module(DIRECTORY_BRIDGE).Bridge(agent)
 
