@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +32,13 @@ FLUSH_SECONDS = 5.0
 FAILOVER_OPS = frozenset({p.Op.AUTHENTICATE, p.Op.STATUS})
 #: Agents may report a handful of sockets; more is a bug or an attack.
 MAX_LISTENING = 256
+#: Largest self-check report home stores (JSON bytes); a report is a few hundred.
+MAX_SELFCHECK_BYTES = 64 * 1024
+
+
+def _report_size_ok(report) -> bool:
+    """Self-check reports go to the database on every heartbeat: keep them small."""
+    return len(json.dumps(report, default=str)) <= MAX_SELFCHECK_BYTES
 
 
 class Hub:
@@ -123,6 +131,10 @@ class Hub:
         listening = body.get("listening")
         if listening is not None and len(listening) > MAX_LISTENING:
             raise HomeError(p.ErrorCode.BAD_TYPE, f"listening: at most {MAX_LISTENING} entries")
+        if not _report_size_ok(body.get("selfcheck")):
+            raise HomeError(p.ErrorCode.BAD_TYPE,
+                            f"selfcheck report above {MAX_SELFCHECK_BYTES} bytes; send figures "
+                            "and shortfalls only")
         peer.hello = body
         index = body.get("socket_index")
         self.store.add_socket(peer.socket_id, ident.role, ident.connector, ident.image_id,
@@ -171,7 +183,7 @@ class Hub:
                 peer.draining = True
             beat = self._beats.setdefault(iid, {})
             beat["at"] = time.time()
-            if "selfcheck" in body:
+            if "selfcheck" in body and _report_size_ok(body["selfcheck"]):
                 beat["selfcheck"] = body["selfcheck"]
             listening = body.get("listening")
             if listening is not None and len(listening) <= MAX_LISTENING:

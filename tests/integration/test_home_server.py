@@ -460,3 +460,20 @@ def test_silent_sockets_and_socket_floods_are_limited(tmp_path):
         assert closed.rcvd.code == 1008
         assert refused.response.status_code == 429
         assert "no hello within 1 s" in strict.log_text()
+
+
+def test_oversized_selfcheck_in_hello_is_refused(home, tmp_path):
+    bundle = home.issue_image()
+    ctx = client_context(bundle["ca_pem"], bundle["cert_pem"], bundle["key_pem"], tmp_path)
+
+    async def go():
+        agent = await RawAgent.connect(home.url, ctx)
+        ev = await agent.hello(bundle["image_id"], selfcheck={"verdict": "ok",
+                                                              "junk": "x" * 100_000})
+        retry = await agent.hello(bundle["image_id"])  # a refused hello may be retried
+        await agent.close()
+        return ev, retry
+    ev, retry = run(go())
+    assert isinstance(ev, p.ErrorReceived) and ev.code == "bad_type"
+    assert "selfcheck" in ev.message.body["detail"]
+    assert isinstance(retry, p.ResponseReceived)
