@@ -75,3 +75,16 @@ def test_debootstrap_output_is_condensed():
     assert sum("configuring packages" in s for s in shown) == 2  # 1, 41
     assert "debootstrap: Unpacking required packages..." in shown
     assert "debootstrap: something odd" in shown
+
+
+def test_slim_keeps_copyrights_and_drops_docs_and_translations(tmp_path):
+    for rel in ("usr/share/doc/bash/copyright", "usr/share/doc/bash/README.gz", "usr/share/man/man1/ls.1.gz",
+                "usr/share/locale/de/LC_MESSAGES/x.mo", "usr/share/locale/locale.alias", "usr/bin/bash"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    (tmp_path / "etc/dpkg/dpkg.cfg.d").mkdir(parents=True)
+    basedisk._slim(tmp_path)
+    remaining = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert remaining == ["etc/dpkg/dpkg.cfg.d/01-tether-slim", "usr/bin/bash",
+                         "usr/share/doc/bash/copyright", "usr/share/locale/locale.alias"]
+    assert "path-exclude=/usr/share/doc/*" in (tmp_path / "etc/dpkg/dpkg.cfg.d/01-tether-slim").read_text()
