@@ -8,10 +8,14 @@ act on (new configuration, revocation) are announced through
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from cryptography import x509
 
 from tether import configsig
 from tether.home import pki
@@ -111,9 +115,32 @@ def issue_image(paths: StatePaths, connector: str, out: Path, home_urls: list[st
                            issued.not_after, connector=connector, image_id=image_id)
             store.add_image(image_id, connector, fingerprint, issued.serial, urls)
         return {"image_id": image_id, "connector": connector, "out": str(out),
-                "fingerprint": fingerprint, "cert_serial": issued.serial, "home_urls": urls}
+                "fingerprint": fingerprint, "cert_serial": issued.serial, "home_urls": urls,
+                "uncovered_urls": uncovered_urls(paths, urls)}
     finally:
         store.close()
+
+
+def uncovered_urls(paths: StatePaths, urls: list[str]) -> list[str]:
+    """URLs whose host home's server certificate does not name: agents verify the
+    host name, so they would refuse those (unless first-boot settings override them)."""
+    cert = pki.load_cert_pem(paths.server_cert.read_bytes())
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return list(urls)
+    names = {n.lower() for n in sans.get_values_for_type(x509.DNSName)}
+    addresses = set(sans.get_values_for_type(x509.IPAddress))
+    missing = []
+    for url in urls:
+        host = (urlsplit(url).hostname or "").lower()
+        try:
+            covered = ipaddress.ip_address(host) in addresses
+        except ValueError:
+            covered = host in names
+        if not covered:
+            missing.append(url)
+    return missing
 
 
 def set_config(paths: StatePaths, connector: str, file: Path) -> dict:

@@ -108,6 +108,10 @@ def _run(args: argparse.Namespace) -> int:
     elif cmd == "image":
         doc = admin.issue_image(paths, args.connector, args.out, args.home_url)
         print(f"image {doc['image_id']} for {doc['connector']} -> {doc['out']}")
+        for url in doc["uncovered_urls"]:
+            print(f"tether-home image issue: warning: home's server certificate does not name "
+                  f"the host of {url}; agents will refuse it unless first-boot settings give "
+                  "another URL (re-run init with --name for that host)", file=sys.stderr)
     elif cmd == "serve":
         return _serve(paths, args)
     elif cmd == "status":

@@ -168,3 +168,13 @@ def test_serve_port_in_use_says_so(state):
     assert result.returncode != 0
     assert "address already in use" in result.stderr.lower()
     assert "Traceback" not in result.stderr
+
+
+def test_image_issue_warns_about_urls_the_server_cert_does_not_name(state, tmp_path):
+    out = tmp_path / "w.json"
+    result = cli(state, "image", "issue", "--connector", "acme", "--out", str(out),
+                 "--home-url", "wss://home.example.invalid:443/",
+                 "--home-url", "wss://127.0.0.1:8443/", "--home-url", "wss://other.invalid/")
+    assert result.returncode == 0
+    assert "other.invalid" in result.stderr and "warning" in result.stderr
+    assert "home.example.invalid" not in result.stderr and "127.0.0.1" not in result.stderr
