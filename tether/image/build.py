@@ -156,7 +156,8 @@ def _credential(ctx: _Ctx) -> None:
 
 def _wheelhouse(ctx: _Ctx) -> None:
     with ctx.progress.stage("wheelhouse", "wheels of this checkout and its runtime deps for the guest"):
-        wheels = wheelhouse.build(CHECKOUT, ctx.work / "wheelhouse")
+        wheels = wheelhouse.build(CHECKOUT, ctx.work / "wheelhouse",
+                                  cache=ctx.opts.images_dir.resolve() / ".cache", say=ctx.progress.say)
         ctx.wheels = ctx.work / "wheelhouse"
         ctx.progress.say(", ".join(w.name for w in wheels))
 

@@ -9,6 +9,9 @@ differ from the guest's without putting an unusable wheel into the image.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import sys
 import tomllib
 from pathlib import Path
@@ -42,17 +45,54 @@ def download_args(requirements: list[str], dest: Path) -> list[str]:
     return args + requirements
 
 
-def build(checkout: Path, dest: Path) -> list[Path]:
-    """Fill `dest` with the tether wheel and its dependencies; return the wheels."""
+def deps_key(requirements: list[str]) -> str:
+    """Cache key of the dependency wheels: requirements and the guest's tags."""
+    doc = "\n".join(sorted(requirements) + [GUEST_PYTHON, GUEST_ABI, *GUEST_PLATFORMS])
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+def _download(requirements: list[str], dest: Path) -> None:
+    try:
+        run(download_args(requirements, dest),
+            what="fetching the runtime dependency wheels for the guest (pip download)")
+    except BuildError as exc:
+        raise BuildError(f"{exc}\n    check that PyPI (or the pip index configured here) is reachable") from exc
+
+
+def _dependency_wheels(requirements: list[str], cache: Path, say) -> Path:
+    """A directory of dependency wheels, downloaded once per requirement set."""
+    ready = cache / f"wheels-{deps_key(requirements)}"
+    if ready.is_dir() and any(ready.glob("*.whl")):
+        say(f"dependency wheels from cache {ready.name}")
+        return ready
+    target = cache / f".wheels-{os.getpid()}.tmp"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    try:
+        _download(requirements, target)
+        os.replace(target, ready)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+    return ready
+
+
+def build(checkout: Path, dest: Path, cache: Path | None = None, say=print) -> list[Path]:
+    """Fill `dest` with the tether wheel and its dependencies; return the wheels.
+
+    The tether wheel is built from the checkout every time (it is the code
+    under build); the dependency wheels are cached under `cache` by their
+    requirement set, so a warm build does not ask the package index again.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
          "--wheel-dir", str(dest), str(checkout)],
         what="building the tether wheel from this checkout (pip wheel)")
-    try:
-        run(download_args(runtime_requirements(checkout / "pyproject.toml"), dest),
-            what="fetching the runtime dependency wheels for the guest (pip download)")
-    except BuildError as exc:
-        raise BuildError(f"{exc}\n    check that PyPI (or the pip index configured here) is reachable") from exc
+    requirements = runtime_requirements(checkout / "pyproject.toml")
+    if cache is None:
+        _download(requirements, dest)
+    else:
+        for wheel in _dependency_wheels(requirements, cache, say).glob("*.whl"):
+            shutil.copyfile(wheel, dest / wheel.name)
     wheels = sorted(dest.glob("*.whl"))
     if not any(w.name.startswith("tether-") for w in wheels):
         raise BuildError(f"pip wheel made no tether-*.whl in {dest}")
