@@ -25,9 +25,11 @@ def _parser() -> argparse.ArgumentParser:
                                      description="tether control plane: CA, enrollment, "
                                      "configuration and the server agents dial into")
     parser.add_argument("--version", action="version", version=f"tether-home {__version__}")
+    state_help = "state directory (default $TETHER_HOME_STATE or /var/lib/tether-home)"
+    parser.add_argument("--state", help=state_help)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--state", help="state directory (default $TETHER_HOME_STATE or "
-                        "/var/lib/tether-home)")
+    # Accepted after the command too; SUPPRESS keeps a value given before it.
+    common.add_argument("--state", default=argparse.SUPPRESS, help=state_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", parents=[common], help="create CA, server cert, signing key")

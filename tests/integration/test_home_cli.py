@@ -178,3 +178,11 @@ def test_image_issue_warns_about_urls_the_server_cert_does_not_name(state, tmp_p
     assert result.returncode == 0
     assert "other.invalid" in result.stderr and "warning" in result.stderr
     assert "home.example.invalid" not in result.stderr and "127.0.0.1" not in result.stderr
+
+
+def test_state_before_or_after_the_command(state):
+    before = subprocess.run([TETHER_HOME, "--state", str(state), "connector", "list"],
+                            capture_output=True, text=True, timeout=60)
+    after = cli(state, "connector", "list")
+    assert before.returncode == after.returncode == 0
+    assert before.stdout == after.stdout and "acme" in before.stdout
