@@ -83,3 +83,10 @@ def test_timeline_of_a_run_that_stopped_early():
     tl = packerrun.Timeline(start=0.0)
     tl.feed(25.0, "Connected to SSH!")
     assert tl.durations() == {"packer_boot": 25.0}
+
+
+def test_missing_plugins_get_a_hint_naming_packer_init():
+    lines = ['Error: Unknown source type "qemu"', "The source qemu is unknown by Packer"]
+    assert "packer init packer/plugins" in packerrun.hint(lines)
+    assert "serial.log" in packerrun.hint(["Timeout waiting for SSH."])
+    assert packerrun.hint(["something else"]) is None

@@ -205,6 +205,8 @@ def _packer(ctx: _Ctx) -> None:
             ctx.progress.record(f"packer.{stage}", seconds)
         if result.returncode != 0:
             shown = "\n    ".join((result.errors or result.tail)[-20:])
+            advice = packerrun.hint(result.errors + result.tail)
+            shown += f"\n    => {advice}" if advice else ""
             raise BuildError(f"packer build failed (exit {result.returncode}):\n    {shown}\n"
                              f"    full log: {ctx.work / 'packer.log'}, guest console: {ctx.work / 'serial.log'}")
         out = ctx.work / "packer-out" / f"{ctx.name}.img"

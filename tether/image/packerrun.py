@@ -93,6 +93,22 @@ class PackerResult:
     tail: list[str]
 
 
+#: Packer's words for a missing plugin (modern Packer ships no builders).
+_PLUGIN_ERRORS = ("Unknown source type", "unknown source type", "Unknown provisioner type",
+                  "unknown provisioner type", "installed plugin", "packer init")
+
+
+def hint(lines: list[str]) -> str | None:
+    """What to do about a failure Packer's own words do not explain."""
+    text = "\n".join(lines)
+    if any(marker in text for marker in _PLUGIN_ERRORS):
+        return ("this Packer lacks the qemu/amazon/ansible plugins: run "
+                "`packer init packer/plugins` once (modern Packer), or use Debian's packer 1.6.6")
+    if "Timeout waiting for SSH" in text:
+        return "the guest never answered SSH: look at the guest console log (serial.log)"
+    return None
+
+
 def packer_binary() -> str:
     path = shutil.which("packer")
     if not path:
