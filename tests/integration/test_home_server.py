@@ -477,3 +477,11 @@ def test_oversized_selfcheck_in_hello_is_refused(home, tmp_path):
     assert isinstance(ev, p.ErrorReceived) and ev.code == "bad_type"
     assert "selfcheck" in ev.message.body["detail"]
     assert isinstance(retry, p.ResponseReceived)
+
+
+def test_tls_below_1_3_is_refused(home, bundle, tmp_path):
+    ctx = client_context(bundle["ca_pem"], bundle["cert_pem"], bundle["key_pem"], tmp_path)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    run(_refused(home, ctx))
+    _wait_log(home, "tls_refused reason=UNSUPPORTED_PROTOCOL")
