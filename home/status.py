@@ -21,7 +21,8 @@ STALE_SECONDS = 120
 def report(store: Store, live: dict | None) -> dict:
     """Build the status document."""
     now = time.time()
-    sockets = store.sockets()
+    # Socket rows are written by the running server; after a crash they describe nothing.
+    sockets = store.sockets() if live else []
     per_instance: dict[str, int] = {}
     for row in sockets:
         if row["instance_id"]:

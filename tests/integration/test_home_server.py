@@ -485,3 +485,24 @@ def test_tls_below_1_3_is_refused(home, bundle, tmp_path):
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     run(_refused(home, ctx))
     _wait_log(home, "tls_refused reason=UNSUPPORTED_PROTOCOL")
+
+
+def test_status_after_a_crash_shows_no_sockets(tmp_path):
+    with HomeProcess.start(tmp_path) as crashing:
+        bundle = crashing.issue_image()
+        instance_id, cert_pem, key_pem, _ = run(enroll(crashing, bundle, tmp_path, "vm-k"))
+        ctx = client_context(bundle["ca_pem"], cert_pem, key_pem, tmp_path)
+
+        async def connect():
+            agent = await RawAgent.connect(crashing.url, ctx)
+            await agent.hello(bundle["image_id"], instance_id, config_version=10**6)
+            status = await asyncio.to_thread(crashing.status)
+            crashing.kill()
+            return status
+        up = run(connect())
+        down = crashing.status()
+        crashing.serve()  # starts again over the stale socket file and rows
+        again = crashing.status()
+    assert len(up["sockets"]) == 1
+    assert down["server"] == {"running": False} and down["sockets"] == []
+    assert again["server"]["pid"] != up["server"]["pid"] and again["sockets"] == []
