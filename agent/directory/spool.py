@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -78,11 +79,23 @@ class Spool:
         for n, seq in enumerate(self._seqs()):
             if limit is not None and n >= limit:
                 return
+            yield seq, self._read(seq)
+
+    def _read(self, seq: int) -> dict:
+        """Parse one entry; a second read before calling it damaged.
+
+        Why the retry: an entry is renamed into place only after it is fsync'd,
+        so it is never legitimately empty, but a reader in another thread was
+        seen (once, under gVisor) to get empty content right after the rename.
+        """
+        for attempt in range(3):
             try:
-                yield seq, json.loads(self._path(seq).read_bytes())
+                return json.loads(self._path(seq).read_bytes())
             except (OSError, ValueError) as exc:
-                raise SpoolError(f"spool entry {self._path(seq)} is unreadable ({exc}); "
-                                 "move it aside and let the agent run a full resync") from None
+                error = exc
+                time.sleep(0.01 * (attempt + 1))
+        raise SpoolError(f"spool entry {self._path(seq)} is unreadable ({error}); "
+                         "move it aside and let the agent run a full resync")
 
     def ack(self, seq: int) -> int:
         """Home has applied everything up to and including `seq`: remove it; return how many."""
