@@ -432,7 +432,13 @@ def encode(message: Message) -> str:
     except (TypeError, ValueError) as exc:
         raise ProtocolError(ErrorCode.BAD_TYPE, f"body is not JSON-serializable: {exc}",
                             message_id=message.id, op=message.op) from None
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_FRAME_BYTES:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ProtocolError(ErrorCode.BAD_TYPE, "body holds text that is not valid Unicode "
+                            "(a lone surrogate); decode bytes properly before sending",
+                            message_id=message.id, op=message.op) from None
+    if size > MAX_FRAME_BYTES:
         raise ProtocolError(ErrorCode.TOO_LARGE,
                             f"message exceeds {MAX_FRAME_BYTES} bytes; split it into chunks",
                             message_id=message.id, op=message.op,

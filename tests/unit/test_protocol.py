@@ -369,3 +369,10 @@ def test_cancelled_error_for_unknown_request_is_just_an_error():
                                     body={"code": "cancelled", "detail": "?"}, re="nothing")))
     (event,) = home.events_received()
     assert isinstance(event, p.ErrorReceived) and event.request is None
+
+
+def test_encode_refuses_lone_surrogates():
+    message = p.Message(id="a", kind=Kind.EVENT, op=Op.HEARTBEAT, ts=1.0, body={"x": "\udc80"})
+    with pytest.raises(ProtocolError) as info:
+        p.encode(message)
+    assert info.value.code is ErrorCode.BAD_TYPE
