@@ -32,8 +32,7 @@ def test_changes_follow_into_the_spool_and_restart_resumes(ldap_raw, ldap_admin,
         wait_until(lambda: any(m["type"] == "end" for _, m in spool.pending()))
         first = [m for _, m in spool.pending()]
         assert first[0]["mode"] == "full"
-        dn = f"uid=u012,ou=people,{SUFFIX}" if ldap_admin.search(f"uid=u012,ou=people,{SUFFIX}", "(objectClass=*)") \
-            else f"uid=u003,ou=people,{SUFFIX}"
+        dn = f"uid=u004,ou=people,{SUFFIX}"
         assert ldap_admin.modify(dn, {"mail": [(ldap3.MODIFY_REPLACE, ["followed@example.com"])]})
         wait_until(lambda: any(c.get("attributes", {}).get("email") == "followed@example.com"
                                for c in spooled_changes(spool)))
