@@ -88,8 +88,15 @@ def create_connector(paths: StatePaths, name: str, cluster: str | None,
         store.close()
 
 
-def issue_image(paths: StatePaths, connector: str, out: Path, home_urls: list[str]) -> dict:
-    """Write a per-image credential bundle (docs/CONTRACTS.md) to ``out``, mode 0600."""
+def issue_image(paths: StatePaths, connector: str, out: Path, home_urls: list[str],
+                max_instances: int | None = None) -> dict:
+    """Write a per-image credential bundle (docs/CONTRACTS.md) to ``out``, mode 0600.
+
+    ``max_instances`` overrides the connector's clone policy for this image
+    (an AMI in an auto-scaling group: several; an OVA: 1).
+    """
+    if max_instances is not None and max_instances < 1:
+        raise StoreError("--max-instances must be at least 1")
     for url in home_urls:
         if not url.startswith("wss://"):
             raise StoreError(f"--home-url {url!r} must be a wss:// URL (agents dial TLS only)")
@@ -113,8 +120,10 @@ def issue_image(paths: StatePaths, connector: str, out: Path, home_urls: list[st
         with store.transaction():
             store.add_cert(issued.serial, "image", f"image:{image_id}", issued.not_before,
                            issued.not_after, connector=connector, image_id=image_id)
-            store.add_image(image_id, connector, fingerprint, issued.serial, urls)
+            store.add_image(image_id, connector, fingerprint, issued.serial, urls,
+                            max_instances)
         return {"image_id": image_id, "connector": connector, "out": str(out),
+                "max_instances": max_instances,
                 "fingerprint": fingerprint, "cert_serial": issued.serial, "home_urls": urls,
                 "uncovered_urls": uncovered_urls(paths, urls)}
     finally:

@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True, type=Path)
     i.add_argument("--home-url", action="append", default=[],
                    help="wss:// URL the image dials (repeatable, tried in order)")
+    i.add_argument("--max-instances", type=int,
+                   help="machines this image may run on (default: the connector's setting)")
 
     p = sub.add_parser("serve", parents=[common], help="run the server")
     p.add_argument("--listen", default="0.0.0.0:443", help="HOST:PORT (default 0.0.0.0:443)")
@@ -108,7 +110,8 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             store.close()
     elif cmd == "image":
-        doc = admin.issue_image(paths, args.connector, args.out, args.home_url)
+        doc = admin.issue_image(paths, args.connector, args.out, args.home_url,
+                                args.max_instances)
         print(f"image {doc['image_id']} for {doc['connector']} -> {doc['out']}")
         for url in doc["uncovered_urls"]:
             print(f"tether-home image issue: warning: home's server certificate does not name "

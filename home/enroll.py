@@ -67,7 +67,7 @@ def enroll(store: Store, authority: Authority, identity: Identity, body: dict) -
         sealing.load_public_key(body["sealing_public_key"])
     except (sealing.SealingError, ValueError) as exc:
         raise HomeError(ErrorCode.BAD_CSR, f"sealing_public_key unusable: {exc}") from None
-    connector = store.connector(identity.connector)
+    limit = _limit(store, identity)
     clone_count = None
     with store.transaction():
         existing = store.instance_for_machine(identity.image_id, fingerprint)
@@ -75,7 +75,7 @@ def enroll(store: Store, authority: Authority, identity: Identity, body: dict) -
             instance_id = existing["instance_id"]
             store.reenroll_instance(instance_id, machine, body["sealing_public_key"])
             response = _issue(store, authority, csr, instance_id, identity)
-        elif store.count_instances(identity.image_id) >= connector["max_instances"]:
+        elif store.count_instances(identity.image_id) >= limit:
             clone_count = store.count_instances(identity.image_id)
         else:
             instance_id = str(uuid.uuid4())
@@ -84,11 +84,19 @@ def enroll(store: Store, authority: Authority, identity: Identity, body: dict) -
             response = _issue(store, authority, csr, instance_id, identity)
     if clone_count is not None:
         store.record_clone(identity.image_id, identity.connector, fingerprint, machine)
-        raise _clone(identity, fingerprint, clone_count, connector["max_instances"])
+        raise _clone(identity, fingerprint, clone_count, limit)
     event(log, logging.INFO, "enrolled", instance=instance_id, image=identity.image_id,
           connector=identity.connector, machine=fingerprint, again=existing is not None,
           serial=response["serial"])
     return response
+
+
+def _limit(store: Store, identity: Identity) -> int:
+    """Machines this image may run on: its own setting, else its connector's."""
+    image = store.image(identity.image_id)
+    if image and image.get("max_instances"):
+        return image["max_instances"]
+    return store.connector(identity.connector)["max_instances"]
 
 
 def _clone(identity: Identity, fingerprint: str, count: int, limit: int) -> HomeError:
@@ -96,8 +104,8 @@ def _clone(identity: Identity, fingerprint: str, count: int, limit: int) -> Home
           connector=identity.connector, machine=fingerprint, instances=count, limit=limit)
     return HomeError(ErrorCode.CLONE_REFUSED,
                      f"image {identity.image_id} already runs on {count} machine(s), the "
-                     f"connector allows {limit}: this machine is a clone. Deploy a freshly "
-                     "downloaded image, or raise the connector's --max-instances",
+                     f"image allows {limit}: this machine is a clone. Deploy a freshly "
+                     "downloaded image, or issue images with a higher --max-instances",
                      limit=limit)
 
 

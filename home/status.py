@@ -103,7 +103,9 @@ def render(doc: dict[str, Any]) -> str:
                      f" config=v{c['config_version'] or '-'}")
     lines.append(f"images ({len(doc['images'])}):")
     for i in doc["images"]:
-        lines.append(f"  {i['image_id']}  connector={i['connector']} instances={i['instances']}"
+        limit = f"/{i['max_instances']}" if i.get("max_instances") else ""
+        lines.append(f"  {i['image_id']}  connector={i['connector']} "
+                     f"instances={i['instances']}{limit}"
                      f" serial={i['cert_serial']}{' REVOKED' if i['revoked'] else ''}")
     lines.append(f"instances ({len(doc['instances'])}):")
     for n in doc["instances"]:

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS images (
     fingerprint TEXT NOT NULL,
     cert_serial TEXT NOT NULL,
     home_urls TEXT NOT NULL,
-    issued_at REAL NOT NULL
+    issued_at REAL NOT NULL,
+    max_instances INTEGER
 );
 CREATE TABLE IF NOT EXISTS instances (
     instance_id TEXT PRIMARY KEY,
@@ -114,6 +115,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        self.migrate()
 
     @classmethod
     def create(cls, path: Path) -> Store:
@@ -122,9 +124,16 @@ class Store:
         path.chmod(0o600)
         store = cls(path)
         store.db.executescript(_SCHEMA)
+        store.migrate()
         store.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                          (str(SCHEMA_VERSION),))
         return store
+
+    def migrate(self) -> None:
+        """Bring a database made by an older home up to this schema (idempotent)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
+        if columns and "max_instances" not in columns:
+            self.db.execute("ALTER TABLE images ADD COLUMN max_instances INTEGER")
 
     def close(self) -> None:
         self.db.close()
@@ -187,10 +196,11 @@ class Store:
     # ---------------------------------------------------------------- images
 
     def add_image(self, image_id: str, connector: str, fingerprint: str, cert_serial: str,
-                  home_urls: list[str]) -> None:
-        self.db.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
+                  home_urls: list[str], max_instances: int | None = None) -> None:
+        self.db.execute("INSERT INTO images (image_id, connector, fingerprint, cert_serial, "
+                        "home_urls, issued_at, max_instances) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (image_id, connector, fingerprint, cert_serial, json.dumps(home_urls),
-                         time.time()))
+                         time.time(), max_instances))
 
     def image(self, image_id: str) -> dict | None:
         row = self._one("SELECT * FROM images WHERE image_id = ?", (image_id,))

@@ -153,3 +153,31 @@ def test_server_names_and_csr_checks():
     with pytest.raises(pki.PkiError):
         pki.load_csr("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n"
                      "-----END CERTIFICATE REQUEST-----\n")
+
+
+def test_image_max_instances_overrides_connector(home, tmp_path):
+    paths, store, authority = home
+    admin.issue_image(paths, "ova", tmp_path / "ami.json", [], max_instances=3)
+    cert = x509.load_pem_x509_certificate(
+        json.loads((tmp_path / "ami.json").read_text())["cert_pem"].encode())
+    ident = gate.identify(store, cert)
+    for n in range(3):
+        enroll.enroll(store, authority, ident, request(f"i-{n:017d}"))
+    with pytest.raises(HomeError) as info:
+        enroll.enroll(store, authority, ident, request("i-99999999999999999"))
+    assert info.value.extra["limit"] == 3
+
+
+def test_old_database_is_migrated(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE images (image_id TEXT PRIMARY KEY, connector TEXT, fingerprint "
+               "TEXT, cert_serial TEXT, home_urls TEXT, issued_at REAL)")
+    db.commit()
+    db.close()
+    store = Store(path)
+    columns = {row[1] for row in store.db.execute("PRAGMA table_info(images)")}
+    store.close()
+    assert "max_instances" in columns
