@@ -12,6 +12,7 @@ from tether.agent.directory.provision import provision
 from tether.agent.directory.sync import full_sync, sync
 
 USERS = f"CN=Users,{AD_BASE}"
+pytestmark = pytest.mark.slow  # the Samba AD DC is provisioned once per session (~10 s)
 
 
 def collect(stream):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 
 import ldap3
+import pytest
 
 from ldapfix_helpers import ad_user, admin_connection, slapd_config
 from ldapfix_slapd import SUFFIX, user_ldif
@@ -50,6 +51,7 @@ def test_openldap_write_is_notified_and_reconnect_fails_over(slapd_factory, test
         notifier.stop()
 
 
+@pytest.mark.slow
 def test_ad_persistent_search_notifies(ad_raw, ad_admin):
     events: queue.Queue = queue.Queue()
     notifier = Notifier(load_config(ad_raw), events.put)

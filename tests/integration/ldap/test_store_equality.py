@@ -8,6 +8,7 @@ The agent side is the real thing: DirectoryService -> Spool, restarted midway.
 from __future__ import annotations
 
 import ldap3
+import pytest
 
 from ldapfix_helpers import AD_BASE, ad_group, ad_user
 from ldapfix_slapd import SUFFIX
@@ -106,6 +107,7 @@ def test_openldap_store_equals_directory(ldap_raw, ldap_admin, tmp_path):
     run_scenario(ldap_raw, tmp_path, list(zip(rounds("1", "u009"), rounds("2", "u017"))))
 
 
+@pytest.mark.slow
 def test_ad_store_equals_directory(ad_raw, ad_admin, tmp_path):
     run_scenario(ad_raw, tmp_path, list(zip(ad_rounds(ad_admin, "a"), ad_rounds(ad_admin, "b"))))
 
