@@ -112,6 +112,11 @@ def start(image: BootImage, home: BootHome, workdir: Path, ovf_properties: dict[
     return Boot(machine, home, started, f"uuid:{machine_uuid.lower()}")
 
 
+def home_connection_sources(boot: Boot) -> set[str]:
+    """Guest addresses of the open connections to home, as qemu's slirp lists them."""
+    return vm.guest_sources(boot.machine.usernet(), vm.GUEST_HOME_ADDRESS, vm.GUEST_HOME_PORT)
+
+
 def reached_multi_user(text: str) -> bool:
     """systemd's "Reached target ... Multi-User System" status line is on the console."""
     return any("Reached target" in line and ("Multi-User" in line or MULTI_USER in line)

@@ -52,8 +52,10 @@ def deployed(boot_image, accelerator, boot_timeout, tmp_path_factory):
         boot.wait_checked_in(enrolled["instance"], boot_timeout)
         row = _wait_selfcheck(boot, enrolled["instance"], 120)
         probe = vm.probe_forwarded_port(boot.machine.cfg.ssh_probe_port)
+        sources = bootrun.home_connection_sources(boot)
         bootrun.TIMINGS.append((f"first boot ({accelerator})", boot.timings))
-        yield {"boot": boot, "home": home, "instance": row, "probe": probe, "tmp": tmp}
+        yield {"boot": boot, "home": home, "instance": row, "probe": probe, "tmp": tmp,
+               "sources": sources}
     finally:
         if boot is not None:
             boot.stop()
@@ -68,6 +70,11 @@ def test_instance_enrolled_and_checked_in(deployed, boot_image):
     timings = deployed["boot"].timings
     print(f"qemu start -> enrolled {timings['enrolled_s']} s, "
           f"-> first check-in {timings['checked_in_s']} s")
+
+
+def test_dhcp_address_from_qemu(deployed):
+    """Seen from qemu's side: the agent's sockets to home come from the DHCP lease."""
+    assert deployed["sources"] == {vm.GUEST_DHCP_ADDRESS}
 
 
 def test_selfcheck_reports_the_ovf_hardware(deployed):
@@ -132,6 +139,7 @@ def test_static_address_from_the_iso_transport(boot_image, accelerator, boot_tim
         enrolled = boot.wait_enrolled(boot_timeout)
         boot.wait_checked_in(enrolled["instance"], boot_timeout)
         row = _wait_selfcheck(boot, enrolled["instance"], 120)
+        sources = bootrun.home_connection_sources(boot)
         console = boot.console()
     finally:
         if boot is not None:
@@ -140,6 +148,7 @@ def test_static_address_from_the_iso_transport(boot_image, accelerator, boot_tim
     bootrun.TIMINGS.append(("static address boot", boot.timings))
     assert f"network static {STATIC['address']}/{STATIC['prefix']}" in console
     assert f"ignored proxy={BAD_PROXY!r}" in console
+    assert sources == {STATIC["address"]}, f"agent's sockets to home come from {sources}"
     reported = json.dumps(row)
     assert STATIC["address"] in reported, (
         "home does not show the static address: the agent must report its interface "

@@ -114,3 +114,24 @@ def test_probe_sees_closed_and_open_ports():
         assert vm.probe_forwarded_port(port, wait=5).state == "open"
         t.join()
     assert vm.probe_forwarded_port(vm.free_port(), wait=2).state == "closed"
+
+
+def test_guest_sources_from_info_usernet():
+    usernet = (
+        "Hub -1 (n0):\n"
+        "  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\n"
+        "  TCP[HOST_FORWARD]  12       127.0.0.1 52335       10.0.2.15    22     0     0\n"
+        "  TCP[ESTABLISHED]   15       10.0.2.50 43210      10.0.2.100   443     0     0\n"
+        "  TCP[ESTABLISHED]   16       10.0.2.50 43212      10.0.2.100   443     0     0\n"
+        "  UDP[236 sec]       17       10.0.2.50   123        10.0.2.2   123     0     0\n")
+    assert vm.guest_sources(usernet, "10.0.2.100", 443) == {"10.0.2.50"}
+
+
+def test_monitor_answers_info_usernet(tmp_path):
+    """A real qemu (no guest code runs: no disk boots in 0 s) answers on its monitor."""
+    cfg = _cfg(tmp_path, home_port=vm.free_port(), cpus=1, memory_mib=256)
+    with vm.Vm(cfg) as machine:
+        machine.wait_for(cfg.monitor_socket.exists, 30, "the monitor socket")
+        text = machine.usernet()
+    assert "Protocol[State]" in text and "HOST_FORWARD" not in text
+    assert not machine.running()

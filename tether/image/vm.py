@@ -41,6 +41,7 @@ GUEST_HOME_PORT = 443
 GUEST_NETWORK = "10.0.2.0/24"
 GUEST_GATEWAY = "10.0.2.2"
 GUEST_DNS = "10.0.2.3"
+GUEST_DHCP_ADDRESS = "10.0.2.15"
 #: The hardware tether.image.ovf.Hardware declares for the OVA.
 OVF_CPUS = 4
 OVF_MEMORY_MIB = 8192
@@ -82,6 +83,10 @@ class VmConfig:
     def qemu_log(self) -> Path:
         return self.workdir / "qemu.log"
 
+    @property
+    def monitor_socket(self) -> Path:
+        return self.workdir / "monitor.sock"
+
 
 # ------------------------------------------------------------ command line
 
@@ -102,6 +107,9 @@ def check_config(cfg: VmConfig) -> None:
             raise VmError(f"machine UUID {cfg.uuid!r} is not a UUID (like {uuidlib.uuid4()})") from None
     if cfg.accelerator not in ("tcg", "kvm"):
         raise VmError(f"accelerator {cfg.accelerator!r}: use tcg or kvm")
+    if len(str(cfg.monitor_socket)) > 100:
+        raise VmError(f"work directory {cfg.workdir} is too long for qemu's monitor socket "
+                      "path (108 bytes at most): use a shorter one")
     for name, port in (("home", cfg.home_port), ("ssh probe", cfg.ssh_probe_port)):
         if port is not None and not 1 <= port <= 65535:
             raise VmError(f"{name} port {port} is not in 1..65535")
@@ -142,7 +150,7 @@ def command(cfg: VmConfig, machine_uuid: str) -> list[str]:
         "-m", str(cfg.memory_mib),
         "-uuid", machine_uuid,
         "-nodefaults", "-display", "none", "-vga", "none",
-        "-monitor", "none",
+        "-monitor", f"unix:{cfg.monitor_socket},server=on,wait=off",
         "-serial", f"file:{cfg.console_log}",
         "-drive", drive,
         "-device", f"nvme,drive=d0,serial=tether-{machine_uuid[:8]},bootindex=0",
@@ -272,6 +280,46 @@ def probe_forwarded_port(port: int, wait: float = 5.0) -> PortProbe:
         return PortProbe("closed")
 
 
+def hmp(socket_path: Path, command_line: str, timeout: float = 10.0) -> str:
+    """Run one human-monitor command on qemu's monitor socket; its output text."""
+    prompt = b"(qemu) "
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        data = b""
+        while not data.endswith(prompt):  # banner, then the first prompt
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise VmError(f"qemu monitor {socket_path} closed before its prompt")
+            data += chunk
+        sock.sendall(command_line.encode() + b"\n")
+        data = b""
+        while not data.endswith(prompt):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    text = data.decode(errors="replace").replace("\r", "")
+    text = text[: -len(prompt)] if text.endswith(prompt.decode()) else text
+    # qemu echoes the command line first
+    return text.split("\n", 1)[1] if text.startswith(command_line) else text
+
+
+def guest_sources(usernet: str, address: str, port: int) -> set[str]:
+    """Guest addresses with a TCP connection to `address:port` in "info usernet" output.
+
+    slirp lists a guest-initiated connection (a guestfwd one included) as
+    ``TCP[ESTABLISHED]  15  10.0.2.15 43210  10.0.2.100  443  0  0``: the
+    guest's address and port, then the destination.
+    """
+    sources = set()
+    for line in usernet.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[0].startswith("TCP[") and fields[4:6] == [address, str(port)]:
+            sources.add(fields[2])
+    return sources
+
+
 class Vm:
     """One running qemu; a context manager that always stops it by PID."""
 
@@ -320,6 +368,10 @@ class Vm:
             return self.cfg.qemu_log.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def usernet(self) -> str:
+        """qemu's view of the user network (slirp's sockets, NAT and guestfwd)."""
+        return hmp(self.cfg.monitor_socket, "info usernet")
 
     def wait_for(self, condition: Callable[[], object], timeout: float, what: str,
                  interval: float = 0.5):
