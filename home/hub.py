@@ -230,7 +230,8 @@ class Hub:
             try:
                 response = await peer.request(p.Op.CONFIG_PUSH, {"config": document})
             except (RequestFailed, AgentUnavailable) as exc:
-                self.store.record_config_state(iid, None, f"rejected:{exc.code.value}")
+                outcome = "rejected" if isinstance(exc, RequestFailed) else "undelivered"
+                self.store.record_config_state(iid, None, f"{outcome}:{exc.code.value}")
                 event(log, logging.WARNING, "config_push_failed", instance=iid, version=version,
                       code=exc.code.value, detail=exc.detail)
                 return False
