@@ -2,7 +2,7 @@
 
 Usage (pytest fixture or plain code)::
 
-    from tests.integration.homeproc import HomeProcess   # or: from homeproc import ...
+    from homeproc import HomeProcess   # tests in tests/integration/ (pytest puts it on sys.path)
 
     with HomeProcess.start(tmp_path, connector="acme", max_instances=1) as home:
         bundle = home.issue_image()            # dict: the credential bundle
@@ -11,6 +11,9 @@ Usage (pytest fixture or plain code)::
         home.status()                          # parsed status --json
         home.restart()                         # same state dir, same port
     # leaving the block stops the server (SIGTERM, then SIGKILL) by PID
+
+Also here: :class:`RawAgent`, a bare protocol client over a real socket (for
+bad frames and scripted exchanges), :func:`client_context` and :func:`enroll`.
 
 The server listens on port 0 (the kernel picks a free port, no race); the
 bound port is read back through home's control socket, which is also how
