@@ -55,22 +55,18 @@ def newest_image(images: Path) -> Path | None:
 def watch(boot: bootrun.Boot, timeout: float) -> dict:
     """Poll console and home log until check-in and multi-user.target, or timeout."""
     seen: dict[str, float] = {}
+    home: dict[str, float] = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and boot.machine.running():
         console = boot.console()
         for name, marker in CONSOLE_MILESTONES.items():
             if name not in seen and marker in console:
                 seen[name] = round(boot.machine.elapsed(), 1)
-        if "enrolled_s" not in boot.timings and boot.home.events("enrolled", machine=boot.fingerprint):
-            boot.wait_enrolled(1)
-        enrolled = boot.home.events("enrolled", machine=boot.fingerprint)
-        if enrolled and "checked_in_s" not in boot.timings and boot.home.events(
-                "hello", instance=enrolled[0]["instance"], role="instance"):
-            boot.wait_checked_in(enrolled[0]["instance"], 1)
-        if "checked_in_s" in boot.timings and "multi_user_s" in seen:
+        home = boot.home_milestones()
+        if "checked_in_s" in home and "multi_user_s" in seen:
             break
         time.sleep(0.25)
-    return {**seen, **boot.timings}
+    return {**seen, **home}
 
 
 def run(image_dir: Path, home_state: Path | None, timeout: float, accelerator: str) -> dict:

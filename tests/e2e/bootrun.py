@@ -87,6 +87,17 @@ class Boot:
         self.timings["refused_s"] = round(event_time(event) - self.started, 1)
         return event
 
+    def home_milestones(self) -> dict:
+        """Seconds from qemu start to enrollment and first check-in, as far as home saw them."""
+        out = {}
+        enrolled = self.home.events("enrolled", machine=self.fingerprint)
+        if enrolled:
+            out["enrolled_s"] = round(event_time(enrolled[0]) - self.started, 1)
+            hello = self.home.events("hello", instance=enrolled[0]["instance"], role="instance")
+            if hello:
+                out["checked_in_s"] = round(event_time(hello[0]) - self.started, 1)
+        return out
+
     def console(self) -> str:
         return console_text(self.machine)
 
