@@ -7,6 +7,7 @@ a Session never raises from receive(); valid messages survive a round trip.
 from __future__ import annotations
 
 import json
+import time
 
 from hypothesis import given, settings, strategies as st
 
@@ -57,7 +58,7 @@ envelopes = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(envelopes)
 def test_structured_garbage_decode_or_protocol_error(obj):
     message = _decode_or_protocol_error(json.dumps(obj))
@@ -99,7 +100,7 @@ def test_round_trip(message):
     assert p.decode(p.encode(message)) == message
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.binary(max_size=200) | st.builds(json.dumps, envelopes), max_size=8))
 def test_session_receive_never_raises(frames):
     for role in p.Role:
@@ -108,3 +109,39 @@ def test_session_receive_never_raises(frames):
             session.receive(frame)
         for text in session.data_to_send():
             assert p.decode(text).kind is p.Kind.ERROR
+
+
+def _established_pair():
+    agent, home = p.Session(p.Role.AGENT), p.Session(p.Role.HOME)
+    agent.request(p.Op.HELLO, {"agent_version": "t", "image_id": "i"})
+    for text in agent.data_to_send():
+        home.receive(text)
+    (hello,) = home.events_received()
+    home.respond(hello.message, {"home_version": "t", "server_time": 0.0, "role": "instance",
+                                 "connector": "c"})
+    for text in home.data_to_send():
+        agent.receive(text)
+    agent.events_received()
+    return agent, home
+
+
+fresh_frames = st.builds(
+    lambda kind, op, body, re, seq: json.dumps({
+        "v": 1, "id": p.new_id(), "kind": kind, "op": op, "ts": time.time(),
+        "re": re, "seq": seq, "body": body}),
+    st.sampled_from([k.value for k in p.Kind]), st.sampled_from([o.value for o in p.Op]),
+    st.dictionaries(st.text(max_size=12), json_values, max_size=5),
+    st.none() | ids, st.none() | st.integers(-1, 20))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(fresh_frames | st.binary(max_size=100), max_size=10))
+def test_established_sessions_survive_any_frames(frames):
+    """After hello, fresh-timestamped frames of every kind/op mix: no exception,
+    and everything a session sends back is an error message."""
+    for session in _established_pair():
+        for frame in frames:
+            session.receive(frame)
+        for text in session.data_to_send():
+            assert p.decode(text).kind is p.Kind.ERROR
+        session.events_received()
