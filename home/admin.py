@@ -61,6 +61,28 @@ def init(paths: StatePaths, names: list[str]) -> dict:
             "server_serial": server.serial, "config_key_id": configsig.key_id(signing.public_key())}
 
 
+def reissue_server_cert(paths: StatePaths, names: list[str]) -> dict:
+    """New server key and certificate from home's CA (expiry, new host names).
+
+    Agents keep working: they pin the CA, not the server certificate. The
+    running server picks the new one up at its next start.
+    """
+    store = open_store(paths)
+    try:
+        if not names:
+            old = pki.load_cert_pem(paths.server_cert.read_bytes())
+            sans = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = [str(n.value) for n in sans]
+        ca_key, ca_cert = load_ca(paths)
+        key, issued = pki.issue_server(ca_key, ca_cert, names)
+        write_private(paths.server_key, pki.key_pem(key))
+        write_public(paths.server_cert, pki.cert_pem(issued.cert))
+        store.add_cert(issued.serial, "server", names[0], issued.not_before, issued.not_after)
+        return {"names": names, "serial": issued.serial, "not_after": issued.not_after}
+    finally:
+        store.close()
+
+
 def open_store(paths: StatePaths) -> Store:
     """The database of an initialized state directory."""
     paths.require_initialized()

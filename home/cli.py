@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", action="append", default=[],
                    help="host name or IP agents use to reach home (repeatable)")
 
+    p = sub.add_parser("server-cert", parents=[common],
+                       help="re-issue home's TLS certificate (expiry, new host names)")
+    p.add_argument("--name", action="append", default=[],
+                   help="host name or IP (repeatable; default: the current names)")
+
     p = sub.add_parser("connector", parents=[common], help="manage connectors")
     csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = csub.add_parser("create", parents=[common], help="create a connector")
@@ -97,6 +102,10 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "init":
         doc = admin.init(paths, args.name)
         print(f"initialized {doc['state']} for {', '.join(doc['names'])}")
+    elif cmd == "server-cert":
+        doc = admin.reissue_server_cert(paths, args.name)
+        print(f"server certificate {doc['serial']} for {', '.join(doc['names'])}; "
+              "restart `tether-home serve` to use it")
     elif cmd == "connector" and action == "create":
         row = admin.create_connector(paths, args.name, args.cluster, args.max_instances)
         print(f"connector {row['name']} (cluster {row['cluster']}, "

@@ -186,3 +186,18 @@ def test_state_before_or_after_the_command(state):
     after = cli(state, "connector", "list")
     assert before.returncode == after.returncode == 0
     assert before.stdout == after.stdout and "acme" in before.stdout
+
+
+def test_server_cert_reissue_keeps_or_changes_names(state):
+    before = x509.load_pem_x509_certificate((state / "server.crt").read_bytes())
+    same = cli(state, "server-cert")
+    assert same.returncode == 0 and "home.example.invalid, 127.0.0.1" in same.stdout
+    renamed = cli(state, "server-cert", "--name", "new.example.invalid")
+    assert renamed.returncode == 0
+    after = x509.load_pem_x509_certificate((state / "server.crt").read_bytes())
+    ca = x509.load_pem_x509_certificate((state / "ca.crt").read_bytes())
+    assert after.serial_number != before.serial_number and pki.is_signed_by(after, ca)
+    sans = after.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["new.example.invalid"]
+    assert mode(state / "server.key") == 0o600
+    cli(state, "server-cert", "--name", "home.example.invalid", "--name", "127.0.0.1")
