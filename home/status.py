@@ -86,6 +86,14 @@ def _figures(selfcheck: dict | None) -> str:
     return " ".join(parts)
 
 
+def _expiry(not_after: float | None) -> str:
+    """``20h left`` / ``expired 3h ago``: when the instance must have renewed."""
+    if not not_after:
+        return "-"
+    left = not_after - time.time()
+    return f"{left / 3600:.0f}h left" if left > 0 else f"expired {_ago(-left)}"
+
+
 def render(doc: dict[str, Any]) -> str:
     """Human-readable status."""
     lines = []
@@ -115,6 +123,7 @@ def render(doc: dict[str, Any]) -> str:
             f" seen={_ago(n['seen_ago'])} version={n['agent_version'] or '-'}"
             f" config=v{n['config_version'] or '-'}({n['config_status'] or '-'})"
             f" listening={'unknown' if listening is None else len(listening)}"
+            f" cert={_expiry(n.get('cert_not_after'))}"
             f"{' REVOKED' if n['cert_revoked'] else ''}")
         lines.append(f"      machine={(n['machine'] or {}).get('fingerprint')} "
                      f"selfcheck: {_figures(n['selfcheck'])}")

@@ -65,6 +65,7 @@ def test_render_status_shows_figures_and_clones():
     }
     text = status.render(doc)
     assert "TLS refusals 2" in text and "sockets=2" in text and "listening=0" in text
+    assert "cert=-" in text
     assert "degraded vcpu=2 ram=8.0GiB [short: 2 vCPU, need 4]" in text
     assert "machine=uuid-2 attempts=4" in text
     assert "LISTENING" not in text
