@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="close sockets that do not say hello within this many seconds")
     p.add_argument("--max-sockets-per-agent", type=int, default=16,
                    help="sockets one enrolled instance may hold at once (default 16)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--log-format", choices=("text", "json"), default="text")
 
     p = sub.add_parser("status", parents=[common], help="connectors, images, instances")
