@@ -110,6 +110,23 @@ def create_connector(paths: StatePaths, name: str, cluster: str | None,
         store.close()
 
 
+def update_connector(paths: StatePaths, name: str, cluster: str | None,
+                     max_instances: int | None) -> dict:
+    """Change a connector's cluster or clone policy (applies to the next enrollment)."""
+    if cluster is None and max_instances is None:
+        raise StoreError("give --cluster and/or --max-instances to change")
+    if cluster is not None:
+        check_name("cluster", cluster)
+    if max_instances is not None and max_instances < 1:
+        raise StoreError("--max-instances must be at least 1 (1 = an OVA, never cloned)")
+    store = open_store(paths)
+    try:
+        store.update_connector(name, cluster, max_instances)
+        return store.connector(name)
+    finally:
+        store.close()
+
+
 def issue_image(paths: StatePaths, connector: str, out: Path, home_urls: list[str],
                 max_instances: int | None = None) -> dict:
     """Write a per-image credential bundle (docs/CONTRACTS.md) to ``out``, mode 0600.

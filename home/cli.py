@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cluster", help="cluster the connector serves (default: its name)")
     c.add_argument("--max-instances", type=int, default=1,
                    help="machines one image may run on (1 = an OVA; more for AMIs)")
+    c = csub.add_parser("set", parents=[common], help="change a connector's cluster or policy")
+    c.add_argument("name")
+    c.add_argument("--cluster")
+    c.add_argument("--max-instances", type=int)
     csub.add_parser("list", parents=[common], help="list connectors")
 
     p = sub.add_parser("image", parents=[common], help="image credentials")
@@ -109,6 +113,10 @@ def _run(args: argparse.Namespace) -> int:
               "restart `tether-home serve` to use it")
     elif cmd == "connector" and action == "create":
         row = admin.create_connector(paths, args.name, args.cluster, args.max_instances)
+        print(f"connector {row['name']} (cluster {row['cluster']}, "
+              f"max-instances {row['max_instances']})")
+    elif cmd == "connector" and action == "set":
+        row = admin.update_connector(paths, args.name, args.cluster, args.max_instances)
         print(f"connector {row['name']} (cluster {row['cluster']}, "
               f"max-instances {row['max_instances']})")
     elif cmd == "connector":

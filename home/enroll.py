@@ -105,7 +105,8 @@ def _clone(identity: Identity, fingerprint: str, count: int, limit: int) -> Home
     return HomeError(ErrorCode.CLONE_REFUSED,
                      f"image {identity.image_id} already runs on {count} machine(s), the "
                      f"image allows {limit}: this machine is a clone. Deploy a freshly "
-                     "downloaded image, or issue images with a higher --max-instances",
+                     "downloaded image, or raise the limit (`tether-home connector set "
+                     f"{identity.connector} --max-instances N`)",
                      limit=limit)
 
 

@@ -155,6 +155,15 @@ class Store:
             raise StoreError(f"connector {name!r} exists already; "
                              "`tether-home status` lists connectors") from None
 
+    def update_connector(self, name: str, cluster: str | None,
+                         max_instances: int | None) -> None:
+        self.connector(name)
+        if cluster is not None:
+            self.db.execute("UPDATE connectors SET cluster = ? WHERE name = ?", (cluster, name))
+        if max_instances is not None:
+            self.db.execute("UPDATE connectors SET max_instances = ? WHERE name = ?",
+                            (max_instances, name))
+
     def connector(self, name: str) -> dict:
         row = self._one("SELECT * FROM connectors WHERE name = ?", (name,))
         if row is None:

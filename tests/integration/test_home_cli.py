@@ -99,6 +99,9 @@ def test_image_issue_writes_the_contract_bundle(state, tmp_path):
     (["connector", "create", "acme"], "exists already"),
     (["connector", "create", "Bad Name"], "must be"),
     (["connector", "create", "zero", "--max-instances", "0"], "at least 1"),
+    (["connector", "set", "acme"], "give --cluster"),
+    (["connector", "set", "nope", "--max-instances", "2"], "no connector"),
+    (["connector", "set", "acme", "--max-instances", "0"], "at least 1"),
     (["revoke", "abcdef"], "no certificate"),
     (["revoke"], "exactly one"),
     (["revoke", "--instance", "nope"], "no instance"),
@@ -201,3 +204,10 @@ def test_server_cert_reissue_keeps_or_changes_names(state):
     assert sans.get_values_for_type(x509.DNSName) == ["new.example.invalid"]
     assert mode(state / "server.key") == 0o600
     cli(state, "server-cert", "--name", "home.example.invalid", "--name", "127.0.0.1")
+
+
+def test_connector_set_changes_policy(state):
+    result = cli(state, "connector", "set", "acme", "--max-instances", "5")
+    assert result.returncode == 0 and "max-instances 5" in result.stdout
+    assert "max-instances=5" in cli(state, "connector", "list").stdout
+    cli(state, "connector", "set", "acme", "--max-instances", "3")
