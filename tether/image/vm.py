@@ -437,3 +437,60 @@ class Vm:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ------------------------------------------------------------ manual use
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Boot a disk by hand and follow its console until Ctrl-C (then stop qemu).
+
+    python -m tether.image.vm --disk images/N/N.raw --home-port 8443 [--home-url-iso]
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m tether.image.vm", description=main.__doc__)
+    parser.add_argument("--disk", type=Path, required=True)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/tether-vm"))
+    parser.add_argument("--home-port", type=int, help="home's port on 127.0.0.1 (guestfwd target)")
+    parser.add_argument("--iso", type=Path, help="CD-ROM image (e.g. an OVF environment ISO)")
+    parser.add_argument("--home-url-iso", action="store_true",
+                        help=f"write an ISO whose ovf-env.xml sets home.url to "
+                             f"wss://{GUEST_HOME_ADDRESS}:{GUEST_HOME_PORT}/")
+    parser.add_argument("--uuid", help="machine UUID (a clone: another one)")
+    parser.add_argument("--smp", type=int, default=OVF_CPUS)
+    parser.add_argument("--memory", type=int, default=OVF_MEMORY_MIB, help="MiB")
+    parser.add_argument("--write", action="store_true", help="write to the disk (default: snapshot)")
+    args = parser.parse_args(argv)
+    iso = args.iso
+    if args.home_url_iso:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        iso = make_transport_iso(ovf_environment(
+            {"home.url": f"wss://{GUEST_HOME_ADDRESS}:{GUEST_HOME_PORT}/"}), args.workdir / "env.iso")
+    cache = Path(__file__).resolve().parents[2] / "images" / ".cache"
+    cfg = VmConfig(disk=args.disk, workdir=args.workdir, home_port=args.home_port, iso=iso,
+                   uuid=args.uuid, cpus=args.smp, memory_mib=args.memory,
+                   accelerator=choose_accelerator(cache).accelerator, snapshot=not args.write,
+                   ssh_probe_port=free_port())
+    try:
+        with Vm(cfg) as machine:
+            print(f"qemu pid {machine.pid}, uuid {machine.uuid}, console {cfg.console_log}, "
+                  f"monitor {cfg.monitor_socket}; Ctrl-C stops it", file=sys.stderr)
+            shown = 0
+            while machine.running():
+                text = machine.console_text()
+                sys.stdout.write(text[shown:])
+                sys.stdout.flush()
+                shown = len(text)
+                time.sleep(0.5)
+    except VmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
