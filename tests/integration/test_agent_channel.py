@@ -87,23 +87,21 @@ def test_agents_return_after_home_restart(home_factory, agent_factory, waiter):
         agent.wait_log("socket 1 connected")
     home.stop()
     time.sleep(2)  # agents notice and back off
-    restarted_at = time.monotonic()
     home.serve()  # same port, same state
     for agent in agents:
         waiter(lambda a=agent: sockets_of(home, a) == 2, 75,
                what="agent back with both sockets after the restart")
         assert agent.alive()
-    took = time.monotonic() - restarted_at
-    assert took < 75  # within the 60 s backoff cap plus start-up slack
     for agent in agents:
-        assert "lost; reconnecting" in agent.log()
+        text = agent.log()
+        assert "lost; reconnecting" in text
+        # back within the cap: no retry was ever scheduled further out than 60 s
+        delays = [float(d) for d in re.findall(r"; next \S+ in ([0-9.]+) s", text)]
+        assert delays, text[-2000:]
+        assert max(delays) <= 60.0
     assert json.dumps(home.status()["clones"]) == "[]"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "home side: Hub round-robins onto sockets whose heartbeat announced draining=true "
-    "and does not retry a request whose socket closed; about 1 request in ~700 is lost "
-    "at the instant an old socket closes. Passes once home skips draining sockets."))
 def test_rotation_under_home_to_agent_requests(home_factory, agent_factory):
     """Home keeps sending requests to the agent (round robin over its sockets)
     while the sockets rotate every ~3 s: every request gets its answer.
