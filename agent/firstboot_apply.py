@@ -33,8 +33,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from . import firstboot, machine
 
@@ -141,8 +141,8 @@ def network_unit(settings: firstboot.FirstBootSettings, nic: str | None) -> str 
     """The .network file text for these settings; None when the image default fits."""
     if settings.mode != "static" and not (settings.dns or settings.ntp or settings.hostname):
         return None
-    lines = [f"# written by tether-firstboot at boot from {settings.source}; "
-             "/run is cleared at every boot",
+    lines = [(f"# written by tether-firstboot at boot from {settings.source}; "
+              "/run is cleared at every boot"),
              "[Match]",
              f"Name={nic}" if settings.mode == "static" and nic else "Name=en* eth*",
              "", "[Network]"]

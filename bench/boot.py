@@ -31,9 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
-import bootrun  # noqa: E402
-from homerig import RigError, start_home  # noqa: E402
-from tether.image import vm  # noqa: E402
+import bootrun
+from homerig import RigError, start_home
+
+from tether.image import vm
 
 RESULTS = ROOT / "bench" / "results" / "boot.json"
 GOAL_S = 20.0

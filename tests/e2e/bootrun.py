@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from homerig import BootHome, RigError, event_time, wait_event
+
 from tether.image import vm
 
 HOME_URL = f"wss://{vm.GUEST_HOME_ADDRESS}:{vm.GUEST_HOME_PORT}/"

@@ -17,20 +17,22 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bootrun import TIMINGS, BootImage, load_image  # noqa: E402
-from homerig import RigError  # noqa: E402
-from tether.image import vm  # noqa: E402
+from bootrun import TIMINGS, BootImage, load_image
+from homerig import RigError
+
+from tether.image import vm
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     for flag, kwargs in (
-        ("--image-dir", dict(default=os.environ.get("TETHER_IMAGE_DIR"),
-                             help="images/<name>/ of a finished build (default: $TETHER_IMAGE_DIR)")),
-        ("--home-state", dict(default=os.environ.get("TETHER_HOME_STATE_FOR_IMAGE"),
-                              help="home state the image was built with (default: images/.home)")),
-        ("--boot-timeout", dict(default="900", help="seconds to wait for enrollment (TCG is slow)")),
+        ("--image-dir", {"default": os.environ.get("TETHER_IMAGE_DIR"),
+                         "help": "images/<name>/ of a finished build (default: $TETHER_IMAGE_DIR)"}),
+        ("--home-state", {"default": os.environ.get("TETHER_HOME_STATE_FOR_IMAGE"),
+                          "help": "home state the image was built with (default: images/.home)"}),
+        ("--boot-timeout", {"default": "900",
+                            "help": "seconds to wait for enrollment (TCG is slow)"}),
     ):
         try:
             parser.addoption(flag, action="store", **kwargs)

@@ -20,10 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-from homeproc import TETHER_HOME, HomeProcess  # noqa: E402
-
-from tether.home import admin, pki  # noqa: E402
-from tether.home.paths import StatePaths, write_private, write_public  # noqa: E402
+from homeproc import TETHER_HOME, HomeProcess
+from tether.home import admin, pki
+from tether.home.paths import StatePaths, write_private, write_public
 
 #: Names the image's home URL may carry besides the guestfwd address.
 EXTRA_NAMES = ("home.tether.invalid", "localhost", "127.0.0.1")

@@ -10,13 +10,12 @@ ISO-transport CD. One VM at a time: each boot stops before the next starts.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import pytest
 
 import bootrun
+import pytest
 from homerig import start_home
 from tether.agent import machine
+
 from tether.image import vm
 
 pytestmark = [pytest.mark.image, pytest.mark.slow]

@@ -10,7 +10,9 @@ import json
 import subprocess
 from pathlib import Path
 
-from tether.agent import firstboot, firstboot_apply as fa, machine
+from tether.agent import firstboot, machine
+from tether.agent import firstboot_apply as fa
+
 from tether.image import vm
 
 
@@ -73,7 +75,7 @@ def test_settings_json_is_world_readable_and_agent_shaped(tmp_path):
 
 
 def test_sources_per_platform():
-    names = lambda p: [s.name for s in fa.sources_for(p)]  # noqa: E731
+    names = lambda p: [s.name for s in fa.sources_for(p)]
     assert names(machine.VMWARE) == ["ovf-guestinfo", "ovf-iso"]
     assert names(machine.QEMU) == ["ovf-iso"]
     assert names(machine.AWS) == ["ovf-iso", "ec2"]

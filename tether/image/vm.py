@@ -26,10 +26,11 @@ import socket
 import subprocess
 import time
 import uuid as uuidlib
-import xml.sax.saxutils as saxutils
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Self
+from xml.sax import saxutils
 
 from . import accel
 from .errors import BuildError
@@ -240,7 +241,7 @@ def make_transport_iso(document: str, out: Path) -> Path:
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "ovf-env.xml").write_text(document)
     res = subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-J", "-r", "-V", OVF_ISO_LABEL,
-                          "-o", str(out), str(staging)], capture_output=True, text=True)
+                          "-o", str(out), str(staging)], capture_output=True, text=True, check=False)
     shutil.rmtree(staging, ignore_errors=True)
     if res.returncode != 0:
         raise VmError(f"xorriso could not write {out}: {res.stderr.strip()[-500:]}")
@@ -271,7 +272,7 @@ def probe_forwarded_port(port: int, wait: float = 5.0) -> PortProbe:
             sock.settimeout(wait)
             try:
                 data = sock.recv(256)
-            except socket.timeout:
+            except TimeoutError:
                 return PortProbe("silent")
             except ConnectionResetError:
                 return PortProbe("closed")
@@ -329,7 +330,7 @@ class Vm:
         self.proc: subprocess.Popen | None = None
         self.started_at: float | None = None  # time.monotonic() at qemu start
 
-    def start(self) -> "Vm":
+    def start(self) -> Vm:
         """Check the configuration and the tools, then start qemu (returns at once)."""
         cfg = self.cfg
         check_config(cfg)
@@ -432,7 +433,7 @@ class Vm:
             except ProcessLookupError:
                 pass
 
-    def __enter__(self) -> "Vm":
+    def __enter__(self) -> Self:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc) -> None:
