@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import accel, basedisk, builddisk, buildvars, credential, packerrun, preflight, wheelhouse
+from . import accel, basedisk, builddisk, buildvars, credential, packerrun, preflight, seal, wheelhouse
 from .diskio import attached, mounted
 from .errors import BuildError
 from .lock import BuildLock
@@ -114,7 +114,7 @@ def _pipeline(ctx: _Ctx) -> Result:
     ctx.work.mkdir(parents=True, mode=0o700)
     ok = False
     try:
-        for step in (_base, _accel, _credential, _wheelhouse, _build_disk, _packer, _ova, _manifest):
+        for step in (_base, _accel, _credential, _wheelhouse, _build_disk, _packer, _seal, _ova, _manifest):
             step(ctx)
         if ctx.opts.verify:
             _verify(ctx)
@@ -216,6 +216,13 @@ def _packer(ctx: _Ctx) -> None:
         os.replace(out, ctx.raw)
         ctx.progress.say(f"raw disk {ctx.raw.name}: {fmt_bytes(ctx.raw.stat().st_size)} apparent, "
                          f"{fmt_bytes(ctx.raw.stat().st_blocks * 512)} allocated")
+
+
+def _seal(ctx: _Ctx) -> None:
+    with ctx.progress.stage("seal", "offline clean-up of what the poweroff wrote (random seed, journal), trim"):
+        removed = seal.seal(ctx.raw, basedisk.default_inputs().layout)
+        ctx.progress.say(f"removed {len(removed)} file(s): {', '.join(removed[:6])}{' ...' if len(removed) > 6 else ''}")
+        ctx.progress.say(f"raw disk now {fmt_bytes(ctx.raw.stat().st_blocks * 512)} allocated")
 
 
 def _ova(ctx: _Ctx) -> None:
