@@ -235,10 +235,6 @@ def test_machine_id_uninitialized(host):
     assert not dbus.exists or (dbus.is_symlink and dbus.linked_to == "/etc/machine-id")
 
 
-def test_no_random_seed(host):
-    assert not host.file("/var/lib/systemd/random-seed").exists, "every instance would share the seed"
-
-
 @pytest.fixture(scope="module")
 def kernel_dirs(image_root):
     dirs = sorted(p for p in (image_root / "usr/lib/modules").iterdir() if p.is_dir())
