@@ -47,7 +47,7 @@ def stages(times: dict[str, float]) -> dict[str, float]:
         "base": get("base", 0.0),
         "packer_boot": get("packer.packer_boot", 0.0),
         "ansible": get("packer.ansible", 0.0),
-        "sysprep": get("packer.sysprep", 0.0) + get("packer.shutdown", 0.0),
+        "sysprep": get("packer.sysprep", 0.0) + get("packer.shutdown", 0.0) + get("seal", 0.0),
         "ova": get("ova", 0.0),
         "verification": get("verify", 0.0),
         "other": sum(v for k, v in times.items() if k in (
@@ -55,12 +55,32 @@ def stages(times: dict[str, float]) -> dict[str, float]:
     }
 
 
+def _sizes(folder: Path, name: str) -> dict:
+    ova, raw = folder / f"{name}.ova", folder / f"{name}.raw"
+    out = {}
+    if ova.is_file():
+        out["ova_bytes"] = ova.stat().st_size
+    if raw.is_file():
+        out["raw_bytes"] = raw.stat().st_size
+        out["raw_allocated_bytes"] = raw.stat().st_blocks * 512
+    return out
+
+
 def one_build(images_dir: Path, label: str) -> dict:
-    opts = build.Options(images_dir=images_dir, name=f"bench-{label}-{int(time.time())}",
+    """One build; a failed build still reports the stages it got through."""
+    name = f"bench-{label}-{int(time.time())}"
+    opts = build.Options(images_dir=images_dir, name=name,
                          credential=Path(os.environ["BENCH_CREDENTIAL"]) if os.environ.get("BENCH_CREDENTIAL") else None)
     print(f"\n--- {label} build into {images_dir} ---", flush=True)
-    res = build.run(opts, Progress())
-    ova, raw = res.artifacts["ova"], res.artifacts["raw"]
+    progress = Progress()
+    try:
+        res = build.run(opts, progress)
+    except build.BuildError as exc:
+        print(f"bench: {label} build failed: {exc}", file=sys.stderr)
+        return {"name": name, "error": str(exc).splitlines()[0], "total_s": round(progress.total(), 1),
+                "stages_s": {k: round(v, 1) for k, v in stages(progress.times).items()},
+                "raw_timings_s": {k: round(v, 1) for k, v in progress.times.items()},
+                **_sizes(images_dir / ".partial" / name, name)}
     return {
         "name": res.name,
         "total_s": round(res.total, 1),
@@ -68,9 +88,7 @@ def one_build(images_dir: Path, label: str) -> dict:
         "raw_timings_s": {k: round(v, 1) for k, v in res.times.items()},
         "base_cached": res.base_cached,
         "accelerator": res.accelerator,
-        "ova_bytes": ova.stat().st_size,
-        "raw_bytes": raw.stat().st_size,
-        "raw_allocated_bytes": raw.stat().st_blocks * 512,
+        **_sizes(res.image_dir, res.name),
     }
 
 
@@ -81,11 +99,15 @@ def report(result: dict) -> None:
         run = result.get(label)
         if not run:
             continue
-        print(f"  {label:<5} total     {fmt_seconds(run['total_s'])}  (accelerator {run['accelerator']})")
+        status = f"FAILED: {run['error']}" if "error" in run else f"accelerator {run['accelerator']}"
+        print(f"  {label:<5} total     {fmt_seconds(run['total_s'])}  ({status})")
         for stage, secs in run["stages_s"].items():
             print(f"    {stage:<14}{fmt_seconds(secs)}")
-        print(f"    OVA           {fmt_bytes(run['ova_bytes'])}  ({run['ova_bytes'] / 1e6:.0f} MB)")
-        print(f"    raw           {fmt_bytes(run['raw_bytes'])} apparent, {fmt_bytes(run['raw_allocated_bytes'])} allocated")
+        if "ova_bytes" in run:
+            print(f"    OVA           {fmt_bytes(run['ova_bytes'])}  ({run['ova_bytes'] / 1e6:.0f} MB)")
+        if "raw_bytes" in run:
+            print(f"    raw           {fmt_bytes(run['raw_bytes'])} apparent, "
+                  f"{fmt_bytes(run['raw_allocated_bytes'])} allocated")
     print(f"  goals: cold <= {GOALS['cold_total_s'] // 60} min, warm <= {GOALS['warm_total_s'] // 60} min, "
           f"OVA <= {GOALS['ova_bytes'] // 10**6} MB")
 
