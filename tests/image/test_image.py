@@ -323,3 +323,8 @@ def test_ova_manifest_matches(image_dir, image_name):
         pytest.skip("tether.image.ova.verify_ova not available")
     problems = verify_ova(ova_path)
     assert problems == [], "\n".join(problems)
+
+
+def test_copyright_files_kept(host):
+    # sysprep removes documentation but the licences travel with the image.
+    assert host.file("/usr/share/doc/libc6/copyright").is_file
