@@ -8,9 +8,18 @@ from tether.image import wheelhouse
 CHECKOUT = Path(__file__).resolve().parents[2]
 
 
-def test_runtime_requirements_are_the_appliance_deps():
+def test_runtime_requirements_come_from_pyproject():
     names = {r.split(">")[0].split("=")[0].strip() for r in wheelhouse.runtime_requirements(CHECKOUT / "pyproject.toml")}
-    assert names == {"websockets", "cryptography", "psutil"}
+    assert {"websockets", "cryptography", "psutil"} <= names
+
+
+def test_requirements_without_dependencies_are_refused(tmp_path):
+    import pytest
+    from tether.image.errors import BuildError
+
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    with pytest.raises(BuildError, match="no \\[project\\] dependencies"):
+        wheelhouse.runtime_requirements(tmp_path / "pyproject.toml")
 
 
 def test_download_targets_the_guest_interpreter(tmp_path):
