@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import tarfile
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ TIMINGS: list[tuple[str, dict]] = []
 @dataclass(frozen=True)
 class BootImage:
     name: str
-    raw: Path
+    disk: Path  # <name>.raw, or the VMDK taken from the OVA
     image_id: str
     connector: str
     home_state: Path
@@ -52,6 +53,21 @@ def load_image(image_dir: Path, home_state: Path | None = None) -> BootImage:
         raise RigError(f"{manifest} names no image_id")
     state = home_state or image_dir.parent / ".home"
     return BootImage(name, raw, image_id, doc.get("connector", ""), state)
+
+
+def extract_vmdk(image: BootImage, dest: Path) -> BootImage:
+    """The same image with its disk taken from the OVA (the streamOptimized VMDK vSphere imports)."""
+    ova = image.disk.with_suffix(".ova")
+    if not ova.is_file():
+        raise RigError(f"{ova} not found: the build did not finish; run `make image`")
+    with tarfile.open(ova) as tar:
+        member = next((m for m in tar.getmembers() if m.name.endswith(".vmdk")), None)
+        if member is None:
+            raise RigError(f"{ova} holds no .vmdk disk: rebuild the image")
+        dest.mkdir(parents=True, exist_ok=True)
+        tar.extract(member, dest, filter="data")
+    return BootImage(image.name, dest / member.name, image.image_id, image.connector,
+                     image.home_state)
 
 
 def console_text(machine: vm.Vm) -> str:
@@ -115,7 +131,7 @@ def start(image: BootImage, home: BootHome, workdir: Path, ovf_properties: dict[
     if ovf_properties:
         iso = vm.make_transport_iso(vm.ovf_environment(ovf_properties, vm_id=machine_uuid),
                                     workdir / "ovf-env.iso")
-    cfg = vm.VmConfig(disk=image.raw, workdir=workdir, home_port=home.port,
+    cfg = vm.VmConfig(disk=image.disk, workdir=workdir, home_port=home.port,
                       ssh_probe_port=vm.free_port(), iso=iso, uuid=machine_uuid,
                       accelerator=accelerator, snapshot=True, **overrides)
     machine = vm.Vm(cfg)

@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bootrun import TIMINGS, BootImage, load_image
+from bootrun import TIMINGS, BootImage, extract_vmdk, load_image
 from homerig import RigError
 
 from tether.image import vm
@@ -31,6 +31,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "help": "images/<name>/ of a finished build (default: $TETHER_IMAGE_DIR)"}),
         ("--home-state", {"default": os.environ.get("TETHER_HOME_STATE_FOR_IMAGE"),
                           "help": "home state the image was built with (default: images/.home)"}),
+        ("--boot-disk", {"default": "raw", "choices": ["raw", "vmdk"],
+                         "help": "boot <name>.raw, or the VMDK inside <name>.ova"}),
         ("--boot-timeout", {"default": "900",
                             "help": "seconds to wait for enrollment (TCG is slow)"}),
     ):
@@ -48,7 +50,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def boot_image(request: pytest.FixtureRequest) -> BootImage:
+def boot_image(request: pytest.FixtureRequest, tmp_path_factory) -> BootImage:
     value = request.config.getoption("--image-dir")
     if not value:
         pytest.skip("no image given: pass --image-dir images/<name>/ "
@@ -58,7 +60,10 @@ def boot_image(request: pytest.FixtureRequest) -> BootImage:
         pytest.fail(f"--image-dir {image_dir} is not a directory: ls images/ for built images")
     state = request.config.getoption("--home-state")
     try:
-        return load_image(image_dir, Path(state).resolve() if state else None)
+        image = load_image(image_dir, Path(state).resolve() if state else None)
+        if request.config.getoption("--boot-disk") == "vmdk":
+            image = extract_vmdk(image, tmp_path_factory.mktemp("vmdk"))
+        return image
     except RigError as exc:
         pytest.fail(str(exc))
 
