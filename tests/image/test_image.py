@@ -122,7 +122,10 @@ def test_no_ssh_host_keys(host):
 
 @pytest.fixture(scope="module")
 def image_key(host):
-    return serialization.load_pem_private_key(host.file("/etc/tether/image.key").content, password=None)
+    key = host.file("/etc/tether/image.key")
+    if not key.is_file:
+        pytest.fail("/etc/tether/image.key missing: the identity role did not run")
+    return serialization.load_pem_private_key(key.content, password=None)
 
 
 def _fingerprint(key) -> str:
