@@ -48,6 +48,11 @@ def test_agent_enabled(host):
     assert link.linked_to == f"/etc/systemd/system/{UNIT}"
 
 
+def test_firstboot_enabled(host):
+    link = host.file("/etc/systemd/system/multi-user.target.wants/tether-firstboot.service")
+    assert link.is_symlink, "tether-firstboot.service (OVF / EC2 settings) is not enabled"
+
+
 def test_agent_user_has_no_login(host):
     user = host.user("tether")
     assert user.exists
