@@ -262,9 +262,10 @@ def mounted_image(raw: Path):
     with contextlib.ExitStack() as stack:
         loop = stack.enter_context(attached(raw, len(lay.partitions), read_only=True))
         mnt = raw.parent.parent / f".mnt-{raw.stem}"
+        # Registered before the mount, so it runs after the unmount.
+        stack.callback(lambda: mnt.rmdir() if mnt.is_dir() and not any(mnt.iterdir()) else None)
         root = stack.enter_context(mounted(loop.partition(lay.by_label("root-a").number), mnt,
                                            options="ro,noload,nodev,nosuid"))
-        stack.callback(lambda: mnt.rmdir() if mnt.is_dir() and not any(mnt.iterdir()) else None)
         yield root
 
 
