@@ -29,7 +29,7 @@ from cryptography import x509
 from tether import __version__, configsig
 from tether import protocol as p
 
-from . import identity, machine, selfcheck, tlsctx
+from . import identity, machine, netfacts, selfcheck, tlsctx
 from .atomicfile import write_atomic
 from .backoff import Backoff
 from .channel import DialPlan
@@ -173,6 +173,12 @@ class Agent:
 
     # ------------------------------------------------------------------ hello
 
+    def selfcheck_body(self) -> dict:
+        """The self-check report plus the network facts (addresses, refused first-boot values)."""
+        body = self.report.as_dict()
+        body["network"] = netfacts.describe(self.settings.firstboot_path)
+        return body
+
     def hello_body(self, link: Link) -> dict:
         # this socket is open (TCP, TLS, WebSocket done): home is reachable
         self.home_probe.reachable, self.home_probe.error = True, ""
@@ -184,7 +190,7 @@ class Agent:
             "image_id": self.settings.image_id,
             "instance_id": self.instance_id,
             "machine": self.machine.as_dict(),
-            "selfcheck": self.report.as_dict(),
+            "selfcheck": self.selfcheck_body(),
             "listening": listening_sockets(),
             "socket_index": link.index,
             "config_version": self.config.version,
@@ -316,7 +322,7 @@ class Agent:
     def heartbeat_body(self) -> dict:
         return {"uptime": round(time.monotonic() - self.started, 3),
                 "listening": listening_sockets(), "config_version": self.config.version,
-                "selfcheck": self.report.as_dict()}
+                "selfcheck": self.selfcheck_body()}
 
     async def send_config_ack(self, link: Link, error: configsig.ConfigError | None = None) -> None:
         """Tell home which configuration runs (after hello and after every push)."""
@@ -370,7 +376,7 @@ class Agent:
             "instance_id": self.instance_id,
             "uptime": round(now - self.started, 3),
             "machine": self.machine.as_dict(),
-            "selfcheck": self.report.as_dict(),
+            "selfcheck": self.selfcheck_body(),
             "listening": listening_sockets(),
             "config_version": self.config.version,
             "config_error": str(self.config.last_error) if self.config.last_error else None,

@@ -40,6 +40,7 @@ class Settings:
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     sources: list[str] = field(default_factory=list)
+    firstboot_path: Path | None = None  # reported home: refused first-boot values
 
     @property
     def image_key(self) -> Path:
@@ -113,4 +114,5 @@ def load(etc_dir: Path = DEFAULT_ETC, state_dir: Path = DEFAULT_STATE,
         if "proxy" in over:
             settings.proxy = check_proxy(over["proxy"], str(firstboot))
         settings.sources.append(str(firstboot))
+        settings.firstboot_path = firstboot
     return settings

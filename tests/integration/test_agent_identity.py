@@ -73,3 +73,22 @@ def test_clone_on_second_machine_is_refused(home_factory, agent_factory, waiter)
     assert clone.fingerprint in flagged, json_text
     assert len(status["instances"]) == 1
     assert os.path.exists(original.state / "instance.crt")
+
+
+def test_network_facts_and_refused_firstboot_values_reach_home(home_factory, agent_factory,
+                                                                 waiter):
+    """An operator learns from home what the first-boot service refused (issue 4)."""
+    home = home_factory(max_instances=1)
+    firstboot = {"source": "ovf-iso", "network": {"mode": "dhcp"},
+                 "rejected": [{"key": "proxy.url", "value": "proxy.example:3128",
+                               "reason": "a proxy URL needs a scheme (http://)"}]}
+    agent = agent_factory(home.issue_image(), firstboot=firstboot)
+    agent.wait_log("socket 1 connected")
+    row = waiter(lambda: (r := instance_of(home, agent.fingerprint)) and r["selfcheck"] and r,
+                 30, what="self-check in status")
+    network = row["selfcheck"]["network"]
+    assert network["firstboot"]["source"] == "ovf-iso"
+    assert network["firstboot"]["rejected"][0]["value"] == "proxy.example:3128"
+    host_addresses = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values()
+                      for a in addrs}
+    assert all(a["address"] in host_addresses for a in network["addresses"])
