@@ -7,8 +7,10 @@ VMware (``sys_vendor = VMware, Inc.``), Amazon EC2 (``sys_vendor`` / ``bios_vend
 The fingerprint tells home which *machine* an image credential is used on, so that a
 cloned appliance (same image, second VM) is seen. The DMI product UUID is unique per
 VM (VMware and EC2 both guarantee it) but is readable by root only; the systemd unit
-passes it in with ``LoadCredential=machine-uuid:/sys/class/dmi/id/product_uuid``
-so the unprivileged agent reads it from ``$CREDENTIALS_DIRECTORY``. On EC2 the instance
+copies it with a privileged ``ExecStartPre=+... -m tether.agent.machine export-uuid``
+into the agent's ``$RUNTIME_DIRECTORY`` so the unprivileged agent can read it. (Not
+``LoadCredential=``: systemd 252 refuses to start the unit when the file is absent,
+as it is on a QEMU guest started without ``-uuid``.) On EC2 the instance
 id (``board_asset_tag`` on Nitro, world-readable) is preferred: it is what operators
 see in the console.
 """
@@ -94,11 +96,11 @@ def identify(
     uuid = _read(dmi_dir, "product_uuid")
     source = "dmi product_uuid"
     if not uuid:
-        creds = credentials_dir if credentials_dir is not None else os.environ.get(
-            "CREDENTIALS_DIRECTORY", "")
+        creds = credentials_dir if credentials_dir is not None else (
+            os.environ.get("CREDENTIALS_DIRECTORY") or os.environ.get("RUNTIME_DIRECTORY", ""))
         if creds:
             uuid = _read(Path(creds), "machine-uuid")
-            source = "systemd credential machine-uuid"
+            source = "machine-uuid exported by the unit"
     if _UUID.match(uuid):
         return Machine(platform, f"uuid:{uuid.lower()}", source, vendor, product)
     machine_id = _read(machine_id_file.parent, machine_id_file.name)
@@ -106,7 +108,46 @@ def identify(
         digest = hashlib.sha256(machine_id.encode()).hexdigest()
         return Machine(platform, f"machine-id:{digest}", "/etc/machine-id", vendor, product)
     raise RuntimeError(
-        "no machine fingerprint: DMI product_uuid unreadable, no systemd credential "
+        "no machine fingerprint: DMI product_uuid unreadable, no exported "
         "'machine-uuid' and no /etc/machine-id; run the agent from its systemd unit "
-        "(it passes LoadCredential=machine-uuid) or as root"
+        "(its ExecStartPre exports the machine UUID) or as root"
     )
+
+
+def export_uuid(target: Path, dmi_dir: Path = DMI_DIR) -> bool:
+    """Copy the root-only DMI product UUID to ``target`` for the unprivileged agent.
+
+    Run as root before the agent starts. A machine without a usable UUID gets no
+    file (the agent then falls back to /etc/machine-id); never an error, so the
+    agent always starts.
+    """
+    uuid = _read(dmi_dir, "product_uuid")
+    if not _UUID.match(uuid):
+        return False
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(uuid.lower() + "\n", encoding="ascii")
+    tmp.chmod(0o644)
+    tmp.replace(target)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tether.agent.machine export-uuid PATH`` (the unit's ExecStartPre)."""
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "export-uuid":
+        print("usage: python -m tether.agent.machine export-uuid PATH", file=sys.stderr)
+        return 2
+    try:
+        exported = export_uuid(Path(args[1]))
+    except OSError as exc:
+        print(f"machine-uuid not exported ({exc}); the agent falls back to /etc/machine-id",
+              file=sys.stderr)
+        return 0
+    print("machine-uuid exported" if exported else
+          "no DMI product UUID; the agent falls back to /etc/machine-id")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -132,7 +132,7 @@ def test_fingerprint_from_uuid_or_credential(tmp_path):
     (d / "product_uuid").unlink()  # not readable as an unprivileged user
     m = machine.identify(d, credentials_dir=str(creds))
     assert m.fingerprint.endswith("000000000001")
-    assert m.fingerprint_source == "systemd credential machine-uuid"
+    assert m.fingerprint_source == "machine-uuid exported by the unit"
 
 
 def test_fingerprint_falls_back_to_machine_id(tmp_path):
@@ -140,7 +140,7 @@ def test_fingerprint_falls_back_to_machine_id(tmp_path):
     mid.write_text("0123456789abcdef0123456789abcdef\n")
     m = machine.identify(tmp_path / "none", credentials_dir="", machine_id_file=mid)
     assert m.fingerprint.startswith("machine-id:") and len(m.fingerprint) == 11 + 64
-    with pytest.raises(RuntimeError, match="LoadCredential"):
+    with pytest.raises(RuntimeError, match="ExecStartPre"):
         machine.identify(tmp_path / "none", credentials_dir="",
                          machine_id_file=tmp_path / "missing")
 
@@ -173,3 +173,22 @@ def test_probe_home_reachable_and_unreachable():
     assert bad.dns_ok and bad.reachable is False and "refused" in bad.error
     nodns = asyncio.run(probes.probe_home("wss://no-such-host.invalid/", ok))
     assert nodns.dns_ok is False
+
+
+def test_export_uuid_for_the_unprivileged_agent(tmp_path):
+    (tmp_path / "vm").mkdir()
+    d = dmi(tmp_path / "vm", sys_vendor="QEMU", product_uuid="4231A3E6-DEAD-BEEF-0000-0123456789AB")
+    target = tmp_path / "run" / "machine-uuid"
+    target.parent.mkdir()
+    assert machine.export_uuid(target, d)
+    m = machine.identify(tmp_path / "no-dmi", credentials_dir=str(target.parent),
+                         machine_id_file=tmp_path / "missing")
+    assert m.fingerprint == "uuid:4231a3e6-dead-beef-0000-0123456789ab"
+
+
+def test_export_uuid_without_dmi_writes_nothing_and_succeeds(tmp_path):
+    target = tmp_path / "machine-uuid"
+    assert not machine.export_uuid(target, tmp_path / "no-dmi")
+    assert not target.exists()
+    assert machine.main(["export-uuid", str(target)]) == 0
+    assert machine.main(["bogus"]) == 2
