@@ -23,9 +23,18 @@ MAX_ADDRESSES = 64
 
 
 def interface_addresses() -> list[dict]:
-    """Non-loopback IPv4/IPv6 addresses with their prefix length, per interface."""
+    """Non-loopback IPv4/IPv6 addresses with their prefix length, per interface.
+
+    psutil reads them over a netlink socket, which the hardened unit forbids
+    (RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX): there the list is empty
+    and :func:`describe` reports the socket's own local address instead.
+    """
+    try:
+        interfaces = psutil.net_if_addrs()
+    except OSError:
+        return []
     found = []
-    for name, addrs in sorted(psutil.net_if_addrs().items()):
+    for name, addrs in sorted(interfaces.items()):
         for addr in addrs:
             if addr.family not in (socket.AF_INET, socket.AF_INET6):
                 continue
@@ -66,6 +75,13 @@ def firstboot_summary(path: Path | None) -> dict | None:
             "rejected": rejected[:MAX_REJECTED]}
 
 
-def describe(firstboot_path: Path | None) -> dict:
-    """The ``network`` section of the self-check report sent home."""
-    return {"addresses": interface_addresses(), "firstboot": firstboot_summary(firstboot_path)}
+def describe(firstboot_path: Path | None, local_address: str | None = None) -> dict:
+    """The ``network`` section of the self-check report sent home.
+
+    ``local_address`` is the agent's end of its socket to home: the address the
+    appliance really uses, known even where interfaces cannot be listed.
+    """
+    facts = {"addresses": interface_addresses(), "firstboot": firstboot_summary(firstboot_path)}
+    if local_address:
+        facts["local_address"] = local_address
+    return facts

@@ -79,6 +79,7 @@ class Agent:
     def __init__(self, settings: Settings, options: RunOptions | None = None,
                  notifier: Notifier | None = None) -> None:
         self.settings = settings
+        self.local_address: str | None = None  # our end of the socket home: reported address
         self.options = options or RunOptions()
         self.notifier = notifier or Notifier()
         self.state = settings.state_dir
@@ -176,7 +177,7 @@ class Agent:
     def selfcheck_body(self) -> dict:
         """The self-check report plus the network facts (addresses, refused first-boot values)."""
         body = self.report.as_dict()
-        body["network"] = netfacts.describe(self.settings.firstboot_path)
+        body["network"] = netfacts.describe(self.settings.firstboot_path, self.local_address)
         return body
 
     def hello_body(self, link: Link) -> dict:
@@ -185,6 +186,8 @@ class Agent:
         if self.home_probe.dns_ok is False:
             self.home_probe.dns_ok = None if self.proxy() else True
         self.report = selfcheck.evaluate(self.report.measured)
+        local = link.ws.local_address
+        self.local_address = str(local[0]) if local else None
         return {
             "agent_version": __version__,
             "image_id": self.settings.image_id,

@@ -92,3 +92,4 @@ def test_network_facts_and_refused_firstboot_values_reach_home(home_factory, age
     host_addresses = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values()
                       for a in addrs}
     assert all(a["address"] in host_addresses for a in network["addresses"])
+    assert network["local_address"] == "127.0.0.1"  # our end of the socket to home

@@ -36,3 +36,13 @@ def test_missing_or_broken_firstboot_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert "unreadable" in netfacts.firstboot_summary(bad)["error"]
+
+
+def test_no_netlink_in_the_sandbox_still_reports(monkeypatch):
+    """The unit forbids AF_NETLINK: psutil fails, the socket's own address still goes home."""
+    def refused():
+        raise PermissionError(97, "Address family not supported by protocol")
+    monkeypatch.setattr(netfacts.psutil, "net_if_addrs", refused)
+    facts = netfacts.describe(None, "10.0.2.50")
+    assert facts["addresses"] == []
+    assert facts["local_address"] == "10.0.2.50"
