@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from homeproc import HomeProcess
+from homeproc import HomeProcess, stop_process
 
 VENV_BIN = Path(sys.executable).parent
 AGENT = VENV_BIN / "tether-agent"
@@ -128,16 +127,7 @@ class AgentProcess:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM by PID, then SIGKILL if it does not stop; returns the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
 
 class Tinyproxy:

@@ -40,6 +40,23 @@ TETHER_HOME = str(VENV_BIN / "tether-home")
 START_TIMEOUT = 30.0
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 15.0) -> int | None:
+    """Stop a process this test started, by PID: SIGTERM, wait, then SIGKILL.
+
+    Returns its exit status (None when there was no process).
+    """
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
 @dataclass
 class HomeProcess:
     """A running home server with its own state directory."""
@@ -127,14 +144,7 @@ class HomeProcess:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, wait, then SIGKILL — only our own process, by PID."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, timeout)
 
     def kill(self) -> None:
         """Hard stop (crash simulation): SIGKILL by PID."""
