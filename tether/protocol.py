@@ -174,23 +174,47 @@ class Op(str, enum.Enum):
         "applied"|"rejected"|"last_good", optional ``error`` str (an
         :class:`ErrorCode` value) and ``detail`` str. Sent after hello and after
         every change, so home always knows what runs.
-    ``sync`` (request H→A, streamed)
-        body: ``directory`` str, ``mode`` "full"|"incremental", ``cursor``
-        str|null (resume point, from the last acknowledged chunk).
-        chunk body: ``changes`` list of objects, ``cursor`` str (resume point
-        after this chunk). ack body: ``cursor`` str (optional echo).
-        response: ``cursor`` str, ``chunks`` int, ``changes`` int.
+    ``sync`` (request H→A)
+        Home tells a connector what to do with one directory's change feed.
+        body: ``directory`` str (the directory's ``id`` in the configuration),
+        ``mode`` "follow" (lead this directory: sync and follow its changes
+        into the on-disk spool, draining it home with ``directory.changes``;
+        ``cursor`` is home's last applied cursor, used only when the agent is
+        not already following and holds no unsent spool for it), "full" (as
+        follow, but start with a full sync now), "stop" (stop following; the
+        spool is kept and still drained), ``cursor`` str|null.
+        response: ``cursor`` str|null (the agent's own cursor), ``following``
+        bool, ``pending`` int (spooled messages not yet acknowledged).
+        Chunks are not used by this version (the schema stays for streaming
+        peers); changes travel through ``directory.changes`` so they are spooled.
+    ``directory.changes`` (request A→H)
+        The agent drains its spool: body ``directory`` str, ``entries`` list of
+        ``{"seq": int, "message": object}`` in spool order (``message`` is one
+        stream message of the directory engine: begin / chunk / end, see
+        agent/directory/README.md), at most :data:`MAX_FRAME_BYTES` in all.
+        response: ``applied_through`` int (every seq up to it is applied, or was
+        dropped on purpose: the agent acknowledges its spool up to it),
+        ``leader`` bool (false: home takes this directory's changes from another
+        connector and dropped the batch; the agent stops following it).
+        Home applies each seq exactly once per instance and directory.
     ``search`` (request H→A, streamed)
-        body: ``directory`` str, ``filter`` str, optional ``base`` str,
-        ``scope`` str, ``attributes`` list. chunk body: ``entries`` list.
-        response: ``entries`` int.
+        body: ``directory`` str, ``kind`` "user"|"group", ``filter`` str,
+        optional ``limit`` int. chunk body: ``entries`` list of records.
+        response: ``entries`` int, ``truncated`` bool.
     ``authenticate`` (request H→A)
         body: ``directory`` str, ``username`` str, ``password`` str.
-        response: ``ok`` bool, ``dn`` str|null, ``groups`` list, ``reason`` str.
+        response: ``ok`` bool, ``outcome`` str (success|wrong_password|
+        disabled|locked|expired|unknown_user), ``dn`` str|null, ``groups``
+        list (DNs, nested groups resolved), ``server`` str.
     ``provision`` (request H→A)
-        body: ``directory`` str, ``action`` str (create|modify|delete|
-        set_password|add_member|remove_member), ``target`` object.
-        response: ``ok`` bool, ``dn`` str|null, ``detail`` str.
+        body: ``directory`` str, ``order`` object (``id`` str, ``op`` one of
+        create_user|update_user|move_user|disable_user|enable_user|delete_user|
+        set_password|add_member|remove_member, and the op's fields, see
+        agent/directory/provision.py).
+        response: ``ok`` bool, ``result`` object (``id``, ``op``, ``status``
+        "done"|"failed", ``reason``, ``code``, ``server_code``, and
+        ``outcome_unknown`` true when the connection dropped after the write was
+        sent). Never retried on another connector by home.
     ``update`` (request H→A)
         body: ``version`` str, ``url`` str, ``sha256`` str, ``signature`` str.
         response: ``accepted`` bool, ``detail`` str.
@@ -205,6 +229,7 @@ class Op(str, enum.Enum):
     CONFIG_PUSH = "config.push"
     CONFIG_ACK = "config.ack"
     SYNC = "sync"
+    DIRECTORY_CHANGES = "directory.changes"
     SEARCH = "search"
     AUTHENTICATE = "authenticate"
     PROVISION = "provision"
@@ -248,7 +273,8 @@ class ErrorCode(str, enum.Enum):
 
 
 #: Ops a home accepts as requests / events, and ops an agent accepts.
-HOME_REQUESTS = frozenset({Op.HELLO, Op.ENROLL, Op.RENEW, Op.STATUS})
+HOME_REQUESTS = frozenset({Op.HELLO, Op.ENROLL, Op.RENEW, Op.STATUS,
+                           Op.DIRECTORY_CHANGES})
 HOME_EVENTS = frozenset({Op.HEARTBEAT, Op.CONFIG_ACK})
 AGENT_REQUESTS = frozenset({
     Op.CONFIG_PUSH, Op.SYNC, Op.SEARCH, Op.AUTHENTICATE, Op.PROVISION,
@@ -334,10 +360,22 @@ BODY_FIELDS: dict[tuple[Op, Kind], dict[str, tuple[tuple, bool]]] = {
         "cursor": ((str, None), True),
         "chunks": ((int,), False),
         "changes": ((int,), False),
+        "following": ((bool,), False),
+        "pending": ((int,), False),
+    },
+    (Op.DIRECTORY_CHANGES, Kind.REQUEST): {
+        "directory": ((str,), True),
+        "entries": ((list,), True),
+    },
+    (Op.DIRECTORY_CHANGES, Kind.RESPONSE): {
+        "applied_through": ((int,), True),
+        "leader": ((bool,), True),
     },
     (Op.SEARCH, Kind.REQUEST): {
         "directory": ((str,), True),
         "filter": ((str,), True),
+        "kind": ((str,), False),
+        "limit": ((int,), False),
         "base": ((str, None), False),
         "scope": ((str,), False),
         "attributes": ((list,), False),
@@ -350,15 +388,19 @@ BODY_FIELDS: dict[tuple[Op, Kind], dict[str, tuple[tuple, bool]]] = {
     },
     (Op.AUTHENTICATE, Kind.RESPONSE): {
         "ok": ((bool,), True),
+        "outcome": ((str,), False),
         "dn": ((str, None), False),
         "groups": ((list,), False),
+        "server": ((str, None), False),
     },
     (Op.PROVISION, Kind.REQUEST): {
         "directory": ((str,), True),
-        "action": ((str,), True),
-        "target": ((dict,), True),
+        "order": ((dict,), True),
     },
-    (Op.PROVISION, Kind.RESPONSE): {"ok": ((bool,), True)},
+    (Op.PROVISION, Kind.RESPONSE): {
+        "ok": ((bool,), True),
+        "result": ((dict,), False),
+    },
     (Op.UPDATE, Kind.REQUEST): {
         "version": ((str,), True),
         "url": ((str,), True),

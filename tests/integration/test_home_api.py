@@ -183,7 +183,7 @@ def test_failover_to_another_instance_and_cluster_routing(prepared, tmp_path):
             with pytest.raises(RequestFailed):  # provisioning never fails over
                 for _ in range(2):
                     await server.hub.request("dir", p.Op.PROVISION,
-                                             {"directory": "ad", "action": "create", "target": {}})
+                                             {"directory": "ad", "order": {"id": "o1", "op": "create_user"}})
             for task in tasks:
                 task.cancel()
             for agent in agents:
