@@ -117,13 +117,13 @@ class Agent:
         directories, so an agent without any keeps a small footprint.
         """
         config = self.config.secrets_open
-        if not config or not config.get("directories"):
-            return
+        if (not config or not config.get("directories")) and self.directories is None:
+            return  # an engine already running still hears that its directories are gone
         try:
             if self.directories is None:
                 self.directories = load_directory_bridge(self)
             if self.directories is not None:
-                self.directories.configure(config)
+                self.directories.configure(config or {})
         except Exception:  # noqa: BLE001 - a bad directory must not stop the channel
             log.exception("directory engine refused the configuration")
 
@@ -388,6 +388,7 @@ class Agent:
                          "draining": ln.draining}
                         for ln in [*self.links.values(), *self.draining]],
             "pid": os.getpid(),
+            "directories": self.directories.status() if self.directories is not None else None,
         }
 
     # ------------------------------------------------------------------ background
@@ -429,6 +430,8 @@ class Agent:
             await self.stopping.wait()
             await asyncio.wait(slots, timeout=10)
         self.notifier.stopping()
+        if self.directories is not None:
+            await self.directories.close()  # followers stop; spools stay for the next start
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -5,6 +5,10 @@ the directory, so an entry is either fully there or absent after a crash or
 power loss, never half-written; ordering is the sequence number in the file
 name, so a restarted agent sends the same entries in the same order. Entries
 are removed only by `ack` (cumulative, like the channel's acknowledgements).
+
+Sequence numbers never go back, even across restarts with an empty spool: the
+highest acknowledged seq is kept in the file `acked`, because home applies
+each seq exactly once and would drop a reused one as a duplicate.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 NAME = re.compile(r"^(\d{16})\.json$")
+ACKED = "acked"
 
 
 class SpoolError(Exception):
@@ -36,7 +41,25 @@ class Spool:
         for leftover in self.directory.glob("*.tmp"):
             leftover.unlink()  # an append that never completed: it was never acknowledged as written
         seqs = self._seqs()
-        self._next = (seqs[-1] + 1) if seqs else 1
+        self._next = max(seqs[-1] if seqs else 0, self._acked()) + 1
+
+    def _acked(self) -> int:
+        """The highest seq ever acknowledged here (0 if none)."""
+        try:
+            return int((self.directory / ACKED).read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            raise SpoolError(f"spool high-water mark {self.directory / ACKED} is unreadable ({exc}); "
+                             "restore it or write the highest seq home has applied into it") from None
+
+    def _store_acked(self, seq: int) -> None:
+        tmp = self.directory / f"{ACKED}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(str(seq))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.directory / ACKED)
 
     def _seqs(self) -> list[int]:
         return sorted(int(m.group(1)) for p in self.directory.iterdir() if (m := NAME.match(p.name)))
@@ -100,6 +123,8 @@ class Spool:
     def ack(self, seq: int) -> int:
         """Home has applied everything up to and including `seq`: remove it; return how many."""
         removed = 0
+        if seq > self._acked():
+            self._store_acked(seq)  # before removing: a crash must not let seqs go back
         for s in self._seqs():
             if s > seq:
                 break

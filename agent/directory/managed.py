@@ -1,0 +1,235 @@
+"""One configured directory as the agent runs it: engine, spool, cursor, follower, `leading`.
+
+Why a separate object per directory: a directory whose configuration is
+refused, whose server is down or whose follower fails must not disturb the
+others, and a new configuration must replace one directory's engine without
+losing its spool. Everything lives under `<state>/directories/<id>/`:
+
+- `spool/`   changes waiting for home's acknowledgement (see spool.py)
+- `cursor`   the last cursor whose stream is completely in the spool
+- `leading`  present while home wants this agent to follow the directory, so
+             an agent restarted while home is away keeps following it (the
+             changes wait in the spool until home is back)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from ..atomicfile import write_atomic
+from .errors import ConfigError, DirectoryError
+from .follow import CursorFile, Follower
+from .service import DirectoryService
+from .spool import Spool
+
+log = logging.getLogger("tether.agent.directory")
+
+#: A directory id names a directory on disk: keep it to a safe file name.
+ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+#: Largest spool entry (encoded JSON) the follower writes; a drain batch holds several.
+ENTRY_BUDGET = 256 * 1024
+#: Configuration keys that change the records themselves: a change forces a full resync.
+SHAPING_KEYS = ("kind", "base_dns", "user_filter", "group_filter", "attribute_mapping",
+                "member_attribute", "sync_password_hashes")
+#: Seconds between syncs when no change notification arrives (also the retry after an error).
+FOLLOW_INTERVAL = 60.0
+
+
+def encoded_size(obj) -> int:
+    """Bytes of `obj` as the protocol encodes it (compact UTF-8 JSON)."""
+    return len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def split_by_size(items: Iterable, budget: int) -> Iterator[list]:
+    """Consecutive groups of `items` whose encoded list stays under `budget` bytes.
+
+    A single item above the budget still forms a group of its own: it cannot be
+    split without changing what home receives, so the caller reports it.
+    """
+    group, size = [], 2
+    for item in items:
+        n = encoded_size(item) + 1
+        if group and size + n > budget:
+            yield group
+            group, size = [], 2
+        group.append(item)
+        size += n
+    if group:
+        yield group
+
+
+def rechunk(stream: Iterable[dict], budget: int = ENTRY_BUDGET) -> Iterator[dict]:
+    """The engine's stream with every chunk small enough for one spool entry.
+
+    Why renumber: home checks that chunk seqs run 1, 2, ... and that `end.seq`
+    follows the last chunk, so splits shift every later seq of the stream.
+    """
+    seq = 0
+    for msg in stream:
+        if msg.get("type") == "chunk":
+            for part in split_by_size(msg["changes"], budget):
+                seq += 1
+                yield {**msg, "seq": seq, "changes": part}
+        elif msg.get("type") == "end":
+            yield {**msg, "seq": seq + 1}
+        else:
+            seq = 0
+            yield msg
+
+
+class NotifyingSpool(Spool):
+    """A spool that calls `on_append()` after each durable append (wakes the drain)."""
+
+    def __init__(self, directory, on_append: Callable[[], None]):
+        super().__init__(directory)
+        self.on_append = on_append
+
+    def append(self, item: dict) -> int:
+        seq = super().append(item)
+        self.on_append()
+        return seq
+
+
+class BridgeFollower(Follower):
+    """The engine's Follower, with size-bounded spool entries, a stop between messages
+    and an optional full sync first (home's `sync` mode `full`)."""
+
+    def __init__(self, service: DirectoryService, spool: Spool, root: Path, full: bool = False):
+        super().__init__(service, spool, root, interval=FOLLOW_INTERVAL)
+        self.cursor = CursorFile(root / "cursor")
+        self.full = full
+
+    def run_once(self) -> int:
+        """One sync into the spool; any failure becomes a DirectoryError the loop retries.
+
+        Why wrap: the engine's loop retries DirectoryError only, and a full disk
+        (SpoolError) or an unexpected ldap3 error must not end the thread silently.
+        """
+        try:
+            return self._sync_into_spool()
+        except DirectoryError:
+            raise
+        except Exception as exc:
+            log.exception("following %s failed", self.service.name)
+            raise DirectoryError("operation_failed", f"following stopped by {type(exc).__name__}: "
+                                 f"{exc}; retrying") from None
+
+    def _sync_into_spool(self) -> int:
+        stream = self.service.full_sync() if self.full else self.service.sync(self.cursor.load())
+        count = 0
+        for msg in rechunk(stream):
+            if self._stop.is_set():
+                return count  # abandoned mid-stream: the cursor is not stored, so it replays
+            self.spool.append(msg)
+            if msg["type"] == "chunk":
+                count += len(msg["changes"])
+            elif msg["type"] == "end":
+                self.cursor.store(msg["cursor"])
+                self.full = False
+        return count
+
+
+def refusal(ident: str, exc: Exception) -> DirectoryError:
+    """Any failure to build a directory's engine as a DirectoryError (code `config` if unknown)."""
+    if isinstance(exc, DirectoryError):
+        return exc
+    return ConfigError(f"directory {ident!r} cannot be set up: {type(exc).__name__}: {exc}")
+
+
+class ManagedDirectory:
+    """A directory's engine plus its on-disk state; `error` is set when its config was refused."""
+
+    def __init__(self, ident: str, raw: dict, root: Path, spool: Spool):
+        self.id, self.raw, self.root, self.spool = ident, raw, root, spool
+        self.cursor = CursorFile(root / "cursor")
+        self.follower: BridgeFollower | None = None
+        self.auth_lock = threading.Lock()  # the engine's Authenticator is not thread-safe
+        self._lock = threading.Lock()  # follow/stop/close come from several worker threads
+        self.retired = False
+        self.service: DirectoryService | None = None
+        self.error: DirectoryError | None = None
+        try:
+            self.service = DirectoryService({**raw, "name": raw.get("name") or ident})
+        except Exception as exc:  # noqa: BLE001 - one bad directory must not stop the others
+            self.error = refusal(ident, exc)
+            log.error("directory %s refused: %s", ident, self.error,
+                      extra={"tether_directory": ident, "tether_error": self.error.code})
+
+    # ---- leading marker
+
+    @property
+    def leading(self) -> bool:
+        return (self.root / "leading").exists()
+
+    def set_leading(self, on: bool) -> None:
+        marker = self.root / "leading"
+        if on and not marker.exists():
+            write_atomic(marker, b"home asked this agent to follow the directory\n")
+        elif not on:
+            marker.unlink(missing_ok=True)
+
+    # ---- following (blocking: call from a worker thread, never the event loop)
+
+    @property
+    def following(self) -> bool:
+        return self.follower is not None
+
+    def follow(self, home_cursor: str | None, full: bool = False) -> None:
+        """Start following (no-op if already following, unless `full` restarts it).
+
+        Home's cursor is used only when this agent holds neither a cursor nor
+        unsent changes of its own: ours are newer, or not yet applied by home.
+        """
+        with self._lock:
+            if self.retired:
+                raise DirectoryError("config", f"directory {self.id!r} was reconfigured meanwhile; "
+                                     "send the request again")
+            if self.service is None:
+                raise self.error
+            if self.follower is not None and not full:
+                return
+            self._stop_following()
+            if full:
+                self.forget_cursor()  # an agent restarted mid-way starts the full sync again
+            elif home_cursor and self.cursor.load() is None and len(self.spool) == 0:
+                self.cursor.store(home_cursor)
+            self.follower = BridgeFollower(self.service, self.spool, self.root, full=full)
+            self.follower.start()
+
+    def stop_following(self) -> None:
+        with self._lock:
+            self._stop_following()
+
+    def _stop_following(self) -> None:
+        follower, self.follower = self.follower, None
+        if follower is not None:
+            follower.stop()
+
+    def forget_cursor(self) -> None:
+        """The records' shape changed (mapping, filters, base DNs): the next sync is full."""
+        self.cursor.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Stop following and release connections; the state on disk stays."""
+        with self._lock:
+            self.retired = True
+            self._stop_following()
+            if self.service is not None:
+                self.service.close()
+
+    def status(self) -> dict:
+        """What a `sync` reply and the agent's status report say about this directory."""
+        out = {"cursor": self.cursor.load(), "following": self.following, "pending": len(self.spool)}
+        failure = self.follower.last_error if self.follower is not None else self.error
+        if failure is not None:
+            out["error"] = failure.to_dict()
+        return out
+
+
+def shaping_changed(old: dict, new: dict) -> bool:
+    return any(old.get(k) != new.get(k) for k in SHAPING_KEYS)
