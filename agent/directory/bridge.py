@@ -53,9 +53,13 @@ SEARCH_CHUNK_BUDGET = 256 * 1024
 STREAM_ACK_TIMEOUT = 60.0
 
 
-def error_reply(ident: str, exc: DirectoryError) -> HandlerError:
-    """The protocol error for an engine failure; detail = the engine's to_dict() as JSON."""
-    code = ERROR_CODES.get(exc.code, p.ErrorCode.INTERNAL)
+def error_reply(ident: str, exc: DirectoryError, refused: bool = False) -> HandlerError:
+    """The protocol error for an engine failure; detail = the engine's to_dict() as JSON.
+
+    A directory whose configuration was refused answers `bad_config` whatever
+    the engine's code (a bad filter there is the configuration's, not the request's).
+    """
+    code = p.ErrorCode.BAD_CONFIG if refused else ERROR_CODES.get(exc.code, p.ErrorCode.INTERNAL)
     return HandlerError(code, json.dumps({"directory": ident, **exc.to_dict()}))
 
 
@@ -182,13 +186,13 @@ class Bridge:
         """The configured, working directory `ident`, or the error home should see."""
         directory = self.directories.get(ident)
         if directory is None and ident in self.refused:
-            raise error_reply(ident, self.refused[ident])
+            raise error_reply(ident, self.refused[ident], refused=True)
         if directory is None:
             known = ", ".join(sorted(self.directories)) or "none"
             raise HandlerError(p.ErrorCode.NOT_FOUND, f"directory {ident!r} is not configured on "
                                f"this agent; configured: {known}")
         if directory.service is None:
-            raise error_reply(ident, directory.error)
+            raise error_reply(ident, directory.error, refused=True)
         return directory
 
     async def sync(self, directory: ManagedDirectory, body: dict) -> dict:
@@ -220,12 +224,13 @@ class Bridge:
         return {"entries": len(found["results"]), "truncated": bool(found["truncated"])}
 
     async def authenticate(self, directory: ManagedDirectory, body: dict) -> dict:
+        """Bind as the user; `groups` are DNs (the protocol's contract), nested ones included."""
         def bind() -> dict:
             with directory.auth_lock:
                 return directory.service.authenticate(body["username"], body["password"])
         result = await asyncio.to_thread(bind)
         reply = {"ok": result["outcome"] == "success", "outcome": result["outcome"],
-                 "dn": result.get("dn"), "groups": result.get("groups", []),
+                 "dn": result.get("dn"), "groups": [g["dn"] for g in result.get("groups", [])],
                  "server": result.get("server")}
         if result.get("reason"):
             reply["reason"] = result["reason"]

@@ -1,0 +1,439 @@
+"""The agent's directory Bridge against a real slapd, over real protocol Sessions.
+
+A FakeLink joins the agent's `tether.protocol.Session` to a home Session in
+memory, so every message the bridge sends is validated as on the wire; a
+FakeHome answers `directory.changes` as home would (applies each seq once,
+says `applied_through` and `leader`) and acknowledges search chunks late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import ldap3
+
+from ldapfix_slapd import SUFFIX
+from tether import protocol as p
+from tether.agent.directory import Spool
+from tether.agent.directory import bridge as bridge_mod
+from tether.agent.directory.bridge import Bridge
+
+WAIT = 30.0  # upper bound on a loaded machine, never a speed assertion
+
+
+class FakeHome:
+    """Home's side of `directory.changes`: apply each seq once per directory, in order."""
+
+    def __init__(self):
+        self.applied: dict[str, list[tuple[int, dict]]] = {}
+        self.through: dict[str, int] = {}
+        self.received: list[list[int]] = []  # seqs of every batch, duplicates included
+        self.leader = True
+        self.lose_responses = 0  # apply, then lose the socket before the answer
+
+    def changes(self, body: dict) -> dict:
+        seqs = [e["seq"] for e in body["entries"]]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
+        assert len(json.dumps(body).encode()) < p.MAX_FRAME_BYTES
+        self.received.append(seqs)
+        if not self.leader:
+            return {"applied_through": seqs[-1], "leader": False}
+        through = self.through.get(body["directory"], 0)
+        for entry in body["entries"]:
+            if entry["seq"] > through:
+                self.applied.setdefault(body["directory"], []).append((entry["seq"], entry["message"]))
+                through = entry["seq"]
+        self.through[body["directory"]] = through
+        return {"applied_through": through, "leader": True}
+
+    def messages(self, directory: str = "corp") -> list[dict]:
+        return [m for _, m in self.applied.get(directory, [])]
+
+    def records(self, directory: str = "corp") -> list[dict]:
+        return [c for m in self.messages(directory) if m["type"] == "chunk" for c in m["changes"]]
+
+
+class FakeLink:
+    """A Link look-alike: a real agent Session whose peer is a real home Session in memory."""
+
+    def __init__(self, agent: FakeAgent, index: int = 0):
+        self.agent, self.index, self.draining = agent, index, False
+        self.session = p.Session(role=p.Role.AGENT)
+        self.home = p.Session(role=p.Role.HOME)
+        self.answers: dict[str, p.Message] = {}
+        self.chunks: dict[str, list[p.Message]] = {}
+        self.violations: list = []
+        self.session.request(p.Op.HELLO, {"agent_version": "test", "image_id": "img"})
+        self._to_home()
+        self._to_agent()
+        assert self.session.established
+
+    # ---- plumbing
+    def _to_home(self) -> None:
+        for text in self.session.data_to_send():
+            self.home.receive(text)
+        for event in self.home.events_received():
+            self._home_event(event)
+
+    def _to_agent(self) -> None:
+        for text in self.home.data_to_send():
+            self.session.receive(text)
+        for event in self.session.events_received():
+            if isinstance(event, p.ProtocolViolation):
+                self.violations.append(event)
+            elif isinstance(event, (p.ResponseReceived, p.ErrorReceived, p.RequestReceived)):
+                self.answers[event.message.re or event.message.id] = event.message
+
+    def _home_event(self, event) -> None:
+        if isinstance(event, p.RequestReceived) and event.message.op is p.Op.HELLO:
+            self.home.respond(event.message, {"home_version": "t", "server_time": time.time(),
+                                              "role": "instance", "connector": "c"})
+        elif isinstance(event, p.RequestReceived):
+            assert event.message.op is p.Op.DIRECTORY_CHANGES
+            body = self.agent.home.changes(event.message.body)
+            if self.agent.home.lose_responses:
+                self.agent.home.lose_responses -= 1
+                raise ConnectionError("socket to home closed")
+            self.home.respond(event.message, body)
+        elif isinstance(event, p.ChunkReceived):
+            self.chunks.setdefault(event.message.re, []).append(event.message)
+            asyncio.get_running_loop().call_later(0.02, self._late_ack, event.message)
+        elif isinstance(event, (p.ResponseReceived, p.ErrorReceived)):
+            self.answers[event.message.re] = event.message
+        elif isinstance(event, p.ProtocolViolation):
+            self.violations.append(event)
+
+    def _late_ack(self, chunk: p.Message) -> None:
+        """Home stores chunks a little later: the bridge must respect the stream window."""
+        self.home.ack(chunk)
+        self._to_agent()
+
+    # ---- what Link offers the bridge
+    async def flush(self) -> None:
+        try:
+            self._to_home()
+        except ConnectionError:
+            self.agent.drop(self)
+            raise
+        self._to_agent()
+
+    async def request(self, op: p.Op, body: dict, timeout: float = 30.0) -> p.Message:
+        message = self.session.request(op, body)
+        await self.flush()
+        answer = self.answers.pop(message.id)
+        if answer.kind is p.Kind.ERROR:
+            raise RuntimeError(answer.body)
+        return answer
+
+    # ---- home's requests to the agent, served like Link._serve does
+    async def call(self, bridge: Bridge, op: p.Op, body: dict) -> p.Message:
+        request = self.home.request(op, body)
+        self._to_agent()
+        served = self.answers.pop(request.id)
+        try:
+            reply = await bridge.handle(self, served)
+            self.session.respond(served, reply)
+        except bridge_mod.HandlerError as exc:
+            self.session.fail(served, exc.code, exc.detail)
+        self._to_home()
+        assert not self.violations, self.violations
+        return self.answers.pop(request.id)
+
+
+class FakeAgent:
+    def __init__(self, state: Path, home: FakeHome | None = None):
+        self.state, self.home = state, home or FakeHome()
+        self.links: dict[int, FakeLink] = {}
+
+    def connect(self) -> FakeLink:
+        link = FakeLink(self)
+        self.links[0] = link
+        return link
+
+    def drop(self, link: FakeLink) -> None:
+        """The socket died: the slot dials again (a fresh session)."""
+        if self.links.get(link.index) is link:
+            self.connect()
+
+
+def corp_config(ldap_raw: dict, **over) -> dict:
+    return {"directories": [{**ldap_raw, "id": "corp", **over}]}
+
+
+async def until(predicate, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, f"not reached: {what}"
+        await asyncio.sleep(0.05)
+
+
+def ended(home: FakeHome, mode: str | None = None, after: int = 0) -> bool:
+    return any(m["type"] == "end" and (mode is None or m["mode"] == mode)
+               for s, m in home.applied.get("corp", []) if s > after)
+
+
+def set_mail(ldap_admin, uid: str, mail: str) -> None:
+    assert ldap_admin.modify(f"uid={uid},ou=people,{SUFFIX}", {"mail": [(ldap3.MODIFY_REPLACE, [mail])]})
+
+
+def emails(home: FakeHome) -> list:
+    return [r.get("attributes", {}).get("email") for r in home.records()]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+# --------------------------------------------------------------------------- sync / drain
+
+def test_follow_full_sync_in_order_then_changes_and_spool_acked(ldap_raw, ldap_admin, tmp_path):
+    async def scenario():
+        agent = FakeAgent(tmp_path)
+        link = agent.connect()
+        bridge = Bridge(agent)
+        bridge.configure(corp_config(ldap_raw))
+        try:
+            reply = await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "follow", "cursor": None})
+            assert reply.kind is p.Kind.RESPONSE and reply.body["following"] is True
+            await until(lambda: ended(agent.home, "full"), "full sync applied")
+            msgs = agent.home.messages()
+            assert msgs[0]["type"] == "begin" and msgs[0]["mode"] == "full"
+            chunks = [m for m in msgs if m["type"] == "chunk"]
+            assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
+            assert msgs[len(chunks) + 1]["count"] == sum(len(c["changes"]) for c in chunks)
+            users = {r["attributes"]["username"] for r in agent.home.records() if r["kind"] == "user"}
+            assert {"u000", "u019", "expired1"} <= users
+            await until(lambda: len(bridge.directories["corp"].spool) == 0, "spool acknowledged")
+            last = agent.home.through["corp"]
+            set_mail(ldap_admin, "u011", "bridge-followed@example.com")
+            await until(lambda: "bridge-followed@example.com" in emails(agent.home), "change applied")
+            later = [m for s, m in agent.home.applied["corp"] if s > last]
+            assert later[0]["type"] == "begin" and later[0]["mode"] == "incremental"
+            seqs = [s for s, _ in agent.home.applied["corp"]]
+            assert seqs == list(range(1, len(seqs) + 1))  # every seq once, in order
+            assert (tmp_path / "directories" / "corp" / "leading").exists()
+        finally:
+            await bridge.close()
+    run(scenario())
+
+
+def test_leader_false_stops_following_and_acks(ldap_raw, ldap_admin, tmp_path):
+    async def scenario():
+        agent = FakeAgent(tmp_path)
+        link = agent.connect()
+        agent.home.leader = False
+        bridge = Bridge(agent)
+        bridge.configure(corp_config(ldap_raw))
+        try:
+            await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "follow", "cursor": None})
+            corp = bridge.directories["corp"]
+            await until(lambda: not corp.following, "follower stopped on leader=false")
+            assert not (tmp_path / "directories" / "corp" / "leading").exists()
+            assert agent.home.received and not agent.home.applied
+            await until(lambda: len(corp.spool) == 0, "dropped batch acknowledged anyway")
+            reply = await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "stop", "cursor": None})
+            assert reply.body["following"] is False
+        finally:
+            await bridge.close()
+    run(scenario())
+
+
+def test_lost_socket_mid_drain_resends_the_same_seqs(ldap_raw, tmp_path):
+    async def scenario():
+        agent = FakeAgent(tmp_path)
+        link = agent.connect()
+        agent.home.lose_responses = 1  # the first batch is applied, its answer never arrives
+        bridge = Bridge(agent)
+        bridge.configure(corp_config(ldap_raw))
+        try:
+            await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "follow", "cursor": None})
+            await until(lambda: ended(agent.home, "full") and len(bridge.directories["corp"].spool) == 0,
+                        "full sync applied after the lost answer")
+            first = agent.home.received[0]
+            assert agent.home.received[1][:len(first)] == first  # sent again on the new socket
+            assert agent.links[0] is not link
+            seqs = [s for s, _ in agent.home.applied["corp"]]
+            assert seqs == list(range(1, len(seqs) + 1))
+        finally:
+            await bridge.close()
+    run(scenario())
+
+
+def test_restart_while_home_is_away_loses_nothing(ldap_raw, ldap_admin, tmp_path):
+    async def scenario():
+        agent = FakeAgent(tmp_path)
+        link = agent.connect()
+        bridge = Bridge(agent)
+        bridge.configure(corp_config(ldap_raw))
+        await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "follow", "cursor": None})
+        await until(lambda: ended(agent.home, "full") and len(bridge.directories["corp"].spool) == 0,
+                    "full sync applied")
+        last = agent.home.through["corp"]
+        agent.links.clear()  # home goes away
+        set_mail(ldap_admin, "u012", "while-away@example.com")
+        spool = bridge.directories["corp"].spool
+        await until(lambda: any(m["type"] == "end" for _, m in spool.pending()), "change spooled")
+        await bridge.close()  # agent stops
+        set_mail(ldap_admin, "u013", "while-down@example.com")
+
+        again = Bridge(agent)  # agent starts again: it led corp, so it follows without home
+        again.configure(corp_config(ldap_raw))
+        try:
+            assert again.directories["corp"].following
+            agent.connect()  # home is back
+            await until(lambda: {"while-away@example.com", "while-down@example.com"} <= set(emails(agent.home)),
+                        "both changes applied")
+            after = [m for s, m in agent.home.applied["corp"] if s > last]
+            assert all(m["mode"] == "incremental" for m in after if m["type"] == "begin")
+            seqs = [s for s, _ in agent.home.applied["corp"]]
+            assert seqs == list(range(1, len(seqs) + 1))
+        finally:
+            await again.close()
+    run(scenario())
+
+
+def test_stop_keeps_draining_the_spool(ldap_raw, tmp_path):
+    async def scenario():
+        agent = FakeAgent(tmp_path)
+        bridge = Bridge(agent)
+        bridge.configure(corp_config(ldap_raw))
+        link = FakeLink(agent)  # serves home's request; no link is up for the drain yet
+        try:
+            await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "full", "cursor": None})
+            corp = bridge.directories["corp"]
+            await until(lambda: any(m["type"] == "end" for _, m in corp.spool.pending()), "full sync spooled")
+            reply = await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "stop", "cursor": None})
+            assert reply.body["following"] is False and reply.body["pending"] > 0
+            assert reply.body["cursor"]
+            agent.links[0] = link
+            await until(lambda: ended(agent.home, "full") and len(corp.spool) == 0, "spool drained after stop")
+        finally:
+            await bridge.close()
+    run(scenario())
+
+
+def test_home_cursor_used_only_without_own_state(ldap_raw, tmp_path):
+    async def scenario():
+        agent = FakeAgent(tmp_path)
+        link = agent.connect()
+        bridge = Bridge(agent)
+        bridge.configure(corp_config(ldap_raw))
+        try:
+            await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "follow",
+                                                 "cursor": "not-a-tether-cursor"})
+            await until(lambda: ended(agent.home), "sync applied")
+            begin = agent.home.messages()[0]
+            assert begin["mode"] == "full" and "cursor expired" in begin["reason"]
+        finally:
+            await bridge.close()
+    run(scenario())
+
+
+# --------------------------------------------------------------------------- requests
+
+def test_authenticate_outcomes(ldap_raw, tmp_path):
+    async def scenario():
+        agent = FakeAgent(tmp_path)
+        link = agent.connect()
+        bridge = Bridge(agent)
+        bridge.configure(corp_config(ldap_raw))
+        try:
+            async def auth(user, password):
+                reply = await link.call(bridge, p.Op.AUTHENTICATE,
+                                        {"directory": "corp", "username": user, "password": password})
+                return reply.body
+            ok = await auth("u001", "pw001")
+            assert ok["ok"] and ok["outcome"] == "success" and ok["dn"].startswith("uid=u001,")
+            assert any(g.startswith("cn=admins,") for g in ok["groups"]) and ok["server"]
+            assert [(await auth(u, pw))["outcome"] for u, pw in
+                    (("u001", "nope"), ("ghost", "pw"), ("expired1", "pw-expired"))] == \
+                ["wrong_password", "unknown_user", "expired"]
+        finally:
+            await bridge.close()
+    run(scenario())
+
+
+def test_provision_result(ldap_raw, tmp_path):
+    async def scenario():
+        agent = FakeAgent(tmp_path)
+        link = agent.connect()
+        bridge = Bridge(agent)
+        bridge.configure(corp_config(ldap_raw))
+        try:
+            done = await link.call(bridge, p.Op.PROVISION, {"directory": "corp", "order": {
+                "id": "o1", "op": "update_user", "username": "u014", "attributes": {"email": "prov@example.com"}}})
+            assert done.body["ok"] is True and done.body["result"]["status"] == "done"
+            failed = await link.call(bridge, p.Op.PROVISION, {"directory": "corp", "order": {
+                "id": "o2", "op": "update_user", "username": "nobody", "attributes": {"email": "x@example.com"}}})
+            assert failed.body["ok"] is False and failed.body["result"]["status"] == "failed"
+            assert failed.body["result"]["id"] == "o2" and failed.body["result"]["reason"]
+        finally:
+            await bridge.close()
+    run(scenario())
+
+
+def test_search_streams_chunks_within_the_window(ldap_raw, tmp_path, monkeypatch):
+    monkeypatch.setattr(bridge_mod, "SEARCH_CHUNK_BUDGET", 300)  # ~1 record per chunk: > 8 chunks
+
+    async def scenario():
+        agent = FakeAgent(tmp_path)
+        link = agent.connect()
+        bridge = Bridge(agent)
+        bridge.configure(corp_config(ldap_raw))
+        try:
+            request_body = {"directory": "corp", "kind": "user", "filter": "(uid=u0*)", "limit": 15}
+            reply = await link.call(bridge, p.Op.SEARCH, request_body)
+            assert reply.body == {"entries": 15, "truncated": True}
+            [chunks] = link.chunks.values()
+            assert len(chunks) > p.STREAM_WINDOW and [c.seq for c in chunks] == list(range(len(chunks)))
+            names = [e["attributes"]["username"] for c in chunks for e in c.body["entries"]]
+            assert len(names) == 15 and all(n.startswith("u0") for n in names)
+            bad = await link.call(bridge, p.Op.SEARCH, {"directory": "corp", "kind": "user", "filter": "(uid="})
+            assert bad.kind is p.Kind.ERROR and bad.body["code"] == "bad_type"
+            assert json.loads(bad.body["detail"])["code"] == "bad_filter"
+        finally:
+            await bridge.close()
+    run(scenario())
+
+
+def test_bad_directory_does_not_stop_the_others_and_unknown_is_not_found(ldap_raw, tmp_path):
+    async def scenario():
+        agent = FakeAgent(tmp_path)
+        link = agent.connect()
+        bridge = Bridge(agent)
+        bridge.configure({"directories": [
+            {**ldap_raw, "id": "broken", "user_filter": "(uid="},
+            {**ldap_raw, "id": "typo", "colour": "blue"},
+            {**ldap_raw, "name": "no id"},
+            {**ldap_raw, "id": "corp"},
+        ]})
+        try:
+            for ident, code in (("broken", "bad_filter"), ("typo", "config")):
+                reply = await link.call(bridge, p.Op.AUTHENTICATE,
+                                        {"directory": ident, "username": "u001", "password": "pw001"})
+                assert reply.body["code"] == "bad_config"
+                assert json.loads(reply.body["detail"])["code"] == code
+            ok = await link.call(bridge, p.Op.AUTHENTICATE,
+                                 {"directory": "corp", "username": "u001", "password": "pw001"})
+            assert ok.body["outcome"] == "success"
+            unknown = await link.call(bridge, p.Op.SYNC, {"directory": "hr", "mode": "follow"})
+            assert unknown.body["code"] == "not_found" and "corp" in unknown.body["detail"]
+            assert "#2" in bridge.status()["directories"]
+            bridge.configure({"directories": [{**ldap_raw, "id": "other"}]})  # corp removed
+            gone = await link.call(bridge, p.Op.AUTHENTICATE,
+                                   {"directory": "corp", "username": "u001", "password": "pw001"})
+            assert gone.body["code"] == "not_found" and "other" in gone.body["detail"]
+        finally:
+            await bridge.close()
+    run(scenario())
+
+
+def test_spool_seqs_never_go_back_after_ack(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    assert [spool.append({"n": i}) for i in range(3)] == [1, 2, 3]
+    spool.ack(3)
+    again = Spool(tmp_path / "spool")  # a restart with an empty spool
+    assert again.append({"n": 3}) == 4
