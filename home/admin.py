@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from tether import configsig
-from tether.home import pki
+from tether.home import directories, pki
+from tether.home.identity import IdentityStore
 from tether.home.paths import StatePaths, StateError, write_private, write_public
 from tether.home.store import Store, StoreError
 
@@ -259,3 +260,64 @@ def _serials_to_revoke(store: Store, serial: str | None, instance_id: str | None
     if image is None:
         raise StoreError(f"no image {image_id}; `tether-home status` lists them")
     return [image["cert_serial"]]
+
+
+# ------------------------------------------------------------------ directories
+
+
+def set_cluster(paths: StatePaths, name: str, policy: str, primary: str | None) -> dict:
+    """Store a cluster's routing policy (the running server re-elects leaders)."""
+    check_name("cluster", name)
+    if primary is not None and policy != "failover":
+        raise StoreError("--primary applies to the failover policy only")
+    store = open_store(paths)
+    try:
+        return store.set_cluster_policy(name, policy, primary)
+    finally:
+        store.close()
+
+
+def list_clusters(paths: StatePaths) -> list[dict]:
+    store = open_store(paths)
+    try:
+        return store.clusters()
+    finally:
+        store.close()
+
+
+def directory_report(paths: StatePaths, live: dict | None) -> list[dict]:
+    """Per directory: connectors, policy, leader (when running), cursor, counts."""
+    store = open_store(paths)
+    identity = IdentityStore.open_existing(paths.identity_db)
+    try:
+        return directories.report(store, identity, live)
+    finally:
+        store.close()
+        if identity is not None:
+            identity.close()
+
+
+def export_csv(paths: StatePaths, directory: str, out: Path) -> dict:
+    """Write a directory's synced users and groups as CSV (works with home stopped)."""
+    store = open_store(paths)
+    identity = IdentityStore.open_existing(paths.identity_db)
+    try:
+        configured = directories.serving_map(store)
+        seen = identity.directories() if identity is not None else []
+        state = identity.status(directory) if directory in seen else {}
+        if not state.get("synced_at"):
+            known = sorted(set(configured) | set(seen))
+            if directory in known:
+                raise StoreError(f"directory {directory!r} has no synced snapshot yet; start "
+                                 "home and a connector serving it, then check "
+                                 "`tether-home directory status`")
+            raise StoreError(f"unknown directory {directory!r}; known directories: "
+                             f"{', '.join(known) or 'none (configure one with `config set`)'}")
+        if not out.parent.is_dir():
+            raise StoreError(f"directory {out.parent} does not exist; create it or choose "
+                             "another --csv path")
+        return identity.export_csv(directory, out)
+    finally:
+        store.close()
+        if identity is not None:
+            identity.close()

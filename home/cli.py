@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from tether import __version__
-from tether.home import admin, control, logs, status
+from tether.home import admin, control, directories, logs, status
 from tether.home.paths import StateError, resolve_state
 from tether.home.pki import PkiError
 from tether.home.store import Store, StoreError
@@ -94,7 +94,60 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--instance", help="revoke every certificate of this instance id")
     p.add_argument("--image", help="revoke this image's credential certificate")
     p.add_argument("--reason", default="revoked by operator")
+    _directory_parsers(sub, common)
     return parser
+
+
+EXPORT_HELP = ("CSV, one row per user and group of the synced snapshot: columns kind (user|group), "
+               "id (entryUUID/objectGUID), dn, then every mapped attribute field (sorted by "
+               "name), disabled (true|false|empty), member_of (DNs of the groups listing the "
+               "entry), members (a group's member DNs). Multi-valued cells are joined with '|'. "
+               "Written to a temporary file (0600) and renamed into place. Works with home "
+               "stopped.")
+
+
+def _directory_parsers(sub, common) -> None:
+    """cluster, authenticate, provision, export, directory (issue 5)."""
+    p = sub.add_parser("cluster", parents=[common], help="cluster routing policies")
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = csub.add_parser("set", parents=[common], help="set a cluster's routing policy",
+                        description="failover: the primary connector serves (leads sync, "
+                        "answers requests) while one of its instances is connected, others "
+                        "only when none is; round-robin: requests rotate over the connected "
+                        "instances and the sync leader stays while connected.")
+    c.add_argument("name")
+    c.add_argument("--policy", required=True, choices=("failover", "round-robin"))
+    c.add_argument("--primary", help="failover only: the primary connector (default: the "
+                   "alphabetically first connector of the cluster)")
+    csub.add_parser("list", parents=[common], help="list clusters and their policies")
+
+    p = sub.add_parser("authenticate", parents=[common],
+                       help="check a user's password through a connector (server must run)",
+                       description="Reads the password from stdin (or --password-file). "
+                       "Exit 0: success; 1: any other outcome (wrong_password, disabled, "
+                       "locked, expired, unknown_user); 2: error (home not running, unknown "
+                       "directory, no connector connected).")
+    p.add_argument("user")
+    p.add_argument("--directory", required=True, help="directory id (as in the configuration)")
+    p.add_argument("--password-file", type=Path, help="read the password from this file")
+    p.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+
+    p = sub.add_parser("provision", parents=[common],
+                       help="send one provisioning order to a connector (never retried)")
+    p.add_argument("--directory", required=True)
+    p.add_argument("--order", required=True, type=Path,
+                   help="JSON file: {\"id\", \"op\", ...} (agent/directory/provision.py)")
+
+    p = sub.add_parser("export", parents=[common], help="write a directory's synced snapshot",
+                       description=EXPORT_HELP)
+    p.add_argument("--directory", required=True)
+    p.add_argument("--csv", required=True, type=Path, dest="csv_out", help="output file")
+
+    p = sub.add_parser("directory", parents=[common], help="directory sync state")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    d = dsub.add_parser("status", parents=[common],
+                        help="leader, policy, cursor, counts, applied seqs per directory")
+    d.add_argument("--json", action="store_true")
 
 
 def _print(doc: dict) -> None:
@@ -117,6 +170,8 @@ def _run(args: argparse.Namespace) -> int:
               f"max-instances {row['max_instances']})")
     elif cmd == "connector" and action == "set":
         row = admin.update_connector(paths, args.name, args.cluster, args.max_instances)
+        if args.cluster is not None:
+            control.call(paths.control_socket, {"cmd": "cluster-changed"})
         print(f"connector {row['name']} (cluster {row['cluster']}, "
               f"max-instances {row['max_instances']})")
     elif cmd == "connector":
@@ -139,6 +194,8 @@ def _run(args: argparse.Namespace) -> int:
         return _serve(paths, args)
     elif cmd == "status":
         return _status(paths, args.json)
+    elif cmd in ("cluster", "authenticate", "provision", "export", "directory"):
+        return _directory_command(paths, args)
     elif cmd == "config" and action == "set":
         doc = admin.set_config(paths, args.connector, args.file)
         reply = control.call(paths.control_socket, {"cmd": "config-changed",
@@ -181,10 +238,104 @@ def _status(paths, as_json: bool) -> int:
         doc = status.report(store, live)
     finally:
         store.close()
+    doc["directories"] = admin.directory_report(paths, (live or {}).get("directories"))
     if as_json:
         _print(doc)
     else:
         print(status.render(doc))
+    return 0
+
+
+class CommandError(ValueError):
+    """A directory command cannot be done (exit 2); the text says what to do."""
+
+
+def _ask_server(paths, request: dict, timeout: float = 150.0) -> dict:
+    """Send a directory request through the running server; errors become CommandError."""
+    paths.require_initialized()
+    reply = control.call(paths.control_socket, request, timeout=timeout)
+    if reply is None:
+        raise CommandError("home is not running; start it with `tether-home serve` (requests "
+                           "go through a connector connected to it)")
+    if not reply.get("ok"):
+        code = reply.get("code")
+        prefix = {"not_found": "unknown directory: ", "unavailable": "no connector available: "}
+        raise CommandError(prefix.get(code, f"{code or 'failed'}: ") + str(reply.get("error")))
+    return reply["result"]
+
+
+def _read_password(args) -> str:
+    if args.password_file is not None:
+        try:
+            text = args.password_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CommandError(f"cannot read {args.password_file}: {exc.strerror}") from None
+    elif sys.stdin.isatty():
+        import getpass
+
+        text = getpass.getpass(f"password for {args.user}: ")
+    else:
+        text = sys.stdin.read()
+    password = text[:-1] if text.endswith("\n") else text
+    password = password[:-1] if password.endswith("\r") else password
+    if not password:
+        # An empty password is an anonymous bind in LDAP: it would "succeed" for anyone.
+        raise CommandError("empty password; give it on stdin or with --password-file")
+    return password
+
+
+def _directory_command(paths, args) -> int:
+    cmd, action = args.command, getattr(args, "action", None)
+    if cmd == "cluster" and action == "set":
+        row = admin.set_cluster(paths, args.name, args.policy, args.primary)
+        reply = control.call(paths.control_socket, {"cmd": "cluster-changed"})
+        applied = "leaders re-elected" if reply else "home is not running; applies at start"
+        primary = f", primary {row['primary']}" if row["policy"] == "failover" else ""
+        print(f"cluster {row['name']}: {row['policy']}{primary} ({applied})")
+    elif cmd == "cluster":
+        for row in admin.list_clusters(paths):
+            primary = f"\tprimary={row['primary']}" if row["policy"] == "failover" else ""
+            default = "" if row["configured"] else "\t(default)"
+            print(f"{row['name']}\tpolicy={row['policy']}{primary}\t"
+                  f"connectors={','.join(row['connectors']) or '-'}{default}")
+    elif cmd == "authenticate":
+        password = _read_password(args)
+        result = _ask_server(paths, {"cmd": "authenticate", "directory": args.directory,
+                                     "username": args.user, "password": password})
+        if args.json:
+            _print(result)
+        else:
+            print(f"outcome: {result.get('outcome') or ('success' if result.get('ok') else '?')}")
+            print(f"dn: {result.get('dn') or '-'}")
+            for dn in result.get("groups") or []:
+                print(f"group: {dn}")
+        return 0 if result.get("ok") and result.get("outcome", "success") == "success" else 1
+    elif cmd == "provision":
+        try:
+            order = json.loads(args.order.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise CommandError(f"cannot read {args.order}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise CommandError(f"{args.order} is not valid JSON: {exc}") from None
+        if not isinstance(order, dict) or not isinstance(order.get("id"), str) \
+                or not isinstance(order.get("op"), str):
+            raise CommandError(f"{args.order} must hold an order object with string id and op")
+        result = _ask_server(paths, {"cmd": "provision", "directory": args.directory,
+                                     "order": order})
+        _print(result)
+        return 0 if result.get("ok") else 1
+    elif cmd == "export":
+        doc = admin.export_csv(paths, args.directory, args.csv_out)
+        print(f"{doc['directory']}: {doc['users']} user(s), {doc['groups']} group(s) -> "
+              f"{doc['out']}")
+    else:
+        paths.require_initialized()
+        live = control.call(paths.control_socket, {"cmd": "directories"}, timeout=10)
+        rows = admin.directory_report(paths, (live or {}).get("directories"))
+        if args.json:
+            _print({"running": live is not None, "directories": rows})
+        else:
+            print(directories.render(rows, live is not None))
     return 0
 
 

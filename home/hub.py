@@ -21,7 +21,9 @@ from collections.abc import AsyncIterator
 from tether import __version__, configsig, sealing
 from tether import protocol as p
 from tether.home import enroll
+from tether.home.directories import DirectoryRouter
 from tether.home.errors import AgentUnavailable, HomeError, RequestFailed
+from tether.home.identity import IdentityStore
 from tether.home.logs import event
 from tether.home.peer import AgentPeer
 from tether.home.store import Store
@@ -29,7 +31,7 @@ from tether.home.store import Store
 log = logging.getLogger("tether.home.hub")
 FLUSH_SECONDS = 5.0
 #: Read-only operations that may be retried on another instance of the connector.
-FAILOVER_OPS = frozenset({p.Op.AUTHENTICATE, p.Op.STATUS})
+FAILOVER_OPS = frozenset({p.Op.AUTHENTICATE, p.Op.SEARCH, p.Op.STATUS})
 #: Agents may report a handful of sockets; more is a bug or an attack.
 MAX_LISTENING = 256
 #: Largest self-check report home stores (JSON bytes); a report is a few hundred.
@@ -44,7 +46,8 @@ def _report_size_ok(report) -> bool:
 class Hub:
     """Registry of connected agents and the handlers of their requests."""
 
-    def __init__(self, store: Store, authority: enroll.Authority, config_key) -> None:
+    def __init__(self, store: Store, authority: enroll.Authority, config_key,
+                 identity: IdentityStore | None = None) -> None:
         self.store = store
         self.authority = authority
         self.config_key = config_key
@@ -55,6 +58,8 @@ class Hub:
         self._beats: dict[str, dict] = {}
         self._push_locks: dict[str, asyncio.Lock] = {}
         self._flusher: asyncio.Task | None = None
+        #: Directory service (issue 5): leaders, change intake, request routing.
+        self.directories = DirectoryRouter(self, identity) if identity is not None else None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -65,6 +70,8 @@ class Hub:
     async def stop(self) -> None:
         if self._flusher:
             self._flusher.cancel()
+        if self.directories is not None:
+            await self.directories.stop()
         self.flush_heartbeats()
         self.store.clear_sockets()
 
@@ -97,6 +104,8 @@ class Hub:
             self.store.remove_socket(peer.socket_id)
             if peer.identity.instance_id:
                 self._beats.setdefault(peer.identity.instance_id, {})["at"] = time.time()
+            if self.directories is not None and peer.identity.role == "instance":
+                self.directories.on_detach(peer)
 
     # --------------------------------------------------------- agent → home
 
@@ -114,6 +123,10 @@ class Hub:
             response = enroll.renew(self.store, self.authority, ident, message.body)
         elif op is p.Op.STATUS:
             return self._status_for(peer)
+        elif op is p.Op.DIRECTORY_CHANGES:
+            if self.directories is None:
+                raise HomeError(p.ErrorCode.UNAVAILABLE, "this home keeps no identity store")
+            return self.directories.handle_changes(peer, message.body)
         else:  # the session refuses other ops already; keep a clear answer anyway
             raise HomeError(p.ErrorCode.WRONG_DIRECTION, f"home does not serve {op.value}")
         response.pop("serial", None)
@@ -163,6 +176,9 @@ class Hub:
         running = (peer.hello or {}).get("config_version")
         if latest and (running is None or running < latest["version"]):
             await self.push_config(peer)
+        if self.directories is not None and peer.session.established \
+                and peer.ws.close_code is None:
+            self.directories.on_hello(peer)
 
     def _status_for(self, peer: AgentPeer) -> dict:
         row = self.store.instance(peer.identity.instance_id) if peer.identity.instance_id else None
@@ -287,34 +303,59 @@ class Hub:
         return self._candidates(connector, cluster)[0]
 
     async def request(self, connector: str | None, op: p.Op, body: dict, timeout: float = 30.0,
-                      *, cluster: str | None = None, failover: bool | None = None) -> p.Message:
-        """Send ``op`` to a connected agent of ``connector`` (or of ``cluster``).
+                      *, cluster: str | None = None, failover: bool | None = None,
+                      peers: list[AgentPeer] | None = None,
+                      chunks: list[p.Message] | None = None) -> p.Message:
+        """Send ``op`` to a connected agent of ``connector`` (or of ``cluster``, or to
+        the explicit ``peers`` in the order given: the directory router's choice).
 
         Round-robin over sockets, skipping sockets being rotated out. With
         failover (default for the read-only ops in :data:`FAILOVER_OPS`), a
         socket that closes or times out is replaced by the next one, and an
         instance that answers ``unavailable`` (its directory is unreachable) by
-        the next instance, so one dead appliance goes unnoticed.
+        the next instance, so one dead appliance goes unnoticed. Without
+        failover exactly one attempt is made (on the first open socket).
+
+        ``chunks``: for streamed ops, a list that receives the chunk messages of
+        the attempt that succeeded (the final response is returned).
         """
         op = p.Op(op)
         failover = op in FAILOVER_OPS if failover is None else failover
-        candidates = self._candidates(connector, cluster)
+        candidates = list(peers) if peers is not None else self._candidates(connector, cluster)
+        if not candidates:
+            raise AgentUnavailable(f"no agent to send {op.value} to is connected")
         last: HomeError | None = None
         given_up: set[str | None] = set()
-        for peer in candidates if failover else candidates[:1]:
+        for peer in candidates:
             if peer.identity.instance_id in given_up or peer.ws.close_code is not None:
                 continue
             try:
-                return await peer.request(op, body, timeout)
+                return await self._ask(peer, op, body, timeout, chunks)
             except (AgentUnavailable, RequestFailed) as exc:
-                if exc.code is not p.ErrorCode.UNAVAILABLE:
-                    raise  # the agent answered: wrong password, bad request... final
+                if exc.code is not p.ErrorCode.UNAVAILABLE or not failover:
+                    raise  # the agent answered (wrong password, bad request...) or a write
                 if isinstance(exc, RequestFailed):
                     given_up.add(peer.identity.instance_id)
                 last = exc
                 event(log, logging.WARNING, "failover", op=op.value, peer=peer.peer,
                       instance=peer.identity.instance_id, code=exc.code.value, detail=exc.detail)
-        raise last or AgentUnavailable(f"every socket of {connector or cluster} closed")
+        who = connector or cluster or "the chosen agents"
+        raise last or AgentUnavailable(f"every socket of {who} closed")
+
+    @staticmethod
+    async def _ask(peer: AgentPeer, op: p.Op, body: dict, timeout: float,
+                   chunks: list[p.Message] | None) -> p.Message:
+        """One attempt on one socket; a streamed op's chunks are collected."""
+        if chunks is None or op not in p.STREAM_OPS:
+            return await peer.request(op, body, timeout)
+        chunks.clear()
+        async with contextlib.aclosing(peer.stream(op, body, timeout)) as stream:
+            async for message in stream:
+                if message.kind is p.Kind.CHUNK:
+                    chunks.append(message)
+                else:
+                    return message
+        raise AgentUnavailable(f"{op.value} stream from {peer.peer} ended without a response")
 
     async def stream(self, connector: str | None, op: p.Op, body: dict, timeout: float = 30.0,
                      *, cluster: str | None = None) -> AsyncIterator[p.Message]:
@@ -333,5 +374,8 @@ class Hub:
         by_role: dict[str, int] = {}
         for peer in self.peers.values():
             by_role[peer.identity.role] = by_role.get(peer.identity.role, 0) + 1
-        return {"uptime": time.time() - self.started, "sockets": len(self.peers),
-                "sockets_by_role": by_role, "pending_heartbeats": len(self._beats)}
+        doc = {"uptime": time.time() - self.started, "sockets": len(self.peers),
+               "sockets_by_role": by_role, "pending_heartbeats": len(self._beats)}
+        if self.directories is not None:
+            doc["directories"] = self.directories.live()
+        return doc

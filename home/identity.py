@@ -341,7 +341,8 @@ class IdentityStore:
         out = Path(out)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # personal data
+            with open(fd, "w", newline="", encoding="utf-8") as fh:
                 writer = csv.writer(fh)
                 writer.writerow(csv_columns(fields))
                 for r in rows:

@@ -30,6 +30,11 @@ class StatePaths:
         return self.root / "home.sqlite3"
 
     @property
+    def identity_db(self) -> Path:
+        """Synced users and groups (issue 5): separate from the control database."""
+        return self.root / "identity.db"
+
+    @property
     def ca_key(self) -> Path:
         return self.root / "ca.key"
 

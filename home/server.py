@@ -27,7 +27,9 @@ from websockets.asyncio.server import serve as ws_serve
 from tether import __version__, configsig
 from tether import protocol as p
 from tether.home import admin, control, enroll, gate, tlsconf
+from tether.home.errors import HomeError
 from tether.home.hub import Hub
+from tether.home.identity import IdentityStore
 from tether.home.logs import event
 from tether.home.paths import StatePaths
 from tether.home.peer import HELLO_TIMEOUT, AgentPeer
@@ -83,7 +85,8 @@ class HomeServer:
         self.max_sockets = max_sockets
         self.store = Store(paths.db)
         authority, config_key = load_authority(paths)
-        self.hub = Hub(self.store, authority, config_key)
+        self.identity = IdentityStore(paths.identity_db)
+        self.hub = Hub(self.store, authority, config_key, self.identity)
         self.ssl = tlsconf.server_context(paths.ca_cert, paths.server_cert, paths.server_key)
         self.bound: list[tuple] = []
         self._stop = asyncio.Event()
@@ -121,6 +124,7 @@ class HomeServer:
                 await server.wait_closed()
                 await self.hub.stop()
                 self.store.close()
+                self.identity.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -176,11 +180,49 @@ class HomeServer:
                     "tls_refusals": dict(tlsconf.REFUSALS), **self.hub.live()}
         if cmd == "config-changed":
             pushed = await self.hub.push_config_to_connector(str(request.get("connector")))
+            self.hub.directories.on_config_changed()
             return {"ok": True, "pushed": pushed}
+        if cmd == "cluster-changed":
+            self.hub.directories.on_config_changed()
+            return {"ok": True, "directories": self.hub.directories.live()}
+        if cmd == "directories":
+            return {"ok": True, "directories": self.hub.directories.live()}
+        if cmd in DIRECTORY_COMMANDS:
+            return await self._directory_command(cmd, request)
         if cmd == "revoked":
             closed = await self.hub.drop_serial(str(request.get("serial")).lower())
             return {"ok": True, "closed": closed}
         return {"ok": False, "error": f"unknown control command {cmd!r}"}
+
+
+    async def _directory_command(self, cmd: str, request: dict) -> dict:
+        """authenticate / search / provision for the CLI ("home's API")."""
+        router = self.hub.directories
+        directory = request.get("directory")
+        try:
+            if not isinstance(directory, str):
+                raise HomeError(p.ErrorCode.BAD_TYPE, "give the directory id as a string")
+            if cmd == "authenticate":
+                username, password = request.get("username"), request.get("password")
+                if not isinstance(username, str) or not isinstance(password, str):
+                    raise HomeError(p.ErrorCode.BAD_TYPE, "username and password are strings")
+                result = await router.authenticate(directory, username, password)
+            elif cmd == "search":
+                limit = request.get("limit")
+                result = await router.search(directory, str(request.get("kind", "user")),
+                                             str(request.get("filter", "")),
+                                             limit if isinstance(limit, int) else None)
+            else:
+                order = request.get("order")
+                if not isinstance(order, dict):
+                    raise HomeError(p.ErrorCode.BAD_TYPE, "the order must be a JSON object")
+                result = await router.provision(directory, order)
+        except HomeError as exc:
+            return {"ok": False, "code": exc.code.value, "error": exc.detail}
+        return {"ok": True, "result": result}
+
+
+DIRECTORY_COMMANDS = frozenset({"authenticate", "search", "provision"})
 
 
 def _peer(connection) -> str:

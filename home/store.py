@@ -93,6 +93,17 @@ CREATE TABLE IF NOT EXISTS sockets (
 """
 
 
+#: Per-cluster routing policy (issue 5); added by :meth:`Store.migrate` to older databases.
+_CLUSTERS = """
+CREATE TABLE IF NOT EXISTS clusters (
+    name TEXT PRIMARY KEY,
+    policy TEXT NOT NULL CHECK (policy IN ('failover', 'round-robin')),
+    primary_connector TEXT,
+    updated_at REAL NOT NULL
+)"""
+CLUSTER_POLICIES = ("failover", "round-robin")
+
+
 class StoreError(RuntimeError):
     """A database operation failed for a reason the operator can fix."""
 
@@ -134,6 +145,7 @@ class Store:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
         if columns and "max_instances" not in columns:
             self.db.execute("ALTER TABLE images ADD COLUMN max_instances INTEGER")
+        self.db.execute(_CLUSTERS)
 
     def close(self) -> None:
         self.db.close()
@@ -173,6 +185,44 @@ class Store:
 
     def connectors(self) -> list[dict]:
         return self._all("SELECT * FROM connectors ORDER BY name")
+
+    # -------------------------------------------------------------- clusters
+
+    def set_cluster_policy(self, name: str, policy: str, primary: str | None) -> dict:
+        """Store a cluster's routing policy; ``primary`` must be one of its connectors."""
+        if policy not in CLUSTER_POLICIES:
+            raise StoreError(f"policy {policy!r}: use failover or round-robin")
+        members = [c["name"] for c in self.connectors() if c["cluster"] == name]
+        if not members:
+            raise StoreError(f"no connector is in cluster {name!r}; put one there with "
+                             f"`tether-home connector set NAME --cluster {name}`")
+        if primary is not None and primary not in members:
+            raise StoreError(f"connector {primary!r} is not in cluster {name!r} "
+                             f"(its connectors: {', '.join(members)})")
+        self.db.execute("INSERT INTO clusters VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE "
+                        "SET policy = excluded.policy, primary_connector = "
+                        "excluded.primary_connector, updated_at = excluded.updated_at",
+                        (name, policy, primary, time.time()))
+        return self.cluster_policy(name)
+
+    def cluster_policy(self, name: str) -> dict:
+        """The effective policy: the stored one, else failover with the alphabetically
+        first connector of the cluster as primary. A stored primary that left the
+        cluster falls back to that default primary too."""
+        members = [c["name"] for c in self.connectors() if c["cluster"] == name]
+        row = self._one("SELECT * FROM clusters WHERE name = ?", (name,))
+        policy = row["policy"] if row else "failover"
+        primary = row["primary_connector"] if row else None
+        if primary not in members:
+            primary = members[0] if members else None
+        return {"name": name, "policy": policy, "primary": primary, "connectors": members,
+                "configured": row is not None}
+
+    def clusters(self) -> list[dict]:
+        """Every cluster named by a connector or a stored policy, with its effective policy."""
+        names = {c["cluster"] for c in self.connectors()}
+        names.update(r[0] for r in self.db.execute("SELECT name FROM clusters"))
+        return [self.cluster_policy(n) for n in sorted(names)]
 
     # ----------------------------------------------------------------- certs
 

@@ -1,0 +1,429 @@
+"""Which connector serves which directory, who leads its change feed, where requests go.
+
+Rules (docs/CONTRACTS.md "Directory routing"):
+
+* Connectors serving directory D: those whose newest stored configuration lists
+  D in ``config["directories"][*]["id"]``. D's cluster is the cluster of the
+  alphabetically first of them (a directory normally lives in one cluster).
+* Cluster policy (``tether-home cluster set``): ``failover`` with a primary
+  connector (default: the alphabetically first connector of the cluster), or
+  ``round-robin``.
+* Leader: ONE connected instance per directory follows it and drains changes
+  home (two followers would feed the store the same changes twice, out of
+  order). failover: an instance of the primary connector whenever one is
+  connected (home fails back when it returns), else the first other instance
+  by (connector, instance id); a leader keeps leading while no better-ranked
+  instance exists. round-robin: sticky, the leader keeps leading while
+  connected; a new one is the instance leading the fewest directories.
+  Elections run on hello, when the leader's last socket closes, on ``config
+  set`` and on ``cluster set``. The new leader gets ``sync follow`` with home's
+  stored cursor, the previous one (if still connected) ``sync stop``.
+* ``directory.changes`` from the leader are applied (exactly once, see
+  :mod:`tether.home.identity`); from anyone else dropped with ``leader: false``.
+* ``authenticate``/``search``: failover = leader (or primary) first, then the
+  others; round-robin = rotate over the instances. Both retried on the next
+  instance when a socket drops or an agent answers ``unavailable``.
+  ``provision`` goes to exactly one instance and is never retried once sent: a
+  socket dropping mid-request gives a result with ``outcome_unknown``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from tether import protocol as p
+from tether.home.errors import AgentUnavailable, HomeError, RequestFailed
+from tether.home.identity import IdentityError, IdentityStore
+from tether.home.logs import event
+from tether.home.store import Store
+
+if TYPE_CHECKING:
+    from tether.home.hub import Hub
+    from tether.home.peer import AgentPeer
+
+log = logging.getLogger("tether.home.directories")
+STREAM_TYPES = frozenset({"begin", "chunk", "end"})
+SYNC_TIMEOUT = 30.0
+PROVISION_TIMEOUT = 120.0
+
+
+def serving_map(store: Store) -> dict[str, list[str]]:
+    """directory id -> connectors whose newest configuration lists it (sorted)."""
+    serving: dict[str, list[str]] = {}
+    for row in store.connectors():
+        latest = store.config(row["name"])
+        directories = (latest["config"].get("directories") if latest else None) or []
+        for item in directories if isinstance(directories, list) else []:
+            if isinstance(item, dict) and isinstance(item.get("id"), str):
+                names = serving.setdefault(item["id"], [])
+                if row["name"] not in names:
+                    names.append(row["name"])
+    return {d: sorted(c) for d, c in serving.items()}
+
+
+def directory_policy(store: Store, connectors: list[str]) -> dict:
+    """The effective cluster policy for a directory served by ``connectors``."""
+    clusters = {row["name"]: row["cluster"] for row in store.connectors()}
+    cluster = clusters.get(connectors[0]) if connectors else None
+    return store.cluster_policy(cluster) if cluster else {
+        "name": None, "policy": "failover", "primary": None, "connectors": []}
+
+
+def check_batch(body: dict) -> list[dict]:
+    """A ``directory.changes`` body's entries, or ``bad_type`` saying what is wrong."""
+    entries = body.get("entries")
+    if not isinstance(entries, list):
+        raise HomeError(p.ErrorCode.BAD_TYPE, "entries must be a list of {seq, message}")
+    last = None
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}] is not an object")
+        seq, message = entry.get("seq"), entry.get("message")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}].seq must be an int >= 0")
+        if last is not None and seq <= last:
+            raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}].seq {seq} is not above the "
+                            f"previous {last}: send spool entries in increasing seq order")
+        if not isinstance(message, dict) or message.get("type") not in STREAM_TYPES:
+            raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}].message must be a begin, "
+                            "chunk or end stream message (agent/directory/README.md)")
+        last = seq
+    return entries
+
+
+class DirectoryRouter:
+    """Leaders, change intake and request routing for every configured directory."""
+
+    def __init__(self, hub: Hub, identity: IdentityStore) -> None:
+        self.hub = hub
+        self.store: Store = hub.store
+        self.identity = identity
+        #: directory -> instance id of its leader
+        self.leaders: dict[str, str] = {}
+        #: directory -> instances that answered ``sync follow`` with an error (not
+        #: elected again until they reconnect or the configuration changes)
+        self.refused: dict[str, set[str]] = {}
+        #: directory -> last sync request outcome, for ``directory status``
+        self.last_sync: dict[str, dict] = {}
+        self._serving: dict[str, list[str]] | None = None
+        self._rotation: dict[str, itertools.count] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------ topology
+
+    def serving(self) -> dict[str, list[str]]:
+        if self._serving is None:
+            self._serving = serving_map(self.store)
+        return self._serving
+
+    def refresh(self) -> None:
+        """Forget cached configuration (after ``config set`` / ``cluster set``)."""
+        self._serving = None
+
+    def policy(self, directory: str) -> dict:
+        return directory_policy(self.store, self.serving().get(directory, []))
+
+    def _instances(self, directory: str) -> dict[str, list[AgentPeer]]:
+        """Connected instances serving ``directory`` -> their open sockets (non-draining
+        first), ordered by (connector, instance id)."""
+        found: dict[tuple[str, str], list[AgentPeer]] = {}
+        for connector in self.serving().get(directory, []):
+            for peer in self.hub.agents(connector):
+                if peer.ws.close_code is None and peer.identity.instance_id:
+                    found.setdefault((connector, peer.identity.instance_id), []).append(peer)
+        return {iid: sorted(peers, key=lambda pe: pe.draining)
+                for (_, iid), peers in sorted(found.items())}
+
+    def _connector_of(self, instances: dict[str, list[AgentPeer]], iid: str) -> str:
+        return instances[iid][0].identity.connector
+
+    def _ranked(self, directory: str, instances: dict[str, list[AgentPeer]]) -> list[str]:
+        """Instance ids in policy order (failover: primary's first)."""
+        order = list(instances)
+        policy = self.policy(directory)
+        if policy["policy"] == "failover":
+            order.sort(key=lambda iid: self._connector_of(instances, iid) != policy["primary"])
+        return order
+
+    # ------------------------------------------------------------ leaders
+
+    def elect_all(self) -> None:
+        for directory in sorted(set(self.serving()) | set(self.leaders)):
+            self.elect(directory)
+
+    def elect(self, directory: str) -> str | None:
+        """(Re)choose the leader now; notifications go out in the background, in order."""
+        old = self.leaders.get(directory)
+        instances = self._instances(directory)
+        refused = self.refused.get(directory, set())
+        ranked = [iid for iid in self._ranked(directory, instances) if iid not in refused]
+        policy = self.policy(directory)
+        new: str | None = None
+        if ranked and policy["policy"] == "failover":
+            def rank(iid: str) -> bool:
+                return self._connector_of(instances, iid) != policy["primary"]
+            new = old if old in ranked and rank(old) == rank(ranked[0]) else ranked[0]
+        elif ranked:
+            load = {iid: 0 for iid in ranked}
+            for d, iid in self.leaders.items():
+                if iid in load and d != directory:
+                    load[iid] += 1
+            new = old if old in ranked else min(ranked, key=lambda iid: load[iid])
+        if new == old:
+            return new
+        if new is None:
+            self.leaders.pop(directory, None)
+        else:
+            self.leaders[directory] = new
+        event(log, logging.INFO, "directory_leader", directory=directory, leader=new,
+              previous=old, policy=policy["policy"], primary=policy.get("primary"))
+        self._spawn(self._notify(directory, old, new))
+        return new
+
+    async def _notify(self, directory: str, old: str | None, new: str | None) -> None:
+        async with self._locks.setdefault(directory, asyncio.Lock()):
+            if new is not None and self.leaders.get(directory) == new:
+                await self._sync(directory, new, {"directory": directory, "mode": "follow",
+                                                  "cursor": self.identity.cursor(directory)})
+            if old is not None and old != self.leaders.get(directory):
+                await self._sync(directory, old, {"directory": directory, "mode": "stop"})
+
+    async def _sync(self, directory: str, iid: str, body: dict) -> None:
+        peer = self._socket(iid)
+        if peer is None:
+            return
+        outcome = {"instance": iid, "mode": body["mode"], "at": time.time()}
+        try:
+            response = await peer.request(p.Op.SYNC, body, SYNC_TIMEOUT)
+            outcome.update(ok=True, response=response.body)
+        except RequestFailed as exc:
+            outcome.update(ok=False, code=exc.code.value, detail=exc.detail)
+            if body["mode"] != "stop":
+                # It cannot lead this directory (configuration not applied, bad bind
+                # password...): let another instance lead until it reconnects.
+                self.refused.setdefault(directory, set()).add(iid)
+                if self.leaders.get(directory) == iid:
+                    self.elect(directory)
+        except AgentUnavailable as exc:  # socket gone: its detach re-elects
+            outcome.update(ok=False, code=exc.code.value, detail=exc.detail)
+        self.last_sync[directory] = outcome
+        event(log, logging.INFO if outcome["ok"] else logging.WARNING, "directory_sync",
+              directory=directory, instance=iid, mode=body["mode"], ok=outcome["ok"],
+              code=outcome.get("code"), detail=outcome.get("detail"))
+
+    def _socket(self, iid: str) -> AgentPeer | None:
+        peers = [pe for pe in self.hub.peers.values()
+                 if pe.identity.instance_id == iid and pe.session.established
+                 and pe.ws.close_code is None]
+        peers.sort(key=lambda pe: pe.draining)
+        return peers[0] if peers else None
+
+    def on_hello(self, peer: AgentPeer) -> None:
+        """A (re)connected instance may be the better leader, or the first one."""
+        iid = peer.identity.instance_id
+        for refused in self.refused.values():
+            refused.discard(iid)
+        self.refresh()
+        self.elect_all()
+
+    def on_detach(self, peer: AgentPeer) -> None:
+        """Re-elect when a leader's last socket closed."""
+        iid = peer.identity.instance_id
+        if iid is None or self._socket(iid) is not None:
+            return
+        for directory, leader in list(self.leaders.items()):
+            if leader == iid:
+                self.elect(directory)
+
+    def on_config_changed(self) -> None:
+        self.refresh()
+        self.refused.clear()
+        self.elect_all()
+
+    # ------------------------------------------------------------ changes
+
+    def handle_changes(self, peer: AgentPeer, body: dict) -> dict:
+        """Apply a batch from the leader; acknowledge and drop one from anyone else."""
+        entries = check_batch(body)
+        directory, iid = body["directory"], peer.identity.instance_id
+        leader = self.leaders.get(directory)
+        if leader is None and directory in self.serving():
+            leader = self.elect(directory)
+        if iid != leader:
+            top = entries[-1]["seq"] if entries else self.identity.applied_through(directory, iid)
+            if entries:
+                self.identity.record_dropped(directory, iid, top)
+            event(log, logging.INFO, "directory_changes_dropped", directory=directory,
+                  instance=iid, leader=leader, entries=len(entries), through=top)
+            return {"applied_through": top, "leader": False}
+        try:
+            result = self.identity.apply_batch(directory, iid, entries)
+        except IdentityError as exc:
+            raise HomeError(p.ErrorCode.BAD_TYPE, f"{exc}; nothing of this batch was applied "
+                            "(fix the record at its source, or let the agent run a full "
+                            "sync)") from None
+        if result.resync_wanted:
+            event(log, logging.WARNING, "directory_resync", directory=directory, instance=iid,
+                  reason="; ".join(result.notes))
+            self._spawn(self._resync(directory, iid))
+        if result.applied:
+            event(log, logging.DEBUG, "directory_changes", directory=directory, instance=iid,
+                  applied=result.applied, skipped=result.skipped, records=result.records,
+                  through=result.applied_through, swapped=result.swapped)
+        return {"applied_through": result.applied_through, "leader": True}
+
+    async def _resync(self, directory: str, iid: str) -> None:
+        async with self._locks.setdefault(directory, asyncio.Lock()):
+            if self.leaders.get(directory) == iid:
+                await self._sync(directory, iid, {"directory": directory, "mode": "full",
+                                                  "cursor": None})
+
+    # ------------------------------------------------------------ requests
+
+    def candidates(self, directory: str, *, rotate: bool = True) -> list[AgentPeer]:
+        """Sockets to try for a request about ``directory``, in policy order."""
+        serving = self.serving().get(directory)
+        if not serving:
+            self.refresh()  # a config set while this process cached the old one
+            serving = self.serving().get(directory)
+        if not serving:
+            raise HomeError(p.ErrorCode.NOT_FOUND,
+                            f"no connector's configuration names directory {directory!r}; "
+                            "add it to a connector with `tether-home config set`")
+        instances = self._instances(directory)
+        if not instances:
+            raise AgentUnavailable(f"no connector serving directory {directory!r} is "
+                                   f"connected ({', '.join(serving)}); start or reconnect "
+                                   "one of its appliances")
+        order = self._ranked(directory, instances)
+        policy = self.policy(directory)
+        if policy["policy"] == "failover":
+            leader = self.leaders.get(directory)
+
+            def rank(iid: str) -> bool:
+                return self._connector_of(instances, iid) != policy["primary"]
+            if leader in order and rank(leader) == rank(order[0]):
+                order.remove(leader)
+                order.insert(0, leader)
+        elif rotate:
+            start = next(self._rotation.setdefault(directory, itertools.count())) % len(order)
+            order = order[start:] + order[:start]
+        return [pe for iid in order for pe in instances[iid]]
+
+    async def authenticate(self, directory: str, username: str, password: str,
+                           timeout: float = 30.0) -> dict:
+        body = {"directory": directory, "username": username, "password": password}
+        response = await self.hub.request(None, p.Op.AUTHENTICATE, body, timeout,
+                                          peers=self.candidates(directory))
+        return response.body
+
+    async def search(self, directory: str, kind: str, flt: str, limit: int | None = None,
+                     timeout: float = 60.0) -> dict:
+        body: dict = {"directory": directory, "kind": kind, "filter": flt}
+        if limit is not None:
+            body["limit"] = limit
+        chunks: list[p.Message] = []
+        response = await self.hub.request(None, p.Op.SEARCH, body, timeout,
+                                          peers=self.candidates(directory), chunks=chunks)
+        entries = [e for chunk in chunks for e in chunk.body.get("entries", [])]
+        if isinstance(response.body.get("entries"), list):  # an agent that does not stream
+            entries.extend(response.body["entries"])
+        return {"entries": entries, "truncated": bool(response.body.get("truncated"))}
+
+    async def provision(self, directory: str, order: dict,
+                        timeout: float = PROVISION_TIMEOUT) -> dict:
+        """One instance, one attempt: a write is never repeated elsewhere."""
+        peer = next((pe for pe in self.candidates(directory) if pe.ws.close_code is None), None)
+        if peer is None:
+            raise AgentUnavailable(f"no open socket serves directory {directory!r}")
+        try:
+            response = await self.hub.request(None, p.Op.PROVISION,
+                                              {"directory": directory, "order": order},
+                                              timeout, peers=[peer], failover=False)
+        except AgentUnavailable as exc:
+            event(log, logging.WARNING, "provision_outcome_unknown", directory=directory,
+                  order=order.get("id"), instance=peer.identity.instance_id, detail=exc.detail)
+            return {"ok": False, "instance": peer.identity.instance_id, "result": {
+                "id": order.get("id"), "op": order.get("op"), "status": "failed",
+                "code": "outcome_unknown", "outcome_unknown": True,
+                "reason": f"{exc.detail}; the order was sent, so it may or may not have been "
+                          "carried out: check the directory (or search) before re-sending"}}
+        return {**response.body, "instance": peer.identity.instance_id}
+
+    # ------------------------------------------------------------ status
+
+    def live(self) -> dict:
+        """What only the running server knows, per directory."""
+        out = {}
+        for directory in sorted(set(self.serving()) | set(self.leaders)):
+            out[directory] = {"leader": self.leaders.get(directory),
+                              "connected_instances": list(self._instances(directory)),
+                              "refused": sorted(self.refused.get(directory, ())),
+                              "last_sync": self.last_sync.get(directory)}
+        return out
+
+    # ------------------------------------------------------------ plumbing
+
+    def _spawn(self, coro) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:  # no loop (shutdown): nothing to notify
+            coro.close()
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def report(store: Store, identity: IdentityStore | None, live: dict | None) -> list[dict]:
+    """``directory status``: per directory its connectors, policy, leader (server
+    running), cursor, counts, applied_through per instance, last change."""
+    serving = serving_map(store)
+    names = set(serving) | set(identity.directories() if identity else []) | set(live or {})
+    rows = []
+    for directory in sorted(names):
+        connectors = serving.get(directory, [])
+        policy = directory_policy(store, connectors)
+        state = identity.status(directory) if identity else {}
+        running = (live or {}).get(directory, {})
+        rows.append({
+            "directory": directory, "connectors": connectors, "cluster": policy["name"],
+            "policy": policy["policy"], "primary": policy["primary"],
+            "leader": running.get("leader"),
+            "connected_instances": running.get("connected_instances"),
+            "last_sync": running.get("last_sync"),
+            "cursor": state.get("cursor"), "users": state.get("users", 0),
+            "groups": state.get("groups", 0), "staging": state.get("staging", 0),
+            "stream_open": state.get("stream_mode"),
+            "applied_through": state.get("applied_through", {}),
+            "last_change": state.get("last_change"), "synced_at": state.get("synced_at"),
+            "full_synced_at": state.get("full_synced_at"),
+        })
+    return rows
+
+
+def render(rows: list[dict], running: bool) -> str:
+    """Text view of :func:`report`."""
+    if not rows:
+        return "no directories: list them in a connector's configuration (`config set`)"
+    lines = [] if running else ["server: not running (leaders unknown)"]
+    for r in rows:
+        changed = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_change"])) \
+            if r["last_change"] else "never"
+        primary = f" primary={r['primary']}" if r["policy"] == "failover" else ""
+        lines.append(f"{r['directory']}  cluster={r['cluster'] or '-'} policy={r['policy']}"
+                     f"{primary} connectors={','.join(r['connectors']) or '-'}")
+        lines.append(f"    leader={r['leader'] or '-'} users={r['users']} groups={r['groups']} "
+                     f"cursor={r['cursor'] or '-'} last_change={changed}"
+                     f"{' (stream open: ' + r['stream_open'] + ')' if r['stream_open'] else ''}")
+        for iid, seq in r["applied_through"].items():
+            lines.append(f"    applied_through {iid}: {seq}")
+    return "\n".join(lines)
