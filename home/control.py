@@ -9,6 +9,15 @@ per line and answers one JSON object per line. Commands:
     push the connector's newest configuration to its connected instances.
 ``{"cmd": "revoked", "serial": HEX}``
     close sockets that authenticated with that certificate.
+``{"cmd": "cluster-changed"}``
+    a cluster policy or membership changed: re-elect directory leaders.
+``{"cmd": "directories"}``
+    per directory: leader instance, connected instances, last sync request.
+``{"cmd": "authenticate", "directory", "username", "password"}`` /
+``{"cmd": "search", "directory", "kind", "filter", "limit"}`` /
+``{"cmd": "provision", "directory", "order"}``
+    home's directory API (routed per cluster policy, :mod:`tether.home.directories`);
+    answer ``{"ok": true, "result": {...}}`` or ``{"ok": false, "code", "error"}``.
 
 The CLI's :func:`call` returns None when no server runs, so admin commands
 work the same with home up or down (agents then get changes at next connect).

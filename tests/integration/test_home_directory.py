@@ -150,7 +150,11 @@ class FakeConnector:
         if result == "drop":
             self.agent.ws.transport.abort()
             return
-        if isinstance(result, tuple):
+        if isinstance(result, tuple) and result[0] == "chunks":
+            for body in result[1]:
+                self.agent.session.chunk(msg, body)
+            self.agent.session.respond(msg, result[2])
+        elif isinstance(result, tuple):
             self.agent.session.fail(msg, result[1], result[2])
         else:
             self.agent.session.respond(msg, result)
@@ -312,6 +316,29 @@ def test_authenticate_routing_failover_round_robin_and_retry(env):
                 await router.authenticate(*body)
             assert "DC down" in str(failed.value)
             await a.close()
+    asyncio.run(go())
+
+
+def test_search_collects_chunks_and_fails_over(env):
+    state, creds, tmp = env
+
+    async def go():
+        async with running(state) as (server, url):
+            router = server.hub.directories
+            a = await FakeConnector.connect("c-a", url, creds, tmp)
+            b = await FakeConnector.connect("c-b", url, creds, tmp)
+            a.handlers[p.Op.SEARCH] = lambda msg: ("fail", "unavailable", "no LDAP server")
+            b.handlers[p.Op.SEARCH] = lambda msg: ("chunks", [
+                {"entries": [user("1", "ann")]}, {"entries": [user("2", "bob")]}],
+                {"entries": 2, "truncated": False})
+            found = await router.search("corp", "user", "(uid=*)", 10)
+            assert [e["dn"] for e in found["entries"]] == ["uid=ann,dc=x", "uid=bob,dc=x"]
+            assert found["truncated"] is False
+            assert a.ops(p.Op.SEARCH) == 1 and b.ops(p.Op.SEARCH) == 1  # primary first
+            assert b.received[-1].body == {"directory": "corp", "kind": "user",
+                                           "filter": "(uid=*)", "limit": 10}
+            await a.close()
+            await b.close()
     asyncio.run(go())
 
 
