@@ -437,3 +437,17 @@ def test_spool_seqs_never_go_back_after_ack(tmp_path):
     spool.ack(3)
     again = Spool(tmp_path / "spool")  # a restart with an empty spool
     assert again.append({"n": 3}) == 4
+
+
+def test_rechunk_keeps_entries_small_and_renumbers(ldap_raw):
+    from tether.agent.directory import DirectoryService
+    from tether.agent.directory.managed import encoded_size, rechunk
+    svc = DirectoryService(ldap_raw)
+    try:
+        msgs = list(rechunk(svc.full_sync(), budget=2000))
+    finally:
+        svc.close()
+    chunks = [m for m in msgs if m["type"] == "chunk"]
+    assert len(chunks) > 2 and all(encoded_size(c["changes"]) <= 2000 or len(c["changes"]) == 1 for c in chunks)
+    assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
+    assert msgs[-1]["seq"] == len(chunks) + 1 and msgs[-1]["count"] == sum(len(c["changes"]) for c in chunks)
