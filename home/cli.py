@@ -276,8 +276,7 @@ def _read_password(args) -> str:
         text = getpass.getpass(f"password for {args.user}: ")
     else:
         text = sys.stdin.read()
-    password = text[:-1] if text.endswith("\n") else text
-    password = password[:-1] if password.endswith("\r") else password
+    password = text.removesuffix("\n").removesuffix("\r")
     if not password:
         # An empty password is an anonymous bind in LDAP: it would "succeed" for anyone.
         raise CommandError("empty password; give it on stdin or with --password-file")

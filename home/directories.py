@@ -240,6 +240,12 @@ class DirectoryRouter:
             if leader == iid:
                 self.elect(directory)
 
+    def on_config_applied(self, iid: str) -> None:
+        """An instance runs a new configuration: give it another chance to lead."""
+        for refused in self.refused.values():
+            refused.discard(iid)
+        self.elect_all()
+
     def on_config_changed(self) -> None:
         self.refresh()
         self.refused.clear()

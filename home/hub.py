@@ -207,6 +207,8 @@ class Hub:
         elif message.op is p.Op.CONFIG_ACK:
             status = f"{body['status']}:{body['error']}" if body.get("error") else body["status"]
             self.store.record_config_state(iid, body.get("version"), status)
+            if self.directories is not None and body["status"] == "applied":
+                self.directories.on_config_applied(iid)  # it may now serve new directories
             event(log, logging.INFO if body["status"] != "rejected" else logging.WARNING,
                   "config_ack", instance=iid, version=body.get("version"), status=body["status"],
                   error=body.get("error"), detail=body.get("detail"))

@@ -79,7 +79,7 @@ async def running(state: Path):
 
 def cli_sync(state: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([TETHER_HOME, *args, "--state", str(state)], capture_output=True,
-                          text=True, timeout=120, input=input)
+                          text=True, timeout=120, input=input, check=False)
 
 
 async def cli(state: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
