@@ -1,0 +1,139 @@
+"""The directory service end to end, real processes only (issue 5).
+
+A real ``tether-home serve`` on 127.0.0.1, real ``tether-agent run`` processes
+enrolled with image credentials, a real slapd (accesslog, syncprov, ppolicy) and
+the Samba AD DC fixture. Connector configurations go through ``tether-home config
+set`` (home seals ``bind_password``); everything home knows is read back through
+its CLI (``export``, ``directory status``, ``authenticate``, ``provision``).
+"Equal" = the export CSV rows equal the rows built from a plain ldap3 search of
+the directory, entry by entry (e2erig.ldap_rows). No timing asserts: only
+generous deadlines.
+"""
+
+from __future__ import annotations
+
+import json
+
+import ldap3
+import pytest
+
+from e2erig import AD_MAPPING, OPENLDAP_MAPPING, Rig, directory_entry, ldap_rows, wait_for
+from ldapfix_helpers import (AD_BASE, ad_admin_connection, ad_config, ad_group, ad_user,
+                             admin_connection, seed_ldif, slapd_config)
+from ldapfix_slapd import SUFFIX
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+
+PEOPLE = f"ou=people,{SUFFIX}"
+GROUPS = f"ou=groups,{SUFFIX}"
+USERS_F = "(objectClass=inetOrgPerson)"
+GROUPS_F = "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames))"
+
+
+@pytest.fixture
+def ldap(slapd_factory, test_ca):
+    """A fresh slapd with the seed data (20 users, nested groups), and an admin connection."""
+    server = slapd_factory("e2e", seed_ldif())
+    conn = admin_connection(server, test_ca)
+    yield server, conn
+    conn.unbind()
+
+
+@pytest.fixture
+def rig_factory(tmp_path):
+    made: list[Rig] = []
+
+    def make(*connectors: str) -> Rig:
+        rig = Rig.start(tmp_path / f"rig{len(made)}", connectors=connectors or ("c-a",))
+        made.append(rig)
+        return rig
+    yield make
+    for rig in made:
+        rig.stop()
+
+
+def expected(conn):
+    return lambda: ldap_rows(conn, SUFFIX, USERS_F, GROUPS_F, OPENLDAP_MAPPING)
+
+
+def corp_config(server, ca, **over) -> dict:
+    return {"directories": [directory_entry("corp", slapd_config(server, ca, page_size=50, **over))]}
+
+
+def leader_of(rig: Rig, directory: str = "corp"):
+    row = rig.directory_status(directory)
+    return row and row.get("leader")
+
+
+def outcome(result) -> str:
+    return next((line.split(": ", 1)[1] for line in result.stdout.splitlines()
+                 if line.startswith("outcome: ")), "")
+
+
+def mutate(conn, tag: str, victim: str) -> None:
+    """Add, modify, rename, delete, group membership add and remove."""
+    new = f"uid=e2e{tag},{PEOPLE}"
+    assert conn.add(new, ["inetOrgPerson"], {"uid": f"e2e{tag}", "cn": f"E2E {tag}", "sn": "x",
+                                             "mail": f"e2e{tag}@example.com"}), conn.result
+    assert conn.modify(f"uid=u005,{PEOPLE}", {"mail": [(ldap3.MODIFY_REPLACE,
+                                                        [f"u005-{tag}@example.com"])]}), conn.result
+    assert conn.modify(f"cn=admins,{GROUPS}", {"member": [(ldap3.MODIFY_ADD, [new])]}), conn.result
+    assert conn.modify_dn(f"uid=u006,{PEOPLE}", f"uid=u006{tag}"), conn.result
+    assert conn.delete(f"uid={victim},{PEOPLE}"), conn.result
+    assert conn.modify(f"cn=staff,{GROUPS}", {"member": [(ldap3.MODIFY_DELETE,
+                                                          [f"uid=u007,{PEOPLE}"])]}), conn.result
+    assert conn.add(f"cn=e2eg{tag},{GROUPS}", ["groupOfNames"],
+                    {"cn": f"e2eg{tag}", "member": [new, f"uid=u006{tag},{PEOPLE}"]}), conn.result
+
+
+def test_full_sync_changes_authenticate_and_provision(ldap, test_ca, rig_factory):
+    """(a) full sync = directory; (b) changes reach the store; (c) authenticate, provision."""
+    server, conn = ldap
+    rig = rig_factory("c-a")
+    agent = rig.agent("c-a")
+    rig.configure(corp_config(server, test_ca))
+    rows = rig.wait_store_equals("corp", expected(conn))
+    assert sum(r["kind"] == "user" for r in rows) == 21 and sum(r["kind"] == "group" for r in rows) == 4
+    assert len({r["id"] for r in rows}) == len(rows)
+    staff = next(r for r in rows if r["dn"] == f"cn=staff,{GROUPS}")
+    assert len(staff["members"].split("|")) == 20
+    status = rig.directory_status("corp")
+    assert status["leader"] == agent.instance_id() and status["users"] == 21
+    assert status["groups"] == 4 and status["cursor"]
+    # the bind password went sealed: the agent's stored configuration never holds it in clear
+    assert "svc-secret" not in (agent.state / "config.json").read_text()
+
+    mutate(conn, "1", "u019")
+    rows = rig.wait_store_equals("corp", expected(conn))
+    dns = {r["dn"] for r in rows}
+    assert f"uid=e2e1,{PEOPLE}" in dns and f"uid=u0061,{PEOPLE}" in dns
+    assert f"uid=u006,{PEOPLE}" not in dns and f"uid=u019,{PEOPLE}" not in dns
+
+    # authenticate through the running home and the agent: nested groups as DNs
+    ok = rig.authenticate("corp", "u000", "pw000")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert outcome(ok) == "success" and f"dn: uid=u000,{PEOPLE}" in ok.stdout
+    groups = {line[len("group: "):] for line in ok.stdout.splitlines() if line.startswith("group: ")}
+    assert groups == {f"cn={g},{GROUPS}" for g in ("staff", "admins", "nested", "outer")}
+    wrong = rig.authenticate("corp", "u001", "not-the-password")
+    assert wrong.returncode == 1 and outcome(wrong) == "wrong_password", wrong.stdout + wrong.stderr
+    unknown = rig.authenticate("corp", "nobody-here", "pw")
+    assert unknown.returncode == 1 and outcome(unknown) == "unknown_user", unknown.stdout
+    expired = rig.authenticate("corp", "expired1", "pw-expired")
+    assert expired.returncode == 1 and outcome(expired) == "expired", expired.stdout
+
+    # provision: the user is created in slapd, reaches the store, and can log in
+    created = rig.provision("corp", {"id": "o-1", "op": "create_user", "username": "prov1",
+                                     "attributes": {"email": "prov1@example.com", "name": "Prov One"},
+                                     "password": "Initial-1"})
+    assert created.returncode == 0, created.stdout + created.stderr
+    result = json.loads(created.stdout)["result"]
+    assert result["status"] == "done" and result["dn"] == f"uid=prov1,{PEOPLE}"
+    rows = rig.wait_store_equals("corp", expected(conn))
+    prov = next(r for r in rows if r["dn"] == f"uid=prov1,{PEOPLE}")
+    assert (prov["username"], prov["email"], prov["name"]) == ("prov1", "prov1@example.com", "Prov One")
+    ok = rig.authenticate("corp", "prov1", "Initial-1")
+    assert ok.returncode == 0 and outcome(ok) == "success", ok.stdout + ok.stderr
+    again = rig.provision("corp", {"id": "o-2", "op": "create_user", "username": "prov1",
+                                   "password": "Other-2"})
+    assert again.returncode != 0 and json.loads(again.stdout)["result"]["status"] == "failed"
