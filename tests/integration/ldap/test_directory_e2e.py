@@ -137,3 +137,79 @@ def test_full_sync_changes_authenticate_and_provision(ldap, test_ca, rig_factory
     again = rig.provision("corp", {"id": "o-2", "op": "create_user", "username": "prov1",
                                    "password": "Other-2"})
     assert again.returncode != 0 and json.loads(again.stdout)["result"]["status"] == "failed"
+
+
+def test_cluster_failover_when_the_leader_agent_dies(ldap, test_ca, rig_factory):
+    """(d) failover with a primary: the leader's process is killed, the other connector
+    follows from home's cursor, the store equals the directory again, logins go on."""
+    server, conn = ldap
+    rig = rig_factory("c-a", "c-b")
+    set_policy = rig.cli("cluster", "set", "east", "--policy", "failover", "--primary", "c-a")
+    assert set_policy.returncode == 0, set_policy.stderr
+    a, b = rig.agent("c-a"), rig.agent("c-b")
+    rig.configure(corp_config(server, test_ca))
+    rig.wait_store_equals("corp", expected(conn))
+    assert leader_of(rig) == a.instance_id()
+    assert rig.authenticate("corp", "u002", "pw002").returncode == 0
+
+    a.kill()  # SIGKILL by PID: the leader vanishes without a word
+    wait_for(lambda: leader_of(rig) == b.instance_id(), 120, "c-b to lead corp")
+    ok = rig.authenticate("corp", "u002", "pw002")
+    assert ok.returncode == 0 and outcome(ok) == "success", ok.stdout + ok.stderr
+    mutate(conn, "2", "u018")
+    rows = rig.wait_store_equals("corp", expected(conn))
+    assert f"cn=e2eg2,{GROUPS}" in {r["dn"] for r in rows}
+    status = rig.directory_status("corp")
+    assert status["leader"] == b.instance_id()
+    assert status["applied_through"].get(b.instance_id(), 0) > 0  # c-b's changes were applied
+    ok = rig.authenticate("corp", "e2e2", "x")
+    assert ok.returncode == 1 and outcome(ok) == "wrong_password"  # new user, no password set
+    ok = rig.authenticate("corp", "u000", "pw000")
+    assert ok.returncode == 0 and f"group: cn=outer,{GROUPS}" in ok.stdout
+
+
+def applied_per_instance(log_text: str, instance: str) -> int:
+    """Stream messages home applied from ``instance`` (its directory_changes events)."""
+    total = 0
+    for line in log_text.splitlines():
+        if " directory_changes " in line and f"instance={instance}" in line:
+            fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+            total += int(fields["applied"])
+    return total
+
+
+def test_home_down_while_the_directory_changes(ldap, test_ca, rig_factory):
+    """(e) home stopped, changes in slapd, home back on the same state: the store equals
+    the directory and every spooled message was applied exactly once."""
+    server, conn = ldap
+    rig = rig_factory("c-a")
+    agent = rig.agent("c-a")
+    rig.configure(corp_config(server, test_ca))
+    rig.wait_store_equals("corp", expected(conn))
+    iid = agent.instance_id()
+    spool = agent.state / "directories" / "corp" / "spool"
+    acked_before = int((spool / "acked").read_text())
+
+    rig.home.stop()
+    mutate(conn, "3", "u017")
+    for i in range(10, 16):
+        assert conn.modify(f"uid=u0{i},{PEOPLE}", {"cn": [(ldap3.MODIFY_REPLACE, [f"renamed {i}"])]})
+    assert conn.delete(f"uid=u016,{PEOPLE}")
+    assert conn.delete(f"cn=nested,{GROUPS}")
+    # the agent follows on its own and keeps the changes in its spool
+    wait_for(lambda: len(list(spool.glob("*.json"))) >= 3, 120, "changes spooled while home is down")
+    rig.home.serve()
+    rows = rig.wait_store_equals("corp", expected(conn))
+    assert f"cn=nested,{GROUPS}" not in {r["dn"] for r in rows}
+    assert len({r["id"] for r in rows}) == len(rows)
+    wait_for(lambda: not list(spool.glob("*.json")), 120, "the spool drained")
+    acked = int((spool / "acked").read_text())
+    assert acked > acked_before
+    status = rig.directory_status("corp")
+    assert status["applied_through"][iid] == acked
+    assert (status["users"], status["groups"]) == (sum(r["kind"] == "user" for r in rows),
+                                                   sum(r["kind"] == "group" for r in rows))
+    # exactly once: every seq 1..acked applied once, over both home runs
+    assert applied_per_instance(rig.home.log_text(), iid) == acked
+    ok = rig.authenticate("corp", "u010", "pw010")
+    assert ok.returncode == 0 and f"group: cn=outer,{GROUPS}" not in ok.stdout
