@@ -7,10 +7,19 @@ What it measures, all in one run against the same server over LDAPS:
   bare ldap3 paged search of the same entries (ratio; goals >= 0.6 and >= 8,000/s);
 - change -> record latency (write, notification, incremental sync returns the
   record) p50/p95 through the Notifier + incremental sync, for slapd and Samba AD;
-- authentication throughput and p99 through the Authenticator versus a direct bind.
+- authentication throughput and p99 through the Authenticator versus a direct bind;
+- end to end through real processes (a `tether-home serve` and an enrolled
+  `tether-agent run` on 127.0.0.1, configuration pushed with `config set`): full
+  sync entries/s from `config set` (which makes home send `sync follow`) until
+  home's identity.db holds every entry, and its ratio to the bare ldap3 paged
+  search of the same run; change -> home store latency p50/p95 (slapd, and Samba
+  AD unless --no-ad); authentication through home's control API (the
+  `tether-home authenticate` path: control socket -> Hub -> agent -> LDAP) versus
+  direct ldap3 binds.
 
 Prints the figures and writes bench/results/directory.json.
-Options: --users N --groups N --auth N --changes N (smaller for a quick look).
+Options: --users N --groups N --auth N --changes N (smaller for a quick look),
+--no-engine (only the bare read and the end-to-end figures), --no-e2e, --no-ad.
 """
 
 from __future__ import annotations
@@ -275,6 +284,148 @@ def bench_failover(tmp: Path, ca) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ end to end
+
+
+def _store_count(db: Path, directory: str) -> int:
+    import sqlite3
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM entries WHERE directory = ?", (directory,)).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0  # the schema is not there yet
+
+
+def _store_mail(conn, directory: str, dn: str):
+    row = conn.execute("SELECT attributes FROM entries WHERE directory = ? AND dn = ?", (directory, dn)).fetchone()
+    return json.loads(row[0]).get("email") if row else None
+
+
+def e2e_change_latency(db: Path, directory: str, admin, dns: list[str], timeout: float = 60.0) -> dict:
+    """Directory write -> the new value is in home's identity.db (polled every 5 ms)."""
+    import sqlite3
+    latencies = []
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        for i, dn in enumerate(dns):
+            value = f"e2e{i}-{time.time_ns()}@example.com"
+            t = time.perf_counter()
+            assert admin.modify(dn, {"mail": [(ldap3.MODIFY_REPLACE, [value])]}), admin.result
+            while _store_mail(conn, directory, dn) != value:
+                if time.perf_counter() - t > timeout:
+                    raise RuntimeError(f"{dn}: change not in home's store after {timeout} s")
+                time.sleep(0.005)
+            latencies.append(time.perf_counter() - t)
+    finally:
+        conn.close()
+    return {"count": len(dns), "p50_ms": round(pct(latencies, 50) * 1e3, 1),
+            "p95_ms": round(pct(latencies, 95) * 1e3, 1), "max_ms": round(max(latencies) * 1e3, 1)}
+
+
+def e2e_auth(state: Path, directory: str, names: list[str], threads: int = 1) -> dict:
+    """Logins through home's control socket (what `tether-home authenticate` sends)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tether.home import control
+    sock = state / "control.sock"
+
+    def one(name: str) -> float:
+        t = time.perf_counter()
+        reply = control.call(sock, {"cmd": "authenticate", "directory": directory,
+                                    "username": name, "password": BENCH_PW}, timeout=120)
+        if not (reply and reply.get("ok") and reply["result"].get("outcome") == "success"):
+            raise RuntimeError(f"authenticate {name} through home: {reply}")
+        return time.perf_counter() - t
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        lat = list(pool.map(one, names))
+    rate = len(names) / (time.perf_counter() - t0)
+    return {"threads": threads, "count": len(names), "per_s": round(rate, 1),
+            "p50_ms": round(pct(lat, 50) * 1e3, 2), "p99_ms": round(pct(lat, 99) * 1e3, 2)}
+
+
+def bench_e2e(tmp: Path, server, ca, raw: dict, total: int, bare_per_s: float, args) -> dict:
+    """Real home + agent processes: full sync, change latency, authentication (OpenLDAP)."""
+    from e2erig import Rig, directory_entry
+    from ldapfix_slapd import ADMIN_DN, ADMIN_PW
+    rig = Rig.start(tmp / "e2e", connectors=("c-a",))
+    try:
+        agent = rig.agent("c-a")
+        db = rig.state / "identity.db"
+        print("  e2e: config set -> home stores every entry ...", flush=True)
+        t0 = time.perf_counter()
+        rig.configure({"directories": [directory_entry("bench", raw)]})
+        while _store_count(db, "bench") < total:
+            if time.perf_counter() - t0 > 3600 or not agent.alive() or rig.home.proc.poll() is not None:
+                raise RuntimeError(f"e2e full sync incomplete: {_store_count(db, 'bench')}/{total}; "
+                                   f"home log tail:\n{rig.home.log_text()[-2000:]}\nagent:\n{agent.log()[-2000:]}")
+            time.sleep(0.05)
+        secs = time.perf_counter() - t0
+        rate = total / secs
+        status = rig.directory_status("bench")
+        full = {"entries": total, "seconds": round(secs, 2), "per_s": round(rate),
+                "bare_ldap3_per_s": round(bare_per_s), "ratio": round(rate / bare_per_s, 3),
+                "goal_ratio": 0.6, "goal_per_s": 8000, "cursor_stored": bool(status and status.get("cursor")),
+                "measured": "config set (home pushes, elects, sends sync follow) -> identity.db holds "
+                            "every entry (full snapshot swapped in)"}
+        print(f"  e2e full sync: {total} entries in {secs:.1f} s = {rate:,.0f} entries/s, ratio to bare "
+              f"ldap3 {full['ratio']:.2f} (goals >= 0.6, >= 8,000/s)", flush=True)
+        tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(ca.ca_file))
+        admin = ldap3.Connection(ldap3.Server("localhost", port=server.tls_port, use_ssl=True, tls=tls,
+                                              get_info=ldap3.NONE), ADMIN_DN, ADMIN_PW, auto_bind=True)
+        try:
+            time.sleep(2)  # let the follower settle after the full sync
+            changes = e2e_change_latency(db, "bench", admin, [f"uid=user{(i * 977) % args.users:06d},ou=people,{SUFFIX}"
+                                                               for i in range(args.changes)])
+        finally:
+            admin.unbind()
+        print(f"  e2e change -> home store (OpenLDAP): p50 {changes['p50_ms']} ms, p95 {changes['p95_ms']} ms",
+              flush=True)
+        names = [f"user{(i * 7919) % args.users:06d}" for i in range(args.auth)]
+        auth = {"path": "control socket -> home Hub -> agent (WebSocket/TLS) -> user look-up + bind + nested groups"}
+        for threads in (1, 4):
+            auth[f"threads_{threads}"] = e2e_auth(rig.state, "bench", names, threads)
+            a = auth[f"threads_{threads}"]
+            print(f"  e2e auth through home, {threads} client thread(s): {a['per_s']}/s  p50 {a['p50_ms']} ms  "
+                  f"p99 {a['p99_ms']} ms", flush=True)
+        return {"full_sync": full, "change_latency_openldap": changes, "auth": auth}
+    finally:
+        rig.stop()
+
+
+def bench_e2e_ad(tmp: Path, ca, n: int) -> dict:
+    """change -> home store latency against a Samba AD DC, through real home + agent processes."""
+    from e2erig import Rig, directory_entry
+    from ldapfix_helpers import ad_admin_connection, ad_config, ad_user
+    from ldapfix_samba import create_samba
+    print("  e2e AD: provisioning a Samba AD DC (about 10 s) ...", flush=True)
+    dc = create_samba(tmp / "samba-e2e", ca)
+    rig = None
+    try:
+        admin = ad_admin_connection(ca)
+        dns = [ad_user(admin, f"e2e{i:03d}") for i in range(n)]
+        rig = Rig.start(tmp / "e2e-ad", connectors=("c-a",))
+        rig.agent("c-a")
+        rig.configure({"directories": [directory_entry("ad", ad_config(ca))]})
+        db = rig.state / "identity.db"
+        deadline = time.perf_counter() + 600
+        while _store_count(db, "ad") < n:
+            if time.perf_counter() > deadline:
+                raise RuntimeError("AD full sync did not reach home")
+            time.sleep(0.1)
+        time.sleep(2)
+        try:
+            return e2e_change_latency(db, "ad", admin, dns)
+        finally:
+            admin.unbind()
+    finally:
+        if rig is not None:
+            rig.stop()
+        dc.destroy()
+
+
 def _start(config):
     from tether.agent.directory.connection import Pool
     from tether.agent.directory.incremental import start_cursor
@@ -292,6 +443,8 @@ def main() -> int:
     ap.add_argument("--auth", type=int, default=1_000)
     ap.add_argument("--changes", type=int, default=50)
     ap.add_argument("--no-ad", action="store_true", help="skip the Samba AD DC latency figures")
+    ap.add_argument("--no-engine", action="store_true", help="skip the engine-only figures")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end (home + agent) figures")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "directory.json"))
     args = ap.parse_args()
     load_at_start = [round(x, 2) for x in os.getloadavg()]
@@ -309,35 +462,57 @@ def main() -> int:
         print(f"  slapadd: {total} entries in {load_s:.1f} s = {total / load_s:,.0f} entries/s", flush=True)
         server.start()
         config = load_config(raw_config(server, ca))
-        full = bench_full_sync(server, ca, config)
-        print(f"  authentication x{args.auth} ...", flush=True)
-        auth = bench_auth(server, ca, config, args.auth, args.users)
-        for label in ("direct_new_connection", "direct_rebind", "engine", "engine_without_groups"):
-            print(f"  auth {label:22s}: {auth[label]['per_s']:7.1f}/s  p50 {auth[label]['p50_ms']} ms  "
-                  f"p99 {auth[label]['p99_ms']} ms", flush=True)
-        print(f"  change -> record latency x{args.changes} ...", flush=True)
-        changes = bench_openldap_changes(server, ca, config, args.changes)
-        print(f"  change -> record (OpenLDAP): p50 {changes['p50_ms']} ms, p95 {changes['p95_ms']} ms", flush=True)
+        full = auth = changes = failover = ad_changes = e2e = None
+        if args.no_engine:
+            print("  warm-up read ...", flush=True)
+            bare_paged(server, ca, config)
+            bare = [bare_paged(server, ca, config) for _ in range(2)]
+            full = {"entries": bare[0][0], "bare_ldap3_per_s": round(max(n / s for n, s in bare)),
+                    "page_size": PAGE}
+            print(f"  bare ldap3 full read: {full['bare_ldap3_per_s']:,} entries/s", flush=True)
+        else:
+            full = bench_full_sync(server, ca, config)
+            print(f"  authentication x{args.auth} ...", flush=True)
+            auth = bench_auth(server, ca, config, args.auth, args.users)
+            for label in ("direct_new_connection", "direct_rebind", "engine", "engine_without_groups"):
+                print(f"  auth {label:22s}: {auth[label]['per_s']:7.1f}/s  p50 {auth[label]['p50_ms']} ms  "
+                      f"p99 {auth[label]['p99_ms']} ms", flush=True)
+            print(f"  change -> record latency x{args.changes} ...", flush=True)
+            changes = bench_openldap_changes(server, ca, config, args.changes)
+            print(f"  change -> record (OpenLDAP): p50 {changes['p50_ms']} ms, p95 {changes['p95_ms']} ms",
+                  flush=True)
+        if not args.no_e2e:
+            e2e = bench_e2e(tmp, server, ca, raw_config(server, ca), total, full["bare_ldap3_per_s"], args)
+            if auth is not None:
+                e2e["auth"]["direct_new_connection"] = auth["direct_new_connection"]
+                e2e["auth"]["direct_rebind"] = auth["direct_rebind"]
+                e2e["auth"]["engine_in_process"] = auth["engine"]
         server.destroy()
         server = None
-        failover = bench_failover(tmp, ca)
-        for mode, f in failover.items():
-            print(f"  failover, primary {mode} mid-sync: next page after {f['seconds_to_next_page']} s, "
-                  f"complete={f['complete']} (goal <= 10 s)", flush=True)
-        ad_changes = None
-        if not args.no_ad:
+        if not args.no_engine:
+            failover = bench_failover(tmp, ca)
+            for mode, f in failover.items():
+                print(f"  failover, primary {mode} mid-sync: next page after {f['seconds_to_next_page']} s, "
+                      f"complete={f['complete']} (goal <= 10 s)", flush=True)
+        if not args.no_ad and not args.no_engine:
             ad_changes = bench_ad_changes(tmp, ca, args.changes)
             print(f"  change -> record (Samba AD): p50 {ad_changes['p50_ms']} ms, "
                   f"p95 {ad_changes['p95_ms']} ms", flush=True)
+        if not args.no_ad and e2e is not None:
+            e2e["change_latency_samba_ad"] = bench_e2e_ad(tmp, ca, args.changes)
+            print(f"  e2e change -> home store (Samba AD): p50 {e2e['change_latency_samba_ad']['p50_ms']} ms, "
+                  f"p95 {e2e['change_latency_samba_ad']['p95_ms']} ms", flush=True)
         result = {
             "server": "OpenLDAP slapd 2.5 (mdb, syncprov, accesslog, ppolicy), LDAPS on 127.0.0.1",
             "users": args.users, "groups": args.groups, "load_average_at_start": load_at_start,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
             "cpus": os.cpu_count(),
             "slapadd_entries_per_s": round(total / load_s),
             "full_sync": full,
             "auth": auth, "failover": failover, "change_latency_openldap": changes, "change_latency_samba_ad": ad_changes,
             "change_latency_means": "directory write -> notification -> incremental sync returns the record "
                                     "(the agent side of change -> home store; the channel adds its own time)",
+            "end_to_end": e2e,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
