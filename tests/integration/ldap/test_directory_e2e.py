@@ -213,3 +213,43 @@ def test_home_down_while_the_directory_changes(ldap, test_ca, rig_factory):
     assert applied_per_instance(rig.home.log_text(), iid) == acked
     ok = rig.authenticate("corp", "u010", "pw010")
     assert ok.returncode == 0 and f"group: cn=outer,{GROUPS}" not in ok.stdout
+
+
+def test_samba_ad_full_sync_and_nested_group_login(samba, test_ca, rig_factory):
+    """(f) Samba AD DC over LDAPS: the store equals the directory (objectGUID ids,
+    disabled flags, members), a change arrives, a login lists nested groups."""
+    admin = ad_admin_connection(test_ca)
+    users = f"CN=Users,{AD_BASE}"
+    try:
+        carl = ad_user(admin, "e2e-carl", "Carl-Pass-1")
+        inner = ad_group(admin, "e2e-inner", [carl])
+        outer = ad_group(admin, "e2e-outer", [inner])
+
+        def want():
+            return ldap_rows(admin, AD_BASE, "(&(objectCategory=person)(objectClass=user))",
+                             "(objectClass=group)", AD_MAPPING, id_attr="objectGUID", ad=True)
+        rig = rig_factory("c-a")
+        rig.agent("c-a")
+        rig.configure({"directories": [directory_entry("ad", ad_config(test_ca))]})
+        rows = rig.wait_store_equals("ad", want, timeout=300)
+        by_dn = {r["dn"]: r for r in rows}
+        assert by_dn[carl]["disabled"] == "false" and by_dn[f"CN=Guest,{users}"]["disabled"] == "true"
+        assert by_dn[outer]["members"] == inner and by_dn[carl]["member_of"] == inner
+
+        ok = rig.authenticate("ad", "e2e-carl", "Carl-Pass-1")
+        assert ok.returncode == 0 and outcome(ok) == "success", ok.stdout + ok.stderr
+        groups = {line[len("group: "):].lower() for line in ok.stdout.splitlines()
+                  if line.startswith("group: ")}
+        assert {inner.lower(), outer.lower()} <= groups
+        wrong = rig.authenticate("ad", "e2e-carl", "nope")
+        assert wrong.returncode == 1 and outcome(wrong) == "wrong_password"
+        unknown = rig.authenticate("ad", "e2e-nobody", "nope")
+        assert unknown.returncode == 1 and outcome(unknown) == "unknown_user"
+
+        assert admin.modify(carl, {"mail": [(ldap3.MODIFY_REPLACE, ["carl2@tether.test"])]})
+        dora = ad_user(admin, "e2e-dora", "Dora-Pass-1")
+        assert admin.modify(outer, {"member": [(ldap3.MODIFY_ADD, [dora])]}), admin.result
+        rows = rig.wait_store_equals("ad", want, timeout=300)
+        assert {r["dn"]: r for r in rows}[carl]["email"] == "carl2@tether.test"
+    finally:
+        admin.unbind()
