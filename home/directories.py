@@ -92,6 +92,11 @@ def check_batch(body: dict) -> list[dict]:
             raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}].message must be a begin, "
                             "chunk or end stream message (agent/directory/README.md)")
         last = seq
+    after = body.get("after")
+    if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0
+                              or (entries and after >= entries[0]["seq"])):
+        raise HomeError(p.ErrorCode.BAD_TYPE, "after must be an int >= 0 below the batch's "
+                        "first seq (the last seq of the batch sent before it)")
     return entries
 
 
@@ -267,12 +272,17 @@ class DirectoryRouter:
             event(log, logging.INFO, "directory_changes_dropped", directory=directory,
                   instance=iid, leader=leader, entries=len(entries), through=top)
             return {"applied_through": top, "leader": False}
+        after = body.get("after")
         try:
-            result = self.identity.apply_batch(directory, iid, entries)
+            result = self.identity.apply_batch(directory, iid, entries, after)
         except IdentityError as exc:
             raise HomeError(p.ErrorCode.BAD_TYPE, f"{exc}; nothing of this batch was applied "
                             "(fix the record at its source, or let the agent run a full "
                             "sync)") from None
+        if result.out_of_order:
+            event(log, logging.WARNING, "directory_changes_out_of_order", directory=directory,
+                  instance=iid, after=after, applied_through=result.applied_through,
+                  entries=len(entries))
         if result.resync_wanted:
             event(log, logging.WARNING, "directory_resync", directory=directory, instance=iid,
                   reason="; ".join(result.notes))

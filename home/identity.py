@@ -86,6 +86,8 @@ class BatchResult:
     #: an ``end`` arrived whose ``begin`` home never saw (leader changed mid-stream):
     #: its cursor was not stored; home should ask the leader for a full sync.
     resync_wanted: bool = False
+    #: the batch named an ``after`` seq not applied yet: nothing was applied
+    out_of_order: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -142,16 +144,25 @@ class IdentityStore:
                               "instance_id = ?", (directory, instance_id)).fetchone()
         return row[0] if row else 0
 
-    def apply_batch(self, directory: str, instance_id: str, entries: list[dict]) -> BatchResult:
+    def apply_batch(self, directory: str, instance_id: str, entries: list[dict],
+                    after: int | None = None) -> BatchResult:
         """Apply one ``directory.changes`` batch exactly once, in one transaction.
 
         ``entries`` is ``[{"seq": int, "message": dict}, ...]`` in increasing seq
-        order (the caller validated the shape). Raises :class:`IdentityError`
-        (nothing applied) for a malformed message or record.
+        order (the caller validated the shape). ``after`` (a pipelined batch: the
+        last seq of the batch the agent sent before it) must already be applied,
+        else nothing is (``out_of_order``): applying it would skip that batch's
+        changes for good. Raises :class:`IdentityError` (nothing applied) for a
+        malformed message or record.
         """
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            result = self._apply(directory, instance_id, entries)
+            through = self.applied_through(directory, instance_id)
+            if after is not None and through < after:
+                result = BatchResult(applied_through=through, out_of_order=True)
+                result.notes.append(f"previous batch (through seq {after}) not applied yet")
+            else:
+                result = self._apply(directory, instance_id, entries)
         except BaseException:
             self.db.execute("ROLLBACK")
             raise

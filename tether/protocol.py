@@ -191,7 +191,13 @@ class Op(str, enum.Enum):
         The agent drains its spool: body ``directory`` str, ``entries`` list of
         ``{"seq": int, "message": object}`` in spool order (``message`` is one
         stream message of the directory engine: begin / chunk / end, see
-        agent/directory/README.md), at most :data:`MAX_FRAME_BYTES` in all.
+        agent/directory/README.md), at most :data:`MAX_FRAME_BYTES` in all,
+        optional ``after`` int|null: the last seq of the batch sent just before
+        this one (the agent keeps a few batches in flight); home applies this
+        batch only once every seq up to ``after`` is applied, else applies
+        nothing and answers its unchanged ``applied_through``, so a batch never
+        lands without the one before it (``after`` absent or null: no such
+        condition, e.g. the first batch after a reconnect).
         response: ``applied_through`` int (every seq up to it is applied, or was
         dropped on purpose: the agent acknowledges its spool up to it),
         ``leader`` bool (false: home takes this directory's changes from another
@@ -366,6 +372,7 @@ BODY_FIELDS: dict[tuple[Op, Kind], dict[str, tuple[tuple, bool]]] = {
     (Op.DIRECTORY_CHANGES, Kind.REQUEST): {
         "directory": ((str,), True),
         "entries": ((list,), True),
+        "after": ((int, None), False),
     },
     (Op.DIRECTORY_CHANGES, Kind.RESPONSE): {
         "applied_through": ((int,), True),
@@ -461,6 +468,51 @@ def new_id() -> str:
 # --------------------------------------------------------------------------- codec
 
 
+class RawJSON:
+    """A body value that is already JSON text, spliced into the frame verbatim.
+
+    Why: the agent's spool holds each directory message as the JSON our own
+    encoder wrote; decoding it only to encode it again cost the agent most of
+    its drain CPU (100,000 entries per full sync). The sender vouches that the
+    text is one JSON value (cheap shape check only); the receiver parses and
+    validates the whole frame as always, so a bad splice is refused there.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, data: str | bytes) -> None:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+        if not isinstance(text, str) or not text.strip():
+            raise ProtocolError(ErrorCode.BAD_TYPE, "raw JSON value must be non-empty text")
+        self.text = text
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+
+def _dumps(obj: Any) -> str:
+    """Compact JSON; :class:`RawJSON` values are spliced in after encoding.
+
+    Each RawJSON becomes a placeholder string holding a fresh random token
+    (no body text can forge it), then the placeholders are replaced in one pass.
+    """
+    raws: list[str] = []
+    token = secrets.token_hex(8)
+
+    def placeholder(value: Any) -> str:
+        if not isinstance(value, RawJSON):
+            raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+        raws.append(value.text)
+        return f"\x00{token}:{len(raws) - 1}\x00"
+
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                      default=placeholder)
+    if not raws:
+        return text
+    pattern = re.compile(rf'"\\u0000{token}:(\d+)\\u0000"')
+    return pattern.sub(lambda m: raws[int(m.group(1))], text)
+
+
 def encode(message: Message) -> str:
     """Serialize a message; refuses what :func:`decode` would refuse.
 
@@ -469,8 +521,7 @@ def encode(message: Message) -> str:
     """
     validate(message)
     try:
-        text = json.dumps(message.to_dict(), separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
+        text = _dumps(message.to_dict())
     except (TypeError, ValueError) as exc:
         raise ProtocolError(ErrorCode.BAD_TYPE, f"body is not JSON-serializable: {exc}",
                             message_id=message.id, op=message.op) from None

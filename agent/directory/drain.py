@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 from tether import protocol as p
 
 from ..backoff import Backoff
-from .managed import ManagedDirectory, encoded_size, split_by_size
+from .managed import ManagedDirectory
 
 if TYPE_CHECKING:
     from .bridge import Bridge
@@ -28,6 +29,12 @@ log = logging.getLogger("tether.agent.directory")
 BATCH_BUDGET = p.MAX_FRAME_BYTES - 4096
 #: Spool entries read per batch (each at most managed.ENTRY_BUDGET bytes).
 READ_AHEAD = 32
+#: Bytes `{"seq":N,"message":...}` and its comma add to an entry inside the frame.
+ENTRY_OVERHEAD = 40
+#: Batches in flight per directory (home applies them in order; see drain_one).
+WINDOW = 3
+#: Batches settled per directory before the others get their turn.
+MAX_BATCHES = 16
 #: Seconds between looks for a link while changes wait and no socket is up.
 LINK_POLL = 0.5
 #: Seconds between looks when the spools are empty (a missed poke costs at most this).
@@ -40,7 +47,7 @@ class DrainError(Exception):
 
 
 class Drain:
-    """Moves spooled changes home over whichever link is up; one batch at a time, in order."""
+    """Moves spooled changes home over whichever link is up, in order, a few batches in flight."""
 
     def __init__(self, bridge: Bridge):
         self.bridge = bridge
@@ -122,26 +129,81 @@ class Drain:
         return next((ln for ln in links.values() if not ln.draining), None)
 
     async def drain_one(self, link, directory: ManagedDirectory) -> bool:
-        """Send the oldest pending entries of `directory`; ack what home applied."""
-        pending = await asyncio.to_thread(directory.spool.pending, READ_AHEAD)
-        if not pending:
-            return False
-        batch = next(split_by_size(({"seq": s, "message": m} for s, m in pending), BATCH_BUDGET))
-        if len(batch) == 1 and encoded_size(batch[0]) > BATCH_BUDGET:
-            raise DrainError(f"spool entry {batch[0]['seq']} of directory {directory.id!r} is "
-                             f"{encoded_size(batch[0])} bytes, more than one protocol frame; "
+        """Send `directory`'s oldest pending entries, up to WINDOW batches in flight.
+
+        Why a window: waiting for each answer before reading and sending the
+        next batch left home idle while the agent read, and the agent idle while
+        home applied. Answers are settled in send order (acks are cumulative);
+        every batch but the first names the previous one's last seq (`after`),
+        so home never applies a batch without the one before it.
+        """
+        inflight: deque[tuple[list, asyncio.Task]] = deque()
+        sent_through = 0  # last seq sent in this window (0: none yet)
+        settled = 0
+        try:
+            while settled < MAX_BATCHES:
+                while len(inflight) < WINDOW and settled + len(inflight) < MAX_BATCHES:
+                    batch = await self._next_batch(directory, sent_through)
+                    if not batch:
+                        break
+                    after = sent_through or None
+                    inflight.append((batch, asyncio.ensure_future(
+                        self._send(link, directory, batch, after))))
+                    sent_through = batch[-1][0]
+                if not inflight:
+                    break
+                batch, task = inflight.popleft()
+                settled += 1
+                if not await self._settle(directory, batch, await task):
+                    break
+        finally:
+            for _, task in inflight:
+                task.cancel()  # their answers no longer matter: the spool re-sends them
+                task.add_done_callback(_consume)
+        return settled > 0
+
+    async def _next_batch(self, directory: ManagedDirectory, after: int) -> list[tuple[int, bytes]]:
+        """Pending entries above seq `after` that fit one frame (at least one entry)."""
+        pending = await asyncio.to_thread(directory.spool.pending_raw, READ_AHEAD, after)
+        batch, size = [], 2
+        for seq, data in pending:
+            n = len(data) + ENTRY_OVERHEAD
+            if batch and size + n > BATCH_BUDGET:
+                break
+            batch.append((seq, data))
+            size += n
+        if len(batch) == 1 and size > BATCH_BUDGET:
+            raise DrainError(f"spool entry {batch[0][0]} of directory {directory.id!r} is "
+                             f"{len(batch[0][1])} bytes, more than one protocol frame; "
                              "move it aside and request a full sync")
-        response = await link.request(p.Op.DIRECTORY_CHANGES,
-                                      {"directory": directory.id, "entries": batch},
-                                      timeout=REQUEST_TIMEOUT)
-        first, last = batch[0]["seq"], batch[-1]["seq"]
+        return batch
+
+    async def _send(self, link, directory: ManagedDirectory, batch: list[tuple[int, bytes]],
+                    after: int | None) -> p.Message:
+        """One `directory.changes` request; spool bytes go into the frame unparsed."""
+        body = {"directory": directory.id,
+                "entries": [{"seq": seq, "message": p.RawJSON(data)} for seq, data in batch]}
+        if after is not None:
+            body["after"] = after
+        return await link.request(p.Op.DIRECTORY_CHANGES, body, timeout=REQUEST_TIMEOUT)
+
+    async def _settle(self, directory: ManagedDirectory, batch: list, response: p.Message) -> bool:
+        """Ack what home applied of `batch`; False when the window must stop here."""
+        first, last = batch[0][0], batch[-1][0]
         applied = min(int(response.body["applied_through"]), last)  # never drop unsent entries
         if applied >= first:
             await asyncio.to_thread(directory.spool.ack, applied)
         self.sent_batches += 1
         if response.body.get("leader") is False:
             await self.bridge.resign(directory)
-        elif applied < first:
+            return False
+        if applied < first:
             raise DrainError(f"home applied none of seqs {first}..{last} of directory "
                              f"{directory.id!r} (applied_through {response.body['applied_through']})")
         return True
+
+
+def _consume(task: asyncio.Task) -> None:
+    """Retrieve an abandoned request's outcome so asyncio does not report it as lost."""
+    if not task.cancelled():
+        task.exception()

@@ -25,14 +25,16 @@ from ..atomicfile import write_atomic
 from .errors import ConfigError, DirectoryError
 from .follow import CursorFile, Follower
 from .service import DirectoryService
-from .spool import Spool
+from .spool import Spool, encode_item
 
 log = logging.getLogger("tether.agent.directory")
 
 #: A directory id names a directory on disk: keep it to a safe file name.
 ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-#: Largest spool entry (encoded JSON) the follower writes; a drain batch holds several.
-ENTRY_BUDGET = 256 * 1024
+#: Largest spool entry (encoded JSON) the follower writes; a drain batch holds two.
+#: Why this large: every append, read and ack is a few syscalls that hand the GIL
+#: to another thread; fewer, larger entries keep the follower's LDAP reads moving.
+ENTRY_BUDGET = 500 * 1024
 #: Configuration keys that change the records themselves: a change forces a full resync.
 SHAPING_KEYS = ("kind", "base_dns", "user_filter", "group_filter", "attribute_mapping",
                 "member_attribute", "sync_password_hashes")
@@ -64,22 +66,53 @@ def split_by_size(items: Iterable, budget: int) -> Iterator[list]:
 
 
 def rechunk(stream: Iterable[dict], budget: int = ENTRY_BUDGET) -> Iterator[dict]:
-    """The engine's stream with every chunk small enough for one spool entry.
+    """The engine's stream with every chunk small enough for one spool entry."""
+    return (msg for msg, _ in spool_entries(stream, budget))
 
+
+def spool_entries(stream: Iterable[dict], budget: int = ENTRY_BUDGET) -> Iterator[tuple[dict, bytes]]:
+    """(message, its spool bytes) for the engine's stream, each chunk within `budget`.
+
+    Why encode here: every record has to be encoded once anyway to size the
+    chunks; the entry's bytes are those encodings joined, so the spool (and
+    the drain, which sends the bytes as they are) never encodes a record again.
     Why renumber: home checks that chunk seqs run 1, 2, ... and that `end.seq`
     follows the last chunk, so splits shift every later seq of the stream.
     """
     seq = 0
     for msg in stream:
         if msg.get("type") == "chunk":
-            for part in split_by_size(msg["changes"], budget):
+            encoded = [encode_item(change) for change in msg["changes"]]
+            for lo, hi in _size_groups([len(e) for e in encoded], budget):
                 seq += 1
-                yield {**msg, "seq": seq, "changes": part}
-        elif msg.get("type") == "end":
-            yield {**msg, "seq": seq + 1}
+                part = {**msg, "seq": seq, "changes": msg["changes"][lo:hi]}
+                yield part, _chunk_bytes(part, encoded[lo:hi])
         else:
-            seq = 0
-            yield msg
+            if msg.get("type") == "end":
+                msg = {**msg, "seq": seq + 1}
+            else:
+                seq = 0
+            yield msg, encode_item(msg)
+
+
+def _size_groups(sizes: list[int], budget: int) -> Iterator[tuple[int, int]]:
+    """Index ranges [lo, hi) whose JSON list (items + commas + brackets) fits `budget`;
+    one item above the budget forms a range of its own (the drain reports it)."""
+    lo, size = 0, 2
+    for i, n in enumerate(sizes):
+        if i > lo and size + n + 1 > budget:
+            yield lo, i
+            lo, size = i, 2
+        size += n + 1
+    if lo < len(sizes):
+        yield lo, len(sizes)
+
+
+def _chunk_bytes(msg: dict, encoded: list[bytes]) -> bytes:
+    """`msg` as JSON with its `changes` list spliced from already encoded records."""
+    head = encode_item({k: v for k, v in msg.items() if k != "changes"})
+    sep = b"," if len(head) > 2 else b""
+    return head[:-1] + sep + b'"changes":[' + b",".join(encoded) + b"]}"
 
 
 class NotifyingSpool(Spool):
@@ -89,8 +122,8 @@ class NotifyingSpool(Spool):
         super().__init__(directory)
         self.on_append = on_append
 
-    def append(self, item: dict) -> int:
-        seq = super().append(item)
+    def append_encoded(self, data: bytes) -> int:
+        seq = super().append_encoded(data)
         self.on_append()
         return seq
 
@@ -122,10 +155,10 @@ class BridgeFollower(Follower):
     def _sync_into_spool(self) -> int:
         stream = self.service.full_sync() if self.full else self.service.sync(self.cursor.load())
         count = 0
-        for msg in rechunk(stream):
+        for msg, data in spool_entries(stream):
             if self._stop.is_set():
                 return count  # abandoned mid-stream: the cursor is not stored, so it replays
-            self.spool.append(msg)
+            self.spool.append_encoded(data)
             if msg["type"] == "chunk":
                 count += len(msg["changes"])
             elif msg["type"] == "end":

@@ -24,6 +24,20 @@ NAME = re.compile(r"^(\d{16})\.json$")
 ACKED = "acked"
 
 
+def encode_item(item) -> bytes:
+    """A spool entry's bytes: compact UTF-8 JSON, as the protocol puts it on the wire.
+
+    Why this form (no ASCII escapes, no NaN): the drain sends the bytes home
+    unchanged, and the frame budget counts them as they are.
+    """
+    try:
+        return json.dumps(item, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode()
+    except (TypeError, ValueError, UnicodeEncodeError) as exc:
+        raise SpoolError(f"change cannot be stored as JSON ({exc}); this is a bug in the "
+                         "directory engine's record mapping") from None
+
+
 class SpoolError(Exception):
     """The spool directory cannot be used (permissions, damaged entry)."""
 
@@ -76,7 +90,14 @@ class Spool:
 
     def append(self, item: dict) -> int:
         """Store `item` durably; return its sequence number (only after it is on disk)."""
-        data = json.dumps(item, separators=(",", ":"), sort_keys=True).encode()
+        return self.append_encoded(encode_item(item))
+
+    def append_encoded(self, data: bytes) -> int:
+        """Store one item already encoded as JSON (see `encode_item`); return its seq.
+
+        Why: the follower encodes each record once to size its chunks, and the
+        drain sends these bytes home as they are, so nothing is encoded twice.
+        """
         seq = self._next
         tmp = self.directory / f"{seq:016d}.tmp"
         try:
@@ -98,6 +119,15 @@ class Spool:
         """The oldest unacknowledged entries, in order, as (seq, item)."""
         return list(self._iter(limit))
 
+    def pending_raw(self, limit: int | None = None, after: int = 0) -> list[tuple[int, bytes]]:
+        """The oldest unacknowledged entries above seq `after`, as (seq, JSON bytes).
+
+        Why raw: the drain splices these bytes into its frame (protocol.RawJSON);
+        home parses and validates them, so the agent does not decode them at all.
+        """
+        seqs = [s for s in self._seqs() if s > after]
+        return [(seq, self._read_raw(seq)) for seq in seqs[:limit]]
+
     def _iter(self, limit: int | None) -> Iterator[tuple[int, dict]]:
         for n, seq in enumerate(self._seqs()):
             if limit is not None and n >= limit:
@@ -105,18 +135,30 @@ class Spool:
             yield seq, self._read(seq)
 
     def _read(self, seq: int) -> dict:
-        """Parse one entry; a second read before calling it damaged.
+        """Parse one entry (damaged: SpoolError)."""
+        try:
+            return json.loads(self._read_raw(seq))
+        except ValueError as exc:
+            raise SpoolError(f"spool entry {self._path(seq)} is unreadable ({exc}); "
+                             "move it aside and let the agent run a full resync") from None
+
+    def _read_raw(self, seq: int) -> bytes:
+        """One entry's bytes; a second read before calling it damaged.
 
         Why the retry: an entry is renamed into place only after it is fsync'd,
         so it is never legitimately empty, but a reader in another thread was
         seen (once, under gVisor) to get empty content right after the rename.
+        Only the shape is checked here (a JSON object's braces), not the content.
         """
         for attempt in range(3):
             try:
-                return json.loads(self._path(seq).read_bytes())
-            except (OSError, ValueError) as exc:
+                data = self._path(seq).read_bytes().strip()
+                if data[:1] == b"{" and data[-1:] == b"}":
+                    return data
+                error: Exception = ValueError("not a JSON object")
+            except OSError as exc:
                 error = exc
-                time.sleep(0.01 * (attempt + 1))
+            time.sleep(0.01 * (attempt + 1))
         raise SpoolError(f"spool entry {self._path(seq)} is unreadable ({error}); "
                          "move it aside and let the agent run a full resync")
 

@@ -77,3 +77,22 @@ def test_full_disk_is_a_clear_error_and_leaves_no_debris(tmp_path, monkeypatch):
         spool.append({"x": 1})
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == [] and spool.append({"x": 2}) == 1
+
+
+def test_raw_entries_are_the_stored_json_bytes(tmp_path):
+    """The drain reads entries unparsed (it splices them into its frame)."""
+    from tether.agent.directory.spool import encode_item
+    spool = Spool(tmp_path)
+    spool.append({"name": "Zoë"})
+    spool.append_encoded(encode_item({"n": 2}))
+    spool.append({"n": 3})
+    assert spool.pending_raw() == [(1, '{"name":"Zoë"}'.encode()), (2, b'{"n":2}'), (3, b'{"n":3}')]
+    assert [s for s, _ in spool.pending_raw(limit=1, after=1)] == [2]
+    assert spool.pending()[1] == (2, {"n": 2})
+
+
+def test_unencodable_item_is_refused_before_it_is_stored(tmp_path):
+    spool = Spool(tmp_path)
+    with pytest.raises(SpoolError):
+        spool.append({"x": float("nan")})
+    assert len(spool) == 0

@@ -185,3 +185,31 @@ def test_full_sync_of_many_users_is_one_transaction_per_batch(store):
         store.apply_batch("d", "i1", entries(msgs[i:i + 4], first_seq=seq))
         seq += len(msgs[i:i + 4])
     assert store.counts("d")["users"] == 5000 and store.cursor("d") == "c1"
+
+
+def test_pipelined_batches_apply_in_order_exactly_once(store):
+    """Batches sent back to back (each naming the previous one's last seq in
+    ``after``) apply in order; re-sending the whole window changes nothing."""
+    msgs = entries(stream("full", [user(str(i), f"u{i}") for i in range(6)], "c1"))
+    windows = [(msgs[:2], None), (msgs[2:4], 2), (msgs[4:], 4)]
+    for batch, after in windows:
+        result = store.apply_batch("d", "i1", batch, after)
+        assert not result.out_of_order and result.applied_through == batch[-1]["seq"]
+    assert len(names(store)) == 6 and store.cursor("d") == "c1"
+    for batch, after in windows:  # the answers were lost: the agent sends the window again
+        assert store.apply_batch("d", "i1", batch, after).applied == 0
+    assert store.applied_through("d", "i1") == msgs[-1]["seq"] and len(names(store)) == 6
+
+
+def test_batch_whose_previous_batch_is_missing_is_refused(store):
+    """A pipelined batch arriving without the one before it (that one failed, or
+    took another socket) applies nothing, so its predecessor's changes are not
+    skipped for good; once the predecessor lands, the batch applies."""
+    msgs = entries(stream("full", [user(str(i), f"u{i}") for i in range(4)], "c1"))
+    first, second = msgs[:3], msgs[3:]
+    refused = store.apply_batch("d", "i1", second, after=3)
+    assert refused.out_of_order and refused.applied == 0 and refused.applied_through == 0
+    assert store.applied_through("d", "i1") == 0 and store.counts("d")["staging"] == 0
+    assert store.apply_batch("d", "i1", first).applied_through == 3
+    done = store.apply_batch("d", "i1", second, after=3)
+    assert not done.out_of_order and done.swapped and len(names(store)) == 4

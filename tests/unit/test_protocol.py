@@ -376,3 +376,30 @@ def test_encode_refuses_lone_surrogates():
     with pytest.raises(ProtocolError) as info:
         p.encode(message)
     assert info.value.code is ErrorCode.BAD_TYPE
+
+
+def test_raw_json_is_spliced_verbatim_and_decodes_like_the_value():
+    """The drain's fast path: pre-encoded spool bytes go into the frame unparsed."""
+    inner = {"type": "chunk", "seq": 1, "changes": [{"op": "upsert", "id": "é\u2028", "n": [1, 2]}]}
+    raw = json.dumps(inner, separators=(",", ":"), ensure_ascii=False).encode()
+    body = {"directory": "d", "entries": [{"seq": 7, "message": p.RawJSON(raw)}], "after": 6,
+            "note": "\x00 looks like a placeholder \x00"}
+    msg = p.Message(id="m1", kind=Kind.REQUEST, op=Op.DIRECTORY_CHANGES, ts=1.0, body=body)
+    text = p.encode(msg)
+    assert raw.decode() in text
+    back = p.decode(text).body
+    assert back["entries"] == [{"seq": 7, "message": inner}] and back["note"] == body["note"]
+
+
+def test_raw_json_counts_towards_the_frame_limit_and_refuses_empty():
+    big = p.RawJSON('"' + "x" * p.MAX_FRAME_BYTES + '"')
+    msg = p.Message(id="m2", kind=Kind.REQUEST, op=Op.DIRECTORY_CHANGES, ts=1.0,
+                    body={"directory": "d", "entries": [{"seq": 1, "message": big}]})
+    with pytest.raises(ProtocolError) as err:
+        p.encode(msg)
+    assert err.value.code is ErrorCode.TOO_LARGE
+    with pytest.raises(ProtocolError):
+        p.RawJSON(b"  ")
+    with pytest.raises(ProtocolError):  # anything else still refuses to encode
+        p.encode(p.Message(id="m3", kind=Kind.REQUEST, op=Op.DIRECTORY_CHANGES, ts=1.0,
+                           body={"directory": "d", "entries": [object()]}))
