@@ -575,12 +575,18 @@ def _reject_constant(name: str) -> Any:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    """JSON objects with a repeated key are ambiguous: refuse them."""
-    obj: dict = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
+    """JSON objects with a repeated key are ambiguous: refuse them.
+
+    Why dict() first: it runs in C, and a full sync decodes ~200,000 objects
+    per 100,000 users on home's event loop; the loop only runs on a duplicate.
+    """
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return obj
 
 
