@@ -10,7 +10,9 @@ build {
     playbook_file = local.playbook_file
     user          = "root"
     use_proxy     = false
-    extra_arguments = ["--extra-vars", "@${var.buildvars_file}"]
+    # ansible_tags: the layer's run applies the shared roles, the image's run
+    # the per-image ones (tether/image/layer.py).
+    extra_arguments = ["--tags", var.ansible_tags, "--extra-vars", "@${var.buildvars_file}"]
     ansible_env_vars = [
       "ANSIBLE_CONFIG=${local.ansible_config}",
       "ANSIBLE_NOCOLOR=1",

@@ -72,6 +72,12 @@ variable "buildvars_file" {
   default     = "/nonexistent/buildvars.json"
 }
 
+variable "ansible_tags" {
+  type        = string
+  description = "Roles (site.yml tags) this run applies: all, or the layer's / the image's roles."
+  default     = "all"
+}
+
 variable "aws_region" {
   type    = string
   default = "eu-central-1"

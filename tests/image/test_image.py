@@ -69,6 +69,18 @@ def test_agent_state_dir(host):
     assert state.mode == 0o700
 
 
+def test_agent_state_empty(host):
+    """No instance key or state from the build: the agent makes them on first boot."""
+    left = host.run("find /data/tether -mindepth 1").stdout.split()
+    assert left == [], f"agent state left from the build: {left}"
+
+
+def test_no_build_unit_holds_left(host):
+    """The build's drop-ins that keep the agent from running in the build VM are gone."""
+    left = host.run("find /etc/systemd/system -name 'zz-tether-build-hold.conf'").stdout.split()
+    assert left == [], f"build-time unit holds left: {left}"
+
+
 def test_no_wheelhouse_left(host):
     assert not host.file("/var/tmp/tether-wheelhouse").exists
 

@@ -59,7 +59,9 @@ def grub_cfg() -> str:
     return (
         "# tether: A/B root slots for RAUC's grub backend (static; written by tether.image)\n"
         "set default=0\n"
-        "set timeout=1\n"
+        # No menu wait: the appliance has no one at its console (1 s per boot).
+        "set timeout_style=hidden\n"
+        "set timeout=0\n"
         "serial --unit=0 --speed=115200 --word=8 --parity=no --stop=1\n"
         "terminal_input serial console\n"
         "terminal_output serial console\n"

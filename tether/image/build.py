@@ -1,8 +1,10 @@
 """`make image`: the whole pipeline, one small step per stage.
 
     preflight → lock → base disk (cached) → accelerator → image credential →
-    wheelhouse → build disk + key + build vars → Packer (boot, Ansible,
-    sysprep, shutdown) → raw → OVA → manifest + SHA256SUMS → verification
+    wheelhouse → build vars → provisioned layer (cached: Packer with the
+    shared roles over the base disk) → build disk + key → Packer (boot,
+    per-image roles identity + sysprep, shutdown) → seal → OVA (the raw
+    disk's SHA256 computed alongside) → manifest + SHA256SUMS → verification
 
 Everything is assembled in images/.partial/<name>/ and renamed to
 images/<name>/ only after the checks passed, so a folder under images/ that
@@ -14,6 +16,7 @@ of a failed build (serial console, Packer output) are kept next to it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -24,8 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import accel, basedisk, builddisk, buildvars, credential, packerrun, preflight, seal, wheelhouse
-from .diskio import attached, mounted
+from . import accel, basedisk, builddisk, buildvars, credential, layer, packerrun, preflight, seal, wheelhouse
+from .diskio import attached, mounted, sha256_sparse
 from .errors import BuildError
 from .lock import BuildLock
 from .progress import Progress, fmt_bytes, fmt_seconds
@@ -55,6 +58,7 @@ class Result:
     image_id: str
     base_cached: bool
     accelerator: str
+    layer_cached: bool
     times: dict[str, float]
     total: float
 
@@ -82,6 +86,9 @@ class _Ctx:
     bundle: dict | None = None
     credential_file: Path | None = None
     wheels: Path | None = None
+    layer: Path | None = None
+    layer_cached: bool = False
+    raw_sha256: str | None = None
     disk: Path | None = None
     key: builddisk.BuildKey | None = None
     vars_file: Path | None = None
@@ -114,7 +121,8 @@ def _pipeline(ctx: _Ctx) -> Result:
     ctx.work.mkdir(parents=True, mode=0o700)
     ok = False
     try:
-        for step in (_base, _accel, _credential, _wheelhouse, _build_disk, _packer, _seal, _ova, _manifest):
+        for step in (_base, _accel, _credential, _wheelhouse, _vars, _layer, _build_disk, _packer, _seal, _ova,
+                     _manifest):
             step(ctx)
         if ctx.opts.verify:
             _verify(ctx)
@@ -162,56 +170,97 @@ def _wheelhouse(ctx: _Ctx) -> None:
         ctx.progress.say(", ".join(w.name for w in wheels))
 
 
+def _vars(ctx: _Ctx) -> None:
+    variables = buildvars.make(ctx.wheels, ctx.credential_file, ctx.name, ctx.bundle["image_id"])
+    ctx.vars_file = buildvars.write(ctx.work / "buildvars.json", variables)
+
+
+def _cache(ctx: _Ctx) -> Path:
+    return ctx.opts.images_dir.resolve() / ".cache"
+
+
+def _layer(ctx: _Ctx) -> None:
+    """The base disk with the shared roles applied, cached by tether.image.layer.key."""
+    roles = layer.layer_roles()
+    with ctx.progress.stage("layer", f"provisioned layer: roles {', '.join(roles)} over the base disk (cached)"):
+        key = layer.key(ctx.base.key, ctx.wheels)
+        cached = layer.path_for(_cache(ctx), key)
+        if cached.is_file():
+            ctx.layer, ctx.layer_cached = cached, True
+            ctx.progress.say(f"layer {cached.name} cached (key {key[:16]})")
+            return
+        ctx.progress.say(f"no layer for key {key[:16]}: Packer applies {', '.join(roles)}")
+        work = ctx.work / "layer"
+        work.mkdir(mode=0o700)
+        disk, build_key = builddisk.prepare(ctx.base.path, work, basedisk.default_inputs().layout)
+        out = _run_packer(ctx, "layer", disk, build_key, work / "packer-out", "layer.img",
+                          ",".join(roles), packerrun.LAYER_MARKERS)
+        ctx.layer = layer.store(out, _cache(ctx), key)
+        shutil.rmtree(work, ignore_errors=True)
+        ctx.progress.say(f"layer {ctx.layer.name}: {fmt_bytes(ctx.layer.stat().st_blocks * 512)} allocated")
+
+
 def _build_disk(ctx: _Ctx) -> None:
-    with ctx.progress.stage("disk", "per-build copy of the base disk with a build-only SSH key"):
+    with ctx.progress.stage("disk", "per-build copy of the provisioned layer with a build-only SSH key"):
         lay = basedisk.default_inputs().layout
-        ctx.disk, ctx.key = builddisk.prepare(ctx.base.path, ctx.work, lay)
-        variables = buildvars.make(ctx.wheels, ctx.credential_file, ctx.name, ctx.bundle["image_id"])
-        ctx.vars_file = buildvars.write(ctx.work / "buildvars.json", variables)
+        # The layer has the agent and first-boot units enabled: hold them for this boot.
+        ctx.disk, ctx.key = builddisk.prepare(ctx.layer, ctx.work, lay, hold_units=builddisk.HOLD_UNITS)
 
 
-def _packer_vars(ctx: _Ctx) -> dict[str, str]:
+def _packer_vars(ctx: _Ctx, disk: Path, key: builddisk.BuildKey, output_dir: Path, vm_name: str,
+                 tags: str) -> dict[str, str]:
     venv_bin = Path(sys.executable).parent
     playbook = venv_bin / "ansible-playbook"
     return {
-        "base_disk": str(ctx.disk),
-        "output_dir": str(ctx.work / "packer-out"),
-        "vm_name": f"{ctx.name}.img",
+        "base_disk": str(disk),
+        "output_dir": str(output_dir),
+        "vm_name": vm_name,
         "accelerator": ctx.accelerator,
-        "ssh_private_key_file": str(ctx.key.private),
-        "serial_log": str(ctx.work / "serial.log"),
+        "ssh_private_key_file": str(key.private),
+        "serial_log": str(ctx.work / f"serial{'-layer' if vm_name == 'layer.img' else ''}.log"),
         "buildvars_file": str(ctx.vars_file),
         "ansible_playbook": str(playbook if playbook.exists() else "ansible-playbook"),
+        "ansible_tags": tags,
     }
 
 
+def _run_packer(ctx: _Ctx, label: str, disk: Path, key: builddisk.BuildKey, output_dir: Path, vm_name: str,
+                tags: str, markers) -> Path:
+    """One Packer run; its stages are recorded as `<label>.<stage>`; returns the disk it made."""
+    logname = "packer.log" if label == "packer" else f"packer-{label}.log"
+    log = (ctx.work / logname).open("w")
+    t0 = time.monotonic()
+
+    def say(line: str) -> None:
+        minutes, seconds = divmod(int(time.monotonic() - t0), 60)
+        log.write(f"[+{minutes:02d}:{seconds:02d}] {line}\n")  # per-task cost, after the fact
+        log.flush()
+        ctx.progress.say(line)
+
+    try:
+        result = packerrun.build(_packer_vars(ctx, disk, key, output_dir, vm_name, tags), say=say,
+                                 cache_dir=_cache(ctx) / "packer", markers=markers)
+    finally:
+        log.close()
+    for stage, seconds in result.timeline.durations().items():
+        ctx.progress.record(f"{label}.{stage}", seconds)
+    if result.returncode != 0:
+        shown = "\n    ".join((result.errors or result.tail)[-20:])
+        advice = packerrun.hint(result.errors + result.tail)
+        shown += f"\n    => {advice}" if advice else ""
+        raise BuildError(f"packer build ({label}) failed (exit {result.returncode}):\n    {shown}\n"
+                         f"    full log: {ctx.work / logname}, guest console: {ctx.work}/serial*.log")
+    out = output_dir / vm_name
+    if not out.is_file():
+        raise BuildError(f"packer finished but {out} is missing")
+    return out
+
+
 def _packer(ctx: _Ctx) -> None:
-    with ctx.progress.stage("packer", f"Packer: boot ({ctx.accelerator}), Ansible roles, sysprep, poweroff"):
-        log = (ctx.work / "packer.log").open("w")
-        t0 = time.monotonic()
-
-        def say(line: str) -> None:
-            minutes, seconds = divmod(int(time.monotonic() - t0), 60)
-            log.write(f"[+{minutes:02d}:{seconds:02d}] {line}\n")  # per-task cost, after the fact
-            log.flush()
-            ctx.progress.say(line)
-
-        try:
-            result = packerrun.build(_packer_vars(ctx), say=say,
-                                     cache_dir=ctx.opts.images_dir.resolve() / ".cache" / "packer")
-        finally:
-            log.close()
-        for stage, seconds in result.timeline.durations().items():
-            ctx.progress.record(f"packer.{stage}", seconds)
-        if result.returncode != 0:
-            shown = "\n    ".join((result.errors or result.tail)[-20:])
-            advice = packerrun.hint(result.errors + result.tail)
-            shown += f"\n    => {advice}" if advice else ""
-            raise BuildError(f"packer build failed (exit {result.returncode}):\n    {shown}\n"
-                             f"    full log: {ctx.work / 'packer.log'}, guest console: {ctx.work / 'serial.log'}")
-        out = ctx.work / "packer-out" / f"{ctx.name}.img"
-        if not out.is_file():
-            raise BuildError(f"packer finished but {out} is missing")
+    tags = ",".join(layer.PER_IMAGE_ROLES)
+    with ctx.progress.stage("packer", f"Packer: boot ({ctx.accelerator}), roles {tags}, poweroff"):
+        out = _run_packer(ctx, "packer", ctx.disk, ctx.key, ctx.work / "packer-out", f"{ctx.name}.img",
+                          tags, packerrun.MARKERS)
         ctx.raw = ctx.partial_dir / f"{ctx.name}.raw"
         os.replace(out, ctx.raw)
         ctx.progress.say(f"raw disk {ctx.raw.name}: {fmt_bytes(ctx.raw.stat().st_size)} apparent, "
@@ -228,10 +277,15 @@ def _seal(ctx: _Ctx) -> None:
 def _ova(ctx: _Ctx) -> None:
     from . import ova, ovf
 
-    with ctx.progress.stage("ova", "OVA: streamOptimized VMDK, OVF descriptor, .mf"):
+    with ctx.progress.stage("ova", "OVA: streamOptimized VMDK, OVF descriptor, .mf; the raw disk's SHA256 alongside"):
         version = _agent_version()
         product = ovf.Product(name=ctx.name, version=version, image_id=ctx.bundle["image_id"])
-        res = ova.build_ova(ctx.raw, ctx.partial_dir / f"{ctx.name}.ova", product, progress=ctx.progress.out)
+        # The manifest's SHA256 of the 16 GiB raw disk is computed in a thread
+        # while the OVA is written (hashlib releases the GIL; holes are not read).
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sha256-raw") as pool:
+            raw_hash = pool.submit(sha256_sparse, ctx.raw)
+            res = ova.build_ova(ctx.raw, ctx.partial_dir / f"{ctx.name}.ova", product, progress=ctx.progress.out)
+            ctx.raw_sha256 = raw_hash.result()
         ctx.ova, ctx.ova_sha256 = res.path, res.sha256
 
 
@@ -250,7 +304,8 @@ def _manifest(ctx: _Ctx) -> None:
     with ctx.progress.stage("manifest", "manifest.json and SHA256SUMS (reads the finished disk read-only)"):
         with mounted_image(ctx.raw) as root:
             doc = manifest.build_manifest(ctx.name, ctx.bundle, root, ctx.ova, ctx.raw,
-                                          known_sha256={ctx.ova.name: ctx.ova_sha256})
+                                          known_sha256={ctx.ova.name: ctx.ova_sha256,
+                                                        ctx.raw.name: ctx.raw_sha256})
         manifest.write_manifest(ctx.partial_dir, doc)
         manifest.write_sha256sums(ctx.partial_dir, doc)
 
@@ -276,7 +331,7 @@ def _verify(ctx: _Ctx) -> None:
 
 def _cleanup(ctx: _Ctx, ok: bool) -> None:
     """Remove scratch; after a failure keep only the logs to look at."""
-    keep = ("packer.log", "serial.log", "verify.xml")
+    keep = ("packer.log", "serial.log", "packer-layer.log", "serial-layer.log", "verify.xml")
     if ok:
         shutil.rmtree(ctx.work, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -300,7 +355,8 @@ def _result(ctx: _Ctx) -> Result:
     artifacts["manifest"] = final / "manifest.json"
     artifacts["sums"] = final / "SHA256SUMS"
     return Result(ctx.name, final, artifacts, ctx.bundle["fingerprint"], ctx.bundle["image_id"],
-                  ctx.base.cached, ctx.accelerator, dict(ctx.progress.times), ctx.progress.total())
+                  ctx.base.cached, ctx.accelerator, ctx.layer_cached, dict(ctx.progress.times),
+                  ctx.progress.total())
 
 
 def summary(res: Result) -> str:
@@ -311,6 +367,7 @@ def summary(res: Result) -> str:
             extra = f", {fmt_bytes(st.st_blocks * 512)} allocated" if kind == "raw" else ""
             lines.append(f"  {kind:<11} {path.name}  {fmt_bytes(st.st_size)}{extra}")
     lines += [f"  image id    {res.image_id}", f"  fingerprint {res.fingerprint} (sha256 of the image key's SPKI)",
-              f"  base disk   {'cached' if res.base_cached else 'built'}; accelerator {res.accelerator}",
+              (f"  base disk   {'cached' if res.base_cached else 'built'}; provisioned layer "
+               f"{'cached' if res.layer_cached else 'built'}; accelerator {res.accelerator}"),
               "  stages      " + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in res.times.items())]
     return "\n".join(lines)

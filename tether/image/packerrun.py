@@ -52,6 +52,11 @@ MARKERS = (
     ("ansible", "TASK [sysprep"),
     ("sysprep", "Gracefully halting virtual machine"),
 )
+#: The layer's run (shared roles only, no sysprep): boot, Ansible, shutdown.
+LAYER_MARKERS = (
+    ("packer_boot", "Connected to SSH!"),
+    ("ansible", "Gracefully halting virtual machine"),
+)
 
 
 #: Ansible's lines that say why a task failed (shown in the build's error).
@@ -66,17 +71,18 @@ class Timeline:
     start: float
     marks: dict[str, float] = field(default_factory=dict)
     end: float | None = None
+    markers: tuple[tuple[str, str], ...] = MARKERS
 
     def feed(self, ts: float, text: str) -> None:
-        for stage, marker in MARKERS:
+        for stage, marker in self.markers:
             if stage not in self.marks and marker in text:
                 self.marks[stage] = ts
 
     def durations(self) -> dict[str, float]:
         """Seconds per stage; the stage after the last mark runs to `end`."""
         out, prev = {}, self.start
-        names = [m[0] for m in MARKERS] + ["shutdown"]
-        points = [self.marks.get(m[0]) for m in MARKERS] + [self.end]
+        names = [m[0] for m in self.markers] + ["shutdown"]
+        points = [self.marks.get(m[0]) for m in self.markers] + [self.end]
         for name, point in zip(names, points):
             if point is None:
                 break
@@ -126,7 +132,8 @@ def _executable(stdout_fd: int):
 
 
 def build(variables: dict[str, str], only: str = "qemu.tether", say: Callable[[str], None] = print,
-          template_dir: Path = TEMPLATE_DIR, cache_dir: Path | None = None) -> PackerResult:
+          template_dir: Path = TEMPLATE_DIR, cache_dir: Path | None = None,
+          markers: tuple[tuple[str, str], ...] = MARKERS) -> PackerResult:
     """`packer build -only=<only> -var k=v ... packer/`, streamed and timed.
 
     cache_dir: Packer's download cache (PACKER_CACHE_DIR); by default Packer
@@ -147,7 +154,7 @@ def build(variables: dict[str, str], only: str = "qemu.tether", say: Callable[[s
         finally:
             os.close(write_fd)
 
-    timeline = Timeline(start=time.time())
+    timeline = Timeline(start=time.time(), markers=markers)
     errors: list[str] = []
     tail: list[str] = []
     worker = threading.Thread(target=_run, name="packer", daemon=True)
