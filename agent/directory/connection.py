@@ -18,6 +18,7 @@ from ldap3.core import exceptions as lx
 
 from .config import DirectoryConfig, ServerAddress
 from .errors import DirectoryError
+from .wire import install as install_fast_receive
 
 # Errors that mean "this server cannot be used now" (try the next one).
 DOWN_ERRORS = (lx.LDAPSocketOpenError, lx.LDAPSocketReceiveError, lx.LDAPSocketSendError,
@@ -69,6 +70,7 @@ def open_connection(config: DirectoryConfig, address: ServerAddress, user: str |
                             client_strategy=strategy, receive_timeout=config.receive_timeout,
                             raise_exceptions=False, auto_range=True, read_only=False,
                             check_names=False)
+    install_fast_receive(conn)
     where = str(address)
     try:
         conn.open()

@@ -51,14 +51,17 @@ class PoolSession:
 
 
 def paged_search(session: PoolSession, base: str, search_filter: str, attributes: list[str],
-                 page_size: int, what: str, scope=ldap3.SUBTREE) -> Iterator[list[dict]]:
+                 page_size: int, what: str, scope=ldap3.SUBTREE, raw: bool = False) -> Iterator[list[dict]]:
     """Yield pages (lists of ldap3 response entries); restart on another server if one dies.
 
     After a restart, pages start again from the first entry: callers dedupe by id.
+    `raw`: the caller reads only `dn` and `raw_attributes` (plain dicts, values
+    as bytes) of the entries, so they take wire.FastSyncStrategy's fast path.
     """
     cookie = None
     while True:
         conn = session.connection()
+        conn.strategy.raw_entries = raw
         try:
             conn.search(base, search_filter, search_scope=scope, attributes=attributes,
                         paged_size=page_size, paged_cookie=cookie)
@@ -68,6 +71,8 @@ def paged_search(session: PoolSession, base: str, search_filter: str, attributes
             continue
         except ldap3.core.exceptions.LDAPException as exc:
             raise DirectoryError("operation_failed", f"{what}: {exc}", session.server) from None
+        finally:
+            conn.strategy.raw_entries = False
         res = conn.result or {}
         if res.get("result") in (51, 52, 80):  # busy / unavailable / other: treat as down
             session.failover()

@@ -36,7 +36,7 @@ def full_sync(config: DirectoryConfig, chunk_size: int = DEFAULT_CHUNK, pool: Po
             attrs = search_attributes(config, kind)
             for base in config.base_dns:
                 for page in paged_search(session, base, flt, attrs, config.page_size,
-                                         f"full sync of {kind}s under {base}"):
+                                         f"full sync of {kind}s under {base}", raw=True):
                     for entry in page:
                         record = to_record(config, kind, entry["dn"], entry["raw_attributes"])
                         if record["id"] in seen:
