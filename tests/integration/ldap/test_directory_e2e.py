@@ -261,3 +261,36 @@ def test_samba_ad_full_sync_and_nested_group_login(samba, test_ca, rig_factory):
         assert {r["dn"]: r for r in rows}[carl]["email"] == "carl2@tether.test"
     finally:
         admin.unbind()
+
+
+def test_failover_fails_back_to_the_restarted_primary(ldap, test_ca, rig_factory):
+    """Failover policy: the primary's agent stops, the other connector leads; the primary's
+    agent starts again on its own state and home makes it lead again; no change is lost."""
+    server, conn = ldap
+    rig = rig_factory("c-a", "c-b")
+    set_policy = rig.cli("cluster", "set", "east", "--policy", "failover", "--primary", "c-a")
+    assert set_policy.returncode == 0, set_policy.stderr
+    a, b = rig.agent("c-a"), rig.agent("c-b")
+    rig.configure(corp_config(server, test_ca))
+    rig.wait_store_equals("corp", expected(conn))
+    primary = a.instance_id()
+    assert leader_of(rig) == primary
+
+    a.stop()  # graceful stop by PID
+    wait_for(lambda: leader_of(rig) == b.instance_id(), 120, "c-b to lead corp")
+    mutate(conn, "4", "u015")
+    rig.wait_store_equals("corp", expected(conn))
+
+    a.start()  # the same state directory: same instance
+    a.wait_log("socket 1 connected", 90, count=2)
+    assert a.instance_id() == primary
+    wait_for(lambda: leader_of(rig) == primary, 120, "the primary c-a to lead corp again")
+    assert conn.modify(f"uid=u004,{PEOPLE}", {"mail": [(ldap3.MODIFY_REPLACE, ["back@example.com"])]})
+    assert conn.delete(f"uid=u014,{PEOPLE}")
+    rows = rig.wait_store_equals("corp", expected(conn))
+    assert "back@example.com" in {r.get("email") for r in rows}
+    status = rig.directory_status("corp")
+    assert status["leader"] == primary
+    assert status["applied_through"].get(primary, 0) > 0
+    ok = rig.authenticate("corp", "u002", "pw002")
+    assert ok.returncode == 0 and outcome(ok) == "success", ok.stdout + ok.stderr
