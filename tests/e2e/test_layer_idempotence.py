@@ -2,10 +2,11 @@
 the shared roles' first run, so applying them again must change nothing; the
 per-image identity role applied twice changes nothing the second time.
 
-Boots a copy of images/.cache/provisioned-*.raw (the newest) under qemu with a
-fresh build key and runs ansible-playbook against it over a loopback SSH
-forward. Skips when no layer is cached (build an image first). Takes minutes
-under TCG.
+Boots a copy of the cached layer for this checkout (images/.cache/provisioned-<key>.raw,
+or $TETHER_IMAGE_CACHE) under qemu with a fresh build key and runs
+ansible-playbook against it over a loopback SSH forward. Skips when that layer
+is not cached (build an image first: any change to the shared roles or the
+agent makes a new key). Takes minutes under TCG.
 """
 
 from __future__ import annotations
@@ -29,24 +30,25 @@ from tether.image import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-CACHE = ROOT / "images" / ".cache"
+CACHE = Path(os.environ.get("TETHER_IMAGE_CACHE", ROOT / "images" / ".cache"))
 RECAP = re.compile(r"ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
 
 
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory):
-    layers = sorted(CACHE.glob("provisioned-*.raw"), key=lambda p: p.stat().st_mtime)
-    if not layers:
-        pytest.skip(f"no provisioned layer in {CACHE}: build an image first (make image)")
     if os.geteuid() != 0:
         pytest.skip("needs root (loop mount to put the build key in)")
     work = tmp_path_factory.mktemp("layer-idem")
-    disk, key = builddisk.prepare(layers[-1], work, basedisk.default_inputs().layout)
+    wheels = work / "wheelhouse"
+    wheelhouse.build(ROOT, wheels, cache=CACHE, say=lambda _m: None)
+    cached = layer.path_for(CACHE, layer.key(basedisk.default_inputs().key(), wheels))
+    if not cached.is_file():
+        pytest.skip(f"no provisioned layer for this checkout ({cached.name}) in {CACHE}: build an image first")
+    # Held as in the build: the firewall would drop SSH, the agent must not run.
+    disk, key = builddisk.prepare(cached, work, basedisk.default_inputs().layout, hold_units=builddisk.HOLD_UNITS)
     state = work / "home"
     credential.ensure_home(state, say=lambda _m: None)
     cred = credential.issue(state, work / "credential.json", [])
-    wheels = work / "wheelhouse"
-    wheelhouse.build(ROOT, wheels, cache=CACHE, say=lambda _m: None)
     variables = buildvars.make(wheels, work / "credential.json", "idempotence", cred["image_id"])
     vars_file = buildvars.write(work / "buildvars.json", variables)
     port = vm.free_port()
