@@ -294,3 +294,30 @@ def test_failover_fails_back_to_the_restarted_primary(ldap, test_ca, rig_factory
     assert status["applied_through"].get(primary, 0) > 0
     ok = rig.authenticate("corp", "u002", "pw002")
     assert ok.returncode == 0 and outcome(ok) == "success", ok.stdout + ok.stderr
+
+
+def test_round_robin_spreads_logins_over_both_connectors(ldap, slapd_factory, test_ca, rig_factory):
+    """Round-robin policy: home rotates `authenticate` over the connected instances.
+
+    Which connector served a login is visible in the reply's `server`: c-a's
+    configuration names the `ldap` slapd, c-b's a second slapd with the same seed.
+    """
+    server, conn = ldap
+    other = slapd_factory("e2e-b", seed_ldif())
+    rig = rig_factory("c-a", "c-b")
+    set_policy = rig.cli("cluster", "set", "east", "--policy", "round-robin")
+    assert set_policy.returncode == 0, set_policy.stderr
+    a, b = rig.agent("c-a"), rig.agent("c-b")
+    rig.configure(corp_config(server, test_ca), connectors=("c-a",))
+    rig.configure(corp_config(other, test_ca), connectors=("c-b",))
+    wait_for(lambda: leader_of(rig) in (a.instance_id(), b.instance_id()), 120, "a leader for corp")
+    by_server = {f"localhost:{server.tls_port}": "c-a", f"localhost:{other.tls_port}": "c-b"}
+    served = []
+    for i in range(6):
+        res = rig.cli("authenticate", "u002", "--directory", "corp", "--json", input="pw002\n")
+        assert res.returncode == 0, res.stdout + res.stderr
+        reply = json.loads(res.stdout)
+        assert reply["outcome"] == "success"
+        served.append(by_server[reply["server"]])
+    assert served.count("c-a") == served.count("c-b") == 3, served
+    assert all(x != y for x, y in zip(served, served[1:])), served  # strict rotation over two instances
