@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,16 @@ RECAP = re.compile(r"ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)
 
 
 @pytest.fixture(scope="module")
-def guest(tmp_path_factory):
+def guest():
     if os.geteuid() != 0:
         pytest.skip("needs root (loop mount to put the build key in)")
-    work = tmp_path_factory.mktemp("layer-idem")
+    # Not pytest's tmp_path: other pytest runs on this machine rotate
+    # /tmp/pytest-of-<user>/ and removed the wheelhouse under a running play.
+    with tempfile.TemporaryDirectory(prefix="tether-layer-idem-") as tmp:
+        yield from _guest(Path(tmp))
+
+
+def _guest(work: Path):
     wheels = work / "wheelhouse"
     wheelhouse.build(ROOT, wheels, cache=CACHE, say=lambda _m: None)
     cached = layer.path_for(CACHE, layer.key(basedisk.default_inputs().key(), wheels))
@@ -57,7 +64,12 @@ def guest(tmp_path_factory):
     with vm.Vm(cfg).start() as machine:
         machine.wait_for(lambda: vm.probe_forwarded_port(port, wait=2.0).state == "open", 600, "sshd in the guest",
                          interval=2.0)
-        yield {"port": port, "key": key.private, "vars": vars_file, "machine": machine, "work": work}
+        # A named host, as Packer's "default": an inventory host called 127.0.0.1
+        # would also be what `delegate_to: localhost` means.
+        inventory = work / "inventory"
+        inventory.write_text(f"guest ansible_host=127.0.0.1 ansible_port={port} ansible_user=root\n")
+        yield {"port": port, "key": key.private, "vars": vars_file, "machine": machine, "work": work,
+               "inventory": inventory}
 
 
 def _play(guest, tags: str) -> tuple[int, int, str]:
@@ -66,8 +78,8 @@ def _play(guest, tags: str) -> tuple[int, int, str]:
                ANSIBLE_HOST_KEY_CHECKING="False")
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.run(
-        [str(bin_dir / "ansible-playbook"), "-i", "127.0.0.1,", "-u", "root", "--private-key", str(guest["key"]),
-         "-e", f"ansible_port={guest['port']}", "-e", f"@{guest['vars']}", "--tags", tags, "site.yml"],
+        [str(bin_dir / "ansible-playbook"), "-i", str(guest["inventory"]), "--private-key", str(guest["key"]),
+         "-e", f"@{guest['vars']}", "--tags", tags, "site.yml"],
         cwd=ROOT / "ansible", env=env, capture_output=True, text=True, check=False, timeout=1800)
     (guest["work"] / f"ansible-{tags}.log").write_text(proc.stdout + proc.stderr)
     match = RECAP.search(proc.stdout)
