@@ -33,6 +33,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tether.home.sqlite import Transaction
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     directory TEXT NOT NULL, id TEXT NOT NULL, kind TEXT NOT NULL, dn TEXT NOT NULL,
@@ -179,7 +181,7 @@ class IdentityStore:
         return max(through, current)
 
     def _tx(self):
-        return _Transaction(self.db)
+        return Transaction(self.db)
 
     def _set_applied(self, directory: str, instance_id: str, seq: int) -> None:
         self.db.execute("INSERT INTO applied VALUES (?, ?, ?, ?) ON CONFLICT (directory, "
@@ -396,14 +398,3 @@ def _decode(row: sqlite3.Row) -> dict:
             "disabled": None if disabled is None else bool(disabled),
             "password_hashes": json.loads(row["password_hashes"])
             if row["password_hashes"] else None}
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

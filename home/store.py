@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Iterable
 
+from tether.home.sqlite import Transaction
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -408,15 +410,4 @@ class Store:
 
     def transaction(self):
         """``with store.transaction():`` — BEGIN IMMEDIATE ... COMMIT/ROLLBACK."""
-        return _Transaction(self.db)
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return Transaction(self.db)
