@@ -14,21 +14,18 @@ a real CONNECT proxy. Everything listens on 127.0.0.1 only and is stopped by PID
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from homeproc import HomeProcess, stop_process
+import homeproc
+from homeproc import AGENT, HomeProcess, agent_run_args, fake_dmi, spawn_agent, stop_process
 
-VENV_BIN = Path(sys.executable).parent
-AGENT = VENV_BIN / "tether-agent"
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -36,29 +33,8 @@ def free_port() -> int:
 
 
 def install_credential(bundle: Path, etc: Path, home_urls: list[str] | None = None) -> Path:
-    """Write the appliance's /etc/tether files from a credential bundle."""
-    data = json.loads(Path(bundle).read_text())
-    etc.mkdir(parents=True, exist_ok=True)
-    key = etc / "image.key"
-    key.write_text(data["key_pem"])
-    key.chmod(0o600)
-    (etc / "image.crt").write_text(data["cert_pem"])
-    (etc / "ca.crt").write_text(data["ca_pem"])
-    (etc / "agent.json").write_text(json.dumps({
-        "image_id": data["image_id"], "connector": data["connector"],
-        "home_urls": home_urls or data["home_urls"], "fingerprint": data["fingerprint"],
-        "cert_serial": data["cert_serial"]}))
-    return etc
-
-
-def fake_dmi(directory: Path, product_uuid: str | None = None, vendor: str = "QEMU",
-             product: str = "Standard PC (Q35 + ICH9, 2009)") -> Path:
-    """A /sys/class/dmi/id stand-in: the machine the agent believes it runs on."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "sys_vendor").write_text(vendor + "\n")
-    (directory / "product_name").write_text(product + "\n")
-    (directory / "product_uuid").write_text((product_uuid or str(uuid.uuid4())) + "\n")
-    return directory
+    """Write the appliance's /etc/tether files from a credential bundle file."""
+    return homeproc.install_credential(json.loads(Path(bundle).read_text()), etc, home_urls)
 
 
 class AgentProcess:
@@ -85,20 +61,10 @@ class AgentProcess:
         return "uuid:" + (self.dmi / "product_uuid").read_text().strip().lower()
 
     def command(self) -> list[str]:
-        return [str(AGENT), "run", "--etc", str(self.etc), "--state", str(self.state),
-                "--firstboot", str(self.firstboot), "--dmi-dir", str(self.dmi),
-                "--log-level", "DEBUG", *self.extra_args]
+        return agent_run_args(self.etc, self.state, self.firstboot, self.dmi, self.extra_args)
 
     def start(self) -> "AgentProcess":
-        env = {k: v for k, v in os.environ.items()
-               if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
-                                    "notify_socket", "watchdog_usec")}
-        env["PYTHONUNBUFFERED"] = "1"
-        env.update(self.extra_env)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
-        log.close()
+        self.proc = spawn_agent(self.command(), self.log_path, self.extra_env)
         return self
 
     @property

@@ -23,6 +23,8 @@ bound port is read back through home's control socket, which is also how
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -30,13 +32,17 @@ import ssl
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tether.home import control
+from tether.home.paths import StatePaths
+from tether.home.server import HomeServer, Listen
 
 VENV_BIN = Path(sys.executable).parent
 TETHER_HOME = str(VENV_BIN / "tether-home")
+AGENT = VENV_BIN / "tether-agent"
 START_TIMEOUT = 30.0
 
 
@@ -55,6 +61,84 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 15.0) -> int | 
             proc.kill()
             proc.wait(5)
     return proc.returncode
+
+
+# ------------------------------------------------------------ in-process server
+
+
+@contextlib.asynccontextmanager
+async def running(state: Path, timeout: float = 20.0):
+    """``async with running(home.state) as (server, url):`` a HomeServer in this event loop.
+
+    It listens on a port the kernel picks; ``url`` is its ``wss://`` address. Leaving
+    the block stops the server and waits for it.
+    """
+    server = HomeServer(StatePaths(state), Listen("127.0.0.1", 0))
+    task = asyncio.create_task(server.run())
+    for _ in range(int(timeout / 0.05)):
+        if server.bound:
+            break
+        await asyncio.sleep(0.05)
+    try:
+        yield server, f"wss://127.0.0.1:{server.bound[0][1]}/"
+    finally:
+        server.stop()
+        await task
+
+
+# ------------------------------------------------------------ agent processes
+
+
+def install_credential(bundle: dict, etc: Path, home_urls: list[str] | None = None) -> Path:
+    """Write the appliance's /etc/tether files from a credential bundle (its JSON, as a dict)."""
+    etc.mkdir(parents=True, exist_ok=True)
+    key = etc / "image.key"
+    key.write_text(bundle["key_pem"])
+    key.chmod(0o600)
+    (etc / "image.crt").write_text(bundle["cert_pem"])
+    (etc / "ca.crt").write_text(bundle["ca_pem"])
+    (etc / "agent.json").write_text(json.dumps({
+        "image_id": bundle["image_id"], "connector": bundle["connector"],
+        "home_urls": home_urls or bundle["home_urls"], "fingerprint": bundle["fingerprint"],
+        "cert_serial": bundle["cert_serial"]}))
+    return etc
+
+
+def fake_dmi(directory: Path, product_uuid: str | None = None, vendor: str = "QEMU",
+             product: str = "Standard PC (Q35 + ICH9, 2009)") -> Path:
+    """A /sys/class/dmi/id stand-in: the machine the agent believes it runs on."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sys_vendor").write_text(vendor + "\n")
+    (directory / "product_name").write_text(product + "\n")
+    (directory / "product_uuid").write_text((product_uuid or str(uuid.uuid4())) + "\n")
+    return directory
+
+
+def agent_run_args(etc: Path, state: Path, firstboot: Path, dmi: Path,
+                  extra_args: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """``tether-agent run`` with its directories given and DEBUG logging."""
+    return [str(AGENT), "run", "--etc", str(etc), "--state", str(state),
+            "--firstboot", str(firstboot), "--dmi-dir", str(dmi),
+            "--log-level", "DEBUG", *extra_args]
+
+
+def spawn_agent(command: list[str], log_path: Path,
+                extra_env: dict | None = None) -> subprocess.Popen:
+    """Start an agent in its own session, output appended to ``log_path``.
+
+    Proxy and systemd variables of the test's environment are not passed on.
+    """
+    env = {k: v for k, v in os.environ.items()
+           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
+                                "notify_socket", "watchdog_usec")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra_env or {})
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+
+
+# ------------------------------------------------------------ home
 
 
 @dataclass

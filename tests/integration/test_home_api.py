@@ -8,15 +8,12 @@ streamed sync with acks, an error reply, and an agent that vanishes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 
-from homeproc import HomeProcess, RawAgent, client_context, enroll
+from homeproc import HomeProcess, RawAgent, client_context, enroll, running
 from tether import protocol as p
 from tether.home.errors import AgentUnavailable, RequestFailed
-from tether.home.paths import StatePaths
-from tether.home.server import HomeServer, Listen
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,21 +28,6 @@ def prepared(tmp_path):
     finally:
         home.stop()
     return home, bundle, instance
-
-
-@contextlib.asynccontextmanager
-async def running(home: HomeProcess):
-    server = HomeServer(StatePaths(home.state), Listen("127.0.0.1", 0))
-    task = asyncio.create_task(server.run())
-    for _ in range(200):
-        if server.bound:
-            break
-        await asyncio.sleep(0.05)
-    try:
-        yield server, f"wss://127.0.0.1:{server.bound[0][1]}/"
-    finally:
-        server.stop()
-        await task
 
 
 async def serve_agent(agent: RawAgent, replies: int) -> list:
@@ -76,7 +58,7 @@ def test_request_stream_and_errors(prepared, tmp_path):
     home, bundle, (instance_id, cert_pem, key_pem, _) = prepared
 
     async def go():
-        async with running(home) as (server, url):
+        async with running(home.state) as (server, url):
             with pytest.raises(AgentUnavailable):
                 await server.hub.request("dir", p.Op.STATUS, {})
             agent = await RawAgent.connect(url, client_context(bundle["ca_pem"], cert_pem,
@@ -104,7 +86,7 @@ def test_agent_vanishing_fails_pending_request(prepared, tmp_path):
     home, bundle, (instance_id, cert_pem, key_pem, _) = prepared
 
     async def go():
-        async with running(home) as (server, url):
+        async with running(home.state) as (server, url):
             agent = await RawAgent.connect(url, client_context(bundle["ca_pem"], cert_pem,
                                                                key_pem, tmp_path))
             await agent.hello(bundle["image_id"], instance_id, config_version=None)
@@ -132,7 +114,7 @@ def test_consumer_leaving_a_stream_cancels_it_at_the_agent(prepared, tmp_path):
                     return ev
 
     async def go():
-        async with running(home) as (server, url):
+        async with running(home.state) as (server, url):
             agent = await RawAgent.connect(url, client_context(bundle["ca_pem"], cert_pem,
                                                                key_pem, tmp_path))
             await agent.hello(bundle["image_id"], instance_id, config_version=None)
@@ -168,7 +150,7 @@ def test_failover_to_another_instance_and_cluster_routing(prepared, tmp_path):
                     await agent.flush()
 
     async def go():
-        async with running(home) as (server, url):
+        async with running(home.state) as (server, url):
             agents, tasks, served = [], [], []
             for iid, cert, key, healthy in ((iid_a, cert_a, key_a, False),
                                             (iid_b, cert_b, key_b, True)):
@@ -206,7 +188,7 @@ def test_draining_socket_gets_no_new_requests(prepared, tmp_path):
                     await agent.flush()
 
     async def go():
-        async with running(home) as (server, url):
+        async with running(home.state) as (server, url):
             ctx = client_context(bundle["ca_pem"], cert_pem, key_pem, tmp_path)
             old, new = (await RawAgent.connect(url, ctx), await RawAgent.connect(url, ctx))
             served: list = []

@@ -21,10 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from homeproc import HomeProcess, RawAgent, client_context, enroll
+from homeproc import HomeProcess, RawAgent, client_context, enroll, running
 from tether import protocol as p
-from tether.home.paths import StatePaths
-from tether.home.server import HomeServer, Listen
 
 pytestmark = pytest.mark.timeout(300)
 TETHER_HOME = str(Path(sys.executable).parent / "tether-home")
@@ -60,21 +58,6 @@ def env(enrolled, tmp_path):
     state = tmp_path / "state"
     shutil.copytree(home.state, state, ignore=shutil.ignore_patterns("control.sock"))
     return state, creds, tmp_path
-
-
-@contextlib.asynccontextmanager
-async def running(state: Path):
-    server = HomeServer(StatePaths(state), Listen("127.0.0.1", 0))
-    task = asyncio.create_task(server.run())
-    for _ in range(400):
-        if server.bound:
-            break
-        await asyncio.sleep(0.05)
-    try:
-        yield server, f"wss://127.0.0.1:{server.bound[0][1]}/"
-    finally:
-        server.stop()
-        await task
 
 
 def cli_sync(state: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess:

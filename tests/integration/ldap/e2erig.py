@@ -33,10 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-from homeproc import HomeProcess, stop_process  # noqa: E402
+from homeproc import (  # noqa: E402
+    HomeProcess, agent_run_args, fake_dmi, install_credential, spawn_agent, stop_process)
 
-VENV_BIN = Path(sys.executable).parent
-AGENT = VENV_BIN / "tether-agent"
 CSV_MULTI = "|"
 
 #: Default field -> attribute mapping of the engine (agent/directory/config.py).
@@ -50,21 +49,6 @@ AD_MAPPING = {"user": {"username": "sAMAccountName", "name": "displayName", "ema
 # ------------------------------------------------------------------ agent process
 
 
-def install_credential(bundle: dict, etc: Path, home_urls: list[str] | None = None) -> Path:
-    """The appliance's /etc/tether files from a credential bundle."""
-    etc.mkdir(parents=True, exist_ok=True)
-    key = etc / "image.key"
-    key.write_text(bundle["key_pem"])
-    key.chmod(0o600)
-    (etc / "image.crt").write_text(bundle["cert_pem"])
-    (etc / "ca.crt").write_text(bundle["ca_pem"])
-    (etc / "agent.json").write_text(json.dumps({
-        "image_id": bundle["image_id"], "connector": bundle["connector"],
-        "home_urls": home_urls or bundle["home_urls"], "fingerprint": bundle["fingerprint"],
-        "cert_serial": bundle["cert_serial"]}))
-    return etc
-
-
 class Agent:
     """One ``tether-agent run`` process (own state, own fake DMI = own machine)."""
 
@@ -73,25 +57,13 @@ class Agent:
         root.mkdir(parents=True, exist_ok=True)
         self.etc = install_credential(bundle, root / "etc")
         self.state = root / "state"
-        self.dmi = root / "dmi"
-        self.dmi.mkdir(exist_ok=True)
-        (self.dmi / "sys_vendor").write_text("QEMU\n")
-        (self.dmi / "product_name").write_text("Standard PC (Q35 + ICH9, 2009)\n")
-        (self.dmi / "product_uuid").write_text(f"{uuid.uuid4()}\n")
+        self.dmi = fake_dmi(root / "dmi")
         self.log_path = root / "agent.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Agent:
-        env = {k: v for k, v in os.environ.items()
-               if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
-                                    "notify_socket", "watchdog_usec")}
-        env["PYTHONUNBUFFERED"] = "1"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(AGENT), "run", "--etc", str(self.etc), "--state", str(self.state),
-                 "--firstboot", str(self.root / "firstboot.json"), "--dmi-dir", str(self.dmi),
-                 "--log-level", "DEBUG"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        command = agent_run_args(self.etc, self.state, self.root / "firstboot.json", self.dmi)
+        self.proc = spawn_agent(command, self.log_path)
         return self
 
     @property
