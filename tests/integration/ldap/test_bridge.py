@@ -9,6 +9,7 @@ says `applied_through` and `leader`) and acknowledges search chunks late.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -27,12 +28,12 @@ WAIT = 30.0  # upper bound on a loaded machine, never a speed assertion
 class FakeHome:
     """Home's side of `directory.changes`: apply each seq once per directory, in order."""
 
-    def __init__(self):
+    def __init__(self, leader: bool = True, lose_responses: int = 0):
         self.applied: dict[str, list[tuple[int, dict]]] = {}
         self.through: dict[str, int] = {}
         self.received: list[list[int]] = []  # seqs of every batch, duplicates included
-        self.leader = True
-        self.lose_responses = 0  # apply, then lose the socket before the answer
+        self.leader = leader
+        self.lose_responses = lose_responses  # apply, then lose the socket before the answer
 
     def changes(self, body: dict) -> dict:
         seqs = [e["seq"] for e in body["entries"]]
@@ -54,6 +55,11 @@ class FakeHome:
 
     def records(self, directory: str = "corp") -> list[dict]:
         return [c for m in self.messages(directory) if m["type"] == "chunk" for c in m["changes"]]
+
+    def assert_every_seq_once(self, directory: str = "corp") -> None:
+        """Every seq applied once, in order, from 1."""
+        seqs = [s for s, _ in self.applied[directory]]
+        assert seqs == list(range(1, len(seqs) + 1)), seqs
 
 
 class FakeLink:
@@ -187,16 +193,44 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
 
 
+@contextlib.asynccontextmanager
+async def bridged(state: Path, config: dict, home: FakeHome | None = None, connect: bool = True):
+    """``async with bridged(tmp_path, corp_config(raw)) as (agent, link, bridge):`` a
+    configured Bridge on a FakeAgent, closed on leaving. ``link`` is slot 0's link, or
+    (``connect=False``) a link that serves home's requests while no slot is up."""
+    agent = FakeAgent(state, home)
+    link = agent.connect() if connect else FakeLink(agent)
+    bridge = Bridge(agent)
+    bridge.configure(config)
+    try:
+        yield agent, link, bridge
+    finally:
+        await bridge.close()
+
+
+async def sync(link: FakeLink, bridge: Bridge, mode: str, cursor: str | None = None) -> p.Message:
+    """Home's ``sync`` request for corp."""
+    return await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": mode, "cursor": cursor})
+
+
+async def authenticate(link: FakeLink, bridge: Bridge, username: str, password: str,
+                       directory: str = "corp") -> p.Message:
+    return await link.call(bridge, p.Op.AUTHENTICATE,
+                           {"directory": directory, "username": username, "password": password})
+
+
+async def until_drained(agent: FakeAgent, bridge: Bridge, what: str) -> None:
+    """Until home has applied the end of a full sync and the spool is acknowledged."""
+    spool = bridge.directories["corp"].spool
+    await until(lambda: ended(agent.home, "full") and len(spool) == 0, what)
+
+
 # --------------------------------------------------------------------------- sync / drain
 
 def test_follow_full_sync_in_order_then_changes_and_spool_acked(ldap_raw, ldap_admin, tmp_path):
     async def scenario():
-        agent = FakeAgent(tmp_path)
-        link = agent.connect()
-        bridge = Bridge(agent)
-        bridge.configure(corp_config(ldap_raw))
-        try:
-            reply = await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "follow", "cursor": None})
+        async with bridged(tmp_path, corp_config(ldap_raw)) as (agent, link, bridge):
+            reply = await sync(link, bridge, "follow")
             assert reply.kind is p.Kind.RESPONSE and reply.body["following"] is True
             await until(lambda: ended(agent.home, "full"), "full sync applied")
             msgs = agent.home.messages()
@@ -212,71 +246,50 @@ def test_follow_full_sync_in_order_then_changes_and_spool_acked(ldap_raw, ldap_a
             await until(lambda: "bridge-followed@example.com" in emails(agent.home), "change applied")
             later = [m for s, m in agent.home.applied["corp"] if s > last]
             assert later[0]["type"] == "begin" and later[0]["mode"] == "incremental"
-            seqs = [s for s, _ in agent.home.applied["corp"]]
-            assert seqs == list(range(1, len(seqs) + 1))  # every seq once, in order
+            agent.home.assert_every_seq_once()
             assert (tmp_path / "directories" / "corp" / "leading").exists()
-        finally:
-            await bridge.close()
     run(scenario())
 
 
 def test_leader_false_stops_following_and_acks(ldap_raw, ldap_admin, tmp_path):
     async def scenario():
-        agent = FakeAgent(tmp_path)
-        link = agent.connect()
-        agent.home.leader = False
-        bridge = Bridge(agent)
-        bridge.configure(corp_config(ldap_raw))
-        try:
-            await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "follow", "cursor": None})
+        home = FakeHome(leader=False)
+        async with bridged(tmp_path, corp_config(ldap_raw), home) as (agent, link, bridge):
+            await sync(link, bridge, "follow")
             corp = bridge.directories["corp"]
             await until(lambda: not corp.following, "follower stopped on leader=false")
             assert not (tmp_path / "directories" / "corp" / "leading").exists()
             assert agent.home.received and not agent.home.applied
             await until(lambda: len(corp.spool) == 0, "dropped batch acknowledged anyway")
-            reply = await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "stop", "cursor": None})
+            reply = await sync(link, bridge, "stop")
             assert reply.body["following"] is False
-        finally:
-            await bridge.close()
     run(scenario())
 
 
 def test_lost_socket_mid_drain_resends_the_same_seqs(ldap_raw, tmp_path):
     async def scenario():
-        agent = FakeAgent(tmp_path)
-        link = agent.connect()
-        agent.home.lose_responses = 1  # the first batch is applied, its answer never arrives
-        bridge = Bridge(agent)
-        bridge.configure(corp_config(ldap_raw))
-        try:
-            await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "follow", "cursor": None})
-            await until(lambda: ended(agent.home, "full") and len(bridge.directories["corp"].spool) == 0,
-                        "full sync applied after the lost answer")
+        home = FakeHome(lose_responses=1)  # the first batch is applied, its answer never arrives
+        async with bridged(tmp_path, corp_config(ldap_raw), home) as (agent, link, bridge):
+            await sync(link, bridge, "follow")
+            await until_drained(agent, bridge, "full sync applied after the lost answer")
             first = agent.home.received[0]
             assert agent.home.received[1][:len(first)] == first  # sent again on the new socket
             assert agent.links[0] is not link
-            seqs = [s for s, _ in agent.home.applied["corp"]]
-            assert seqs == list(range(1, len(seqs) + 1))
-        finally:
-            await bridge.close()
+            agent.home.assert_every_seq_once()
     run(scenario())
 
 
 def test_restart_while_home_is_away_loses_nothing(ldap_raw, ldap_admin, tmp_path):
     async def scenario():
-        agent = FakeAgent(tmp_path)
-        link = agent.connect()
-        bridge = Bridge(agent)
-        bridge.configure(corp_config(ldap_raw))
-        await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "follow", "cursor": None})
-        await until(lambda: ended(agent.home, "full") and len(bridge.directories["corp"].spool) == 0,
-                    "full sync applied")
-        last = agent.home.through["corp"]
-        agent.links.clear()  # home goes away
-        set_mail(ldap_admin, "u012", "while-away@example.com")
-        spool = bridge.directories["corp"].spool
-        await until(lambda: any(m["type"] == "end" for _, m in spool.pending()), "change spooled")
-        await bridge.close()  # agent stops
+        async with bridged(tmp_path, corp_config(ldap_raw)) as (agent, link, bridge):
+            await sync(link, bridge, "follow")
+            await until_drained(agent, bridge, "full sync applied")
+            last = agent.home.through["corp"]
+            agent.links.clear()  # home goes away
+            set_mail(ldap_admin, "u012", "while-away@example.com")
+            spool = bridge.directories["corp"].spool
+            await until(lambda: any(m["type"] == "end" for _, m in spool.pending()), "change spooled")
+        # leaving the block closed the bridge: the agent stops
         set_mail(ldap_admin, "u013", "while-down@example.com")
 
         again = Bridge(agent)  # agent starts again: it led corp, so it follows without home
@@ -288,8 +301,7 @@ def test_restart_while_home_is_away_loses_nothing(ldap_raw, ldap_admin, tmp_path
                         "both changes applied")
             after = [m for s, m in agent.home.applied["corp"] if s > last]
             assert all(m["mode"] == "incremental" for m in after if m["type"] == "begin")
-            seqs = [s for s, _ in agent.home.applied["corp"]]
-            assert seqs == list(range(1, len(seqs) + 1))
+            agent.home.assert_every_seq_once()
         finally:
             await again.close()
     run(scenario())
@@ -297,38 +309,26 @@ def test_restart_while_home_is_away_loses_nothing(ldap_raw, ldap_admin, tmp_path
 
 def test_stop_keeps_draining_the_spool(ldap_raw, tmp_path):
     async def scenario():
-        agent = FakeAgent(tmp_path)
-        bridge = Bridge(agent)
-        bridge.configure(corp_config(ldap_raw))
-        link = FakeLink(agent)  # serves home's request; no link is up for the drain yet
-        try:
-            await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "full", "cursor": None})
+        # the link serves home's request; no link is up for the drain yet
+        async with bridged(tmp_path, corp_config(ldap_raw), connect=False) as (agent, link, bridge):
+            await sync(link, bridge, "full")
             corp = bridge.directories["corp"]
             await until(lambda: any(m["type"] == "end" for _, m in corp.spool.pending()), "full sync spooled")
-            reply = await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "stop", "cursor": None})
+            reply = await sync(link, bridge, "stop")
             assert reply.body["following"] is False and reply.body["pending"] > 0
             assert reply.body["cursor"]
             agent.links[0] = link
-            await until(lambda: ended(agent.home, "full") and len(corp.spool) == 0, "spool drained after stop")
-        finally:
-            await bridge.close()
+            await until_drained(agent, bridge, "spool drained after stop")
     run(scenario())
 
 
 def test_home_cursor_used_only_without_own_state(ldap_raw, tmp_path):
     async def scenario():
-        agent = FakeAgent(tmp_path)
-        link = agent.connect()
-        bridge = Bridge(agent)
-        bridge.configure(corp_config(ldap_raw))
-        try:
-            await link.call(bridge, p.Op.SYNC, {"directory": "corp", "mode": "follow",
-                                                 "cursor": "not-a-tether-cursor"})
+        async with bridged(tmp_path, corp_config(ldap_raw)) as (agent, link, bridge):
+            await sync(link, bridge, "follow", cursor="not-a-tether-cursor")
             await until(lambda: ended(agent.home), "sync applied")
             begin = agent.home.messages()[0]
             assert begin["mode"] == "full" and "cursor expired" in begin["reason"]
-        finally:
-            await bridge.close()
     run(scenario())
 
 
@@ -336,33 +336,21 @@ def test_home_cursor_used_only_without_own_state(ldap_raw, tmp_path):
 
 def test_authenticate_outcomes(ldap_raw, tmp_path):
     async def scenario():
-        agent = FakeAgent(tmp_path)
-        link = agent.connect()
-        bridge = Bridge(agent)
-        bridge.configure(corp_config(ldap_raw))
-        try:
+        async with bridged(tmp_path, corp_config(ldap_raw)) as (agent, link, bridge):
             async def auth(user, password):
-                reply = await link.call(bridge, p.Op.AUTHENTICATE,
-                                        {"directory": "corp", "username": user, "password": password})
-                return reply.body
+                return (await authenticate(link, bridge, user, password)).body
             ok = await auth("u001", "pw001")
             assert ok["ok"] and ok["outcome"] == "success" and ok["dn"].startswith("uid=u001,")
             assert any(g.startswith("cn=admins,") for g in ok["groups"]) and ok["server"]
             assert [(await auth(u, pw))["outcome"] for u, pw in
                     (("u001", "nope"), ("ghost", "pw"), ("expired1", "pw-expired"))] == \
                 ["wrong_password", "unknown_user", "expired"]
-        finally:
-            await bridge.close()
     run(scenario())
 
 
 def test_provision_result(ldap_raw, tmp_path):
     async def scenario():
-        agent = FakeAgent(tmp_path)
-        link = agent.connect()
-        bridge = Bridge(agent)
-        bridge.configure(corp_config(ldap_raw))
-        try:
+        async with bridged(tmp_path, corp_config(ldap_raw)) as (agent, link, bridge):
             done = await link.call(bridge, p.Op.PROVISION, {"directory": "corp", "order": {
                 "id": "o1", "op": "update_user", "username": "u014", "attributes": {"email": "prov@example.com"}}})
             assert done.body["ok"] is True and done.body["result"]["status"] == "done"
@@ -370,8 +358,6 @@ def test_provision_result(ldap_raw, tmp_path):
                 "id": "o2", "op": "update_user", "username": "nobody", "attributes": {"email": "x@example.com"}}})
             assert failed.body["ok"] is False and failed.body["result"]["status"] == "failed"
             assert failed.body["result"]["id"] == "o2" and failed.body["result"]["reason"]
-        finally:
-            await bridge.close()
     run(scenario())
 
 
@@ -379,11 +365,7 @@ def test_search_streams_chunks_within_the_window(ldap_raw, tmp_path, monkeypatch
     monkeypatch.setattr(bridge_mod, "SEARCH_CHUNK_BUDGET", 300)  # ~1 record per chunk: > 8 chunks
 
     async def scenario():
-        agent = FakeAgent(tmp_path)
-        link = agent.connect()
-        bridge = Bridge(agent)
-        bridge.configure(corp_config(ldap_raw))
-        try:
+        async with bridged(tmp_path, corp_config(ldap_raw)) as (agent, link, bridge):
             request_body = {"directory": "corp", "kind": "user", "filter": "(uid=u0*)", "limit": 15}
             reply = await link.call(bridge, p.Op.SEARCH, request_body)
             assert reply.body == {"entries": 15, "truncated": True}
@@ -394,40 +376,30 @@ def test_search_streams_chunks_within_the_window(ldap_raw, tmp_path, monkeypatch
             bad = await link.call(bridge, p.Op.SEARCH, {"directory": "corp", "kind": "user", "filter": "(uid="})
             assert bad.kind is p.Kind.ERROR and bad.body["code"] == "bad_type"
             assert json.loads(bad.body["detail"])["code"] == "bad_filter"
-        finally:
-            await bridge.close()
     run(scenario())
 
 
 def test_bad_directory_does_not_stop_the_others_and_unknown_is_not_found(ldap_raw, tmp_path):
     async def scenario():
-        agent = FakeAgent(tmp_path)
-        link = agent.connect()
-        bridge = Bridge(agent)
-        bridge.configure({"directories": [
+        config = {"directories": [
             {**ldap_raw, "id": "broken", "user_filter": "(uid="},
             {**ldap_raw, "id": "typo", "colour": "blue"},
             {**ldap_raw, "name": "no id"},
             {**ldap_raw, "id": "corp"},
-        ]})
-        try:
+        ]}
+        async with bridged(tmp_path, config) as (agent, link, bridge):
             for ident, code in (("broken", "bad_filter"), ("typo", "config")):
-                reply = await link.call(bridge, p.Op.AUTHENTICATE,
-                                        {"directory": ident, "username": "u001", "password": "pw001"})
+                reply = await authenticate(link, bridge, "u001", "pw001", directory=ident)
                 assert reply.body["code"] == "bad_config"
                 assert json.loads(reply.body["detail"])["code"] == code
-            ok = await link.call(bridge, p.Op.AUTHENTICATE,
-                                 {"directory": "corp", "username": "u001", "password": "pw001"})
+            ok = await authenticate(link, bridge, "u001", "pw001")
             assert ok.body["outcome"] == "success"
             unknown = await link.call(bridge, p.Op.SYNC, {"directory": "hr", "mode": "follow"})
             assert unknown.body["code"] == "not_found" and "corp" in unknown.body["detail"]
             assert "#2" in bridge.status()["directories"]
             bridge.configure({"directories": [{**ldap_raw, "id": "other"}]})  # corp removed
-            gone = await link.call(bridge, p.Op.AUTHENTICATE,
-                                   {"directory": "corp", "username": "u001", "password": "pw001"})
+            gone = await authenticate(link, bridge, "u001", "pw001")
             assert gone.body["code"] == "not_found" and "other" in gone.body["detail"]
-        finally:
-            await bridge.close()
     run(scenario())
 
 
