@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import homeproc
-from homeproc import AGENT, HomeProcess, agent_run_args, fake_dmi, spawn_agent, stop_process
+from homeproc import AGENT, HomeProcess, LoggedProcess, agent_run_args, fake_dmi, spawn_agent
 
 
 def free_port() -> int:
@@ -37,7 +37,7 @@ def install_credential(bundle: Path, etc: Path, home_urls: list[str] | None = No
     return homeproc.install_credential(json.loads(Path(bundle).read_text()), etc, home_urls)
 
 
-class AgentProcess:
+class AgentProcess(LoggedProcess):
     """One ``tether-agent run`` process with its own state and machine."""
 
     def __init__(self, root: Path, etc: Path, *, name: str = "agent",
@@ -67,17 +67,6 @@ class AgentProcess:
         self.proc = spawn_agent(self.command(), self.log_path, self.extra_env)
         return self
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
     def wait_log(self, needle: str, timeout: float = 30.0, count: int = 1) -> str:
         """Wait until ``needle`` appears ``count`` times in the agent's log."""
         deadline = time.monotonic() + timeout
@@ -90,10 +79,6 @@ class AgentProcess:
             time.sleep(0.1)
         raise AssertionError(f"agent log has no {needle!r} (x{count}) after {timeout} s; "
                              f"alive={self.alive()}; log tail:\n{self.log()[-3000:]}")
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM by PID, then SIGKILL if it does not stop; returns the exit status."""
-        return stop_process(self.proc, timeout)
 
 
 class Tinyproxy:

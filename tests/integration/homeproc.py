@@ -138,6 +138,28 @@ def spawn_agent(command: list[str], log_path: Path,
                                 env=env, start_new_session=True)
 
 
+class LoggedProcess:
+    """What tests ask of a process they started with its output in ``log_path``."""
+
+    proc: subprocess.Popen | None
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM by PID, then SIGKILL if it does not stop; returns the exit status."""
+        return stop_process(self.proc, timeout)
+
+
 # ------------------------------------------------------------ home
 
 

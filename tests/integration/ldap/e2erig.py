@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 from homeproc import (  # noqa: E402
-    HomeProcess, agent_run_args, fake_dmi, install_credential, spawn_agent, stop_process)
+    HomeProcess, LoggedProcess, agent_run_args, fake_dmi, install_credential, spawn_agent)
 
 CSV_MULTI = "|"
 
@@ -49,7 +49,7 @@ AD_MAPPING = {"user": {"username": "sAMAccountName", "name": "displayName", "ema
 # ------------------------------------------------------------------ agent process
 
 
-class Agent:
+class Agent(LoggedProcess):
     """One ``tether-agent run`` process (own state, own fake DMI = own machine)."""
 
     def __init__(self, root: Path, connector: str, bundle: dict) -> None:
@@ -66,17 +66,6 @@ class Agent:
         self.proc = spawn_agent(command, self.log_path)
         return self
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
     def instance_id(self) -> str | None:
         path = self.state / "instance.json"
         return json.loads(path.read_text()).get("instance_id") if path.exists() else None
@@ -91,9 +80,6 @@ class Agent:
             time.sleep(0.2)
         raise AssertionError(f"agent {self.connector}: no {needle!r} (x{count}) in its log after "
                              f"{timeout} s; alive={self.alive()}; tail:\n{self.log()[-3000:]}")
-
-    def stop(self) -> int | None:
-        return stop_process(self.proc)
 
     def kill(self) -> None:
         """Crash: SIGKILL to this process's PID (nothing else)."""
@@ -121,9 +107,10 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
 class Rig:
     """A real home with connectors in one cluster, and the agents started for them."""
 
-    def __init__(self, home: HomeProcess, connectors: tuple[str, ...]) -> None:
+    def __init__(self, home: HomeProcess, connectors: tuple[str, ...], cluster: str = "east") -> None:
         self.home = home
         self.connectors = connectors
+        self.cluster = cluster
         self.agents: list[Agent] = []
 
     @classmethod
@@ -138,7 +125,7 @@ class Rig:
         except Exception:
             home.stop()
             raise
-        return cls(home, connectors)
+        return cls(home, connectors, cluster)
 
     @property
     def state(self) -> Path:
@@ -158,6 +145,18 @@ class Rig:
         """``tether-home config set`` for each connector (secrets are sealed by home)."""
         for name in connectors or self.connectors:
             self.home.set_config(config, connector=name)
+
+    def start_failover(self, config: dict, directory: str, expected) -> tuple[Agent, Agent]:
+        """Failover policy with the first connector as primary, an agent for each of the
+        first two connectors, ``config`` on every connector; returns the two agents once
+        the store of ``directory`` equals ``expected()``."""
+        primary, other = self.connectors[:2]
+        policy = self.cli("cluster", "set", self.cluster, "--policy", "failover", "--primary", primary)
+        assert policy.returncode == 0, policy.stderr
+        agents = self.agent(primary), self.agent(other)
+        self.configure(config)
+        self.wait_store_equals(directory, expected)
+        return agents
 
     def stop(self) -> None:
         for agent in self.agents:

@@ -144,11 +144,7 @@ def test_cluster_failover_when_the_leader_agent_dies(ldap, test_ca, rig_factory)
     follows from home's cursor, the store equals the directory again, logins go on."""
     server, conn = ldap
     rig = rig_factory("c-a", "c-b")
-    set_policy = rig.cli("cluster", "set", "east", "--policy", "failover", "--primary", "c-a")
-    assert set_policy.returncode == 0, set_policy.stderr
-    a, b = rig.agent("c-a"), rig.agent("c-b")
-    rig.configure(corp_config(server, test_ca))
-    rig.wait_store_equals("corp", expected(conn))
+    a, b = rig.start_failover(corp_config(server, test_ca), "corp", expected(conn))
     assert leader_of(rig) == a.instance_id()
     assert rig.authenticate("corp", "u002", "pw002").returncode == 0
 
@@ -268,11 +264,7 @@ def test_failover_fails_back_to_the_restarted_primary(ldap, test_ca, rig_factory
     agent starts again on its own state and home makes it lead again; no change is lost."""
     server, conn = ldap
     rig = rig_factory("c-a", "c-b")
-    set_policy = rig.cli("cluster", "set", "east", "--policy", "failover", "--primary", "c-a")
-    assert set_policy.returncode == 0, set_policy.stderr
-    a, b = rig.agent("c-a"), rig.agent("c-b")
-    rig.configure(corp_config(server, test_ca))
-    rig.wait_store_equals("corp", expected(conn))
+    a, b = rig.start_failover(corp_config(server, test_ca), "corp", expected(conn))
     primary = a.instance_id()
     assert leader_of(rig) == primary
 
