@@ -13,7 +13,7 @@ import pwd
 import subprocess
 import sys
 
-# The spec comes on stdin here: it holds the private key, which must not be on a command line.
+# identity passes the spec on stdin: it holds the private key, which must not be on a command line.
 spec = json.loads(sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read())
 changed = []
 

@@ -72,7 +72,8 @@ def test_a_new_file_in_a_shared_role_changes_the_key(checkout, wheels):
 
 
 @pytest.mark.parametrize("name", ["ansible/site.yml", "ansible/ansible.cfg", "agent/tether-agent.service",
-                                  "agent/tether-firstboot.service", "packer/qemu.pkr.hcl"])
+                                  "agent/tether-firstboot.service", "packer/qemu.pkr.hcl",
+                                  "ansible/files/write_files.py"])
 def test_a_change_to_an_input_file_changes_the_key(checkout, wheels, name):
     before = layer.key("b", wheels, checkout)
     path = checkout / name

@@ -12,7 +12,8 @@ The key is the SHA256 of everything that goes into the layer, so a change to
 any of it makes a new layer (and the old one is pruned):
 
 * the base disk's own key (its packages, layout, boot configuration);
-* every file of the shared roles, site.yml and ansible.cfg;
+* every file of the shared roles, of ansible/files (scripts the roles share,
+  e.g. write_files.py), site.yml and ansible.cfg;
 * the Packer templates (how the guest is booted and provisioned);
 * the unit files the roles install from the checkout (agent/*.service);
 * the wheelhouse: every wheel by its members' names and contents, so a
@@ -88,6 +89,7 @@ def key(base_key: str, wheelhouse: Path, checkout: Path = CHECKOUT) -> str:
                               "per_image": list(PER_IMAGE_ROLES)}, sort_keys=True).encode())
     for role in roles:
         _tree_digest(checkout / "ansible" / "roles" / role, digest, f"role:{role}")
+    _tree_digest(checkout / "ansible" / "files", digest, "ansible-files")
     for name in ("ansible/site.yml", "ansible/ansible.cfg", *UNIT_FILES):
         digest.update(f"file:{name}\0".encode())
         digest.update(hashlib.sha256((checkout / name).read_bytes()).digest())
