@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from tether.home.peer import AgentPeer
 
 log = logging.getLogger("tether.home.directories")
-STREAM_TYPES = frozenset({"begin", "chunk", "end"})
+STREAM_TYPES = frozenset({"begin", "chunk", "end", "error"})
 SYNC_TIMEOUT = 30.0
 PROVISION_TIMEOUT = 120.0
 
@@ -90,7 +91,7 @@ def check_batch(body: dict) -> list[dict]:
                             f"previous {last}: send spool entries in increasing seq order")
         if not isinstance(message, dict) or message.get("type") not in STREAM_TYPES:
             raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}].message must be a begin, "
-                            "chunk or end stream message (agent/directory/README.md)")
+                            "chunk, end or error stream message (agent/directory/README.md)")
         last = seq
     after = body.get("after")
     if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0
@@ -98,6 +99,25 @@ def check_batch(body: dict) -> list[dict]:
         raise HomeError(p.ErrorCode.BAD_TYPE, "after must be an int >= 0 below the batch's "
                         "first seq (the last seq of the batch sent before it)")
     return entries
+
+
+def refusal_error(exc: RequestFailed) -> dict:
+    """A refused ``sync`` request as a directory error for ``directory status``.
+
+    Why parse: the agent's detail is the engine's error as JSON (code, message,
+    hint); anything else (an agent without the directory...) keeps the
+    protocol's code, so the operator still sees who refused and why.
+    """
+    try:
+        detail = json.loads(exc.detail)
+    except (TypeError, ValueError):
+        detail = None
+    if isinstance(detail, dict) and isinstance(detail.get("code"), str) \
+            and isinstance(detail.get("message"), str):
+        return detail
+    return {"code": exc.code.value, "message": str(exc.detail),
+            "hint": "check that the connector's configuration lists this directory "
+                    "(`tether-home config show <connector>`) and that the agent applied it"}
 
 
 class DirectoryRouter:
@@ -209,6 +229,7 @@ class DirectoryRouter:
         except RequestFailed as exc:
             outcome.update(ok=False, code=exc.code.value, detail=exc.detail)
             if body["mode"] != "stop":
+                self.identity.record_error(directory, iid, refusal_error(exc))
                 # It cannot lead this directory (configuration not applied, bad bind
                 # password...): let another instance lead until it reconnects.
                 self.refused.setdefault(directory, set()).add(iid)
@@ -422,6 +443,7 @@ def report(store: Store, identity: IdentityStore | None, live: dict | None) -> l
             "applied_through": state.get("applied_through", {}),
             "last_change": state.get("last_change"), "synced_at": state.get("synced_at"),
             "full_synced_at": state.get("full_synced_at"),
+            "error": state.get("error"),
         })
     return rows
 
@@ -442,4 +464,17 @@ def render(rows: list[dict], running: bool) -> str:
                      f"{' (stream open: ' + r['stream_open'] + ')' if r['stream_open'] else ''}")
         for iid, seq in r["applied_through"].items():
             lines.append(f"    applied_through {iid}: {seq}")
+        if r.get("error"):
+            lines.append(f"    {error_line(r['error'])}")
     return "\n".join(lines)
+
+
+def error_line(error: dict) -> str:
+    """``error: <code>: <message> (hint)`` plus where it came from, for the text view."""
+    hint = f" ({error['hint']})" if error.get("hint") else ""
+    source = [f"server {error['server']}"] if error.get("server") else []
+    source += [f"instance {error['instance']}"] if error.get("instance") else []
+    if error.get("at"):
+        source.append(time.strftime("at %Y-%m-%d %H:%M:%S", time.localtime(error["at"])))
+    where = f" [{', '.join(source)}]" if source else ""
+    return f"error: {error['code']}: {error['message']}{hint}{where}"

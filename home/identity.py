@@ -14,6 +14,9 @@ an add. The agent streams engine messages (agent/directory/README.md):
   snapshot untouched: the staging rows are discarded by the next ``begin``.
 * incremental ``begin``/``chunk``/``end`` apply upserts (whole states) and
   deletes (a no-op for an unknown id) directly, ``end`` stores the cursor.
+* ``error`` (the agent could not sync: bind refused, server down...) is kept as
+  the directory's last error for ``directory status``, touching neither records
+  nor cursor; an applied ``end`` clears it.
 
 Exactly once: every ``directory.changes`` batch is applied in ONE transaction
 together with the per-(directory, instance) ``applied_through`` seq, and seqs at
@@ -55,6 +58,12 @@ CREATE TABLE IF NOT EXISTS directories (
     full_synced_at REAL,       -- last completed full sync (snapshot swap)
     last_change REAL,          -- last batch that changed anything
     applied INTEGER NOT NULL DEFAULT 0
+);
+-- why a directory does not sync: the last `error` stream message (or refused `sync`
+-- request); cleared by an applied `end`. Its own table so older files gain it as is.
+CREATE TABLE IF NOT EXISTS directory_errors (
+    directory TEXT PRIMARY KEY, instance_id TEXT, code TEXT NOT NULL, message TEXT NOT NULL,
+    hint TEXT, server TEXT, at REAL, received_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS applied (
     directory TEXT NOT NULL, instance_id TEXT NOT NULL,
@@ -252,9 +261,40 @@ class IdentityStore:
                 state["cursor"] = cursor
                 state["synced_at"] = time.time()
                 result.cursor = cursor
+                self.db.execute("DELETE FROM directory_errors WHERE directory = ?", (directory,))
             state["stream_mode"] = state["stream_instance"] = None
+        elif kind == "error":
+            self._store_error(directory, instance_id, message)
         else:
-            raise IdentityError(f"stream message type {kind!r}; expected begin, chunk or end")
+            raise IdentityError(f"stream message type {kind!r}; expected begin, chunk, end or error")
+
+    def _store_error(self, directory: str, instance_id: str, error: dict) -> None:
+        """Keep `error` ({code, message, hint?, server?, at?}) as the directory's last error."""
+        code, text, at = error.get("code"), error.get("message"), error.get("at")
+        if not (isinstance(code, str) and code and isinstance(text, str)):
+            raise IdentityError(f"error message needs string code and message: {str(error)[:200]}")
+        if at is not None and (not isinstance(at, (int, float)) or isinstance(at, bool)):
+            raise IdentityError(f"error message 'at' must be a unix time: {str(error)[:200]}")
+        hint, server = error.get("hint"), error.get("server")
+        self.db.execute("INSERT OR REPLACE INTO directory_errors VALUES (?,?,?,?,?,?,?,?)",
+                        (directory, instance_id, code, text,
+                         hint if isinstance(hint, str) else None,
+                         server if isinstance(server, str) else None, at, time.time()))
+
+    def record_error(self, directory: str, instance_id: str | None, error: dict) -> None:
+        """Home's own finding (an instance refused ``sync``) as the directory's last error."""
+        with self._tx():
+            self._store_error(directory, instance_id, error)
+
+    def last_error(self, directory: str) -> dict | None:
+        """``{code, message, hint, server, at, instance, received_at}`` or None when syncing."""
+        row = self.db.execute("SELECT * FROM directory_errors WHERE directory = ?",
+                              (directory,)).fetchone()
+        if row is None:
+            return None
+        out = {k: row[k] for k in ("code", "message", "hint", "server", "at", "received_at")}
+        out["instance"] = row["instance_id"]
+        return out
 
     def _records(self, directory: str, table: str, changes: list) -> int:
         """Write records in order; consecutive upserts (or deletes) go as one executemany."""
@@ -325,6 +365,7 @@ class IdentityStore:
             r["instance_id"]: r["applied_through"] for r in self.db.execute(
                 "SELECT instance_id, applied_through FROM applied WHERE directory = ? "
                 "ORDER BY instance_id", (directory,))}
+        state["error"] = self.last_error(directory)
         return state
 
     def entries(self, directory: str, kind: str | None = None) -> Iterator[dict]:

@@ -190,7 +190,7 @@ class Op(str, enum.Enum):
     ``directory.changes`` (request A→H)
         The agent drains its spool: body ``directory`` str, ``entries`` list of
         ``{"seq": int, "message": object}`` in spool order (``message`` is one
-        stream message of the directory engine: begin / chunk / end, see
+        stream message of the directory engine: begin / chunk / end / error, see
         agent/directory/README.md), at most :data:`MAX_FRAME_BYTES` in all,
         optional ``after`` int|null: the last seq of the batch sent just before
         this one (the agent keeps a few batches in flight); home applies this

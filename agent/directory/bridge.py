@@ -132,6 +132,8 @@ class Bridge:
             directory.follow(None)  # we led it before the restart/reconfiguration: go on
             log.info("directory %s: following again (this agent leads it)", ident,
                      extra={"tether_directory": ident})
+        elif directory.leading:
+            directory.report_refusal()  # home keeps us as leader: tell it why nothing comes
         return directory
 
     def start(self) -> None:

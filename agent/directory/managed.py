@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -132,13 +133,25 @@ class BridgeFollower(Follower):
     """The engine's Follower, with size-bounded spool entries, a stop between messages
     and an optional full sync first (home's `sync` mode `full`)."""
 
-    def __init__(self, service: DirectoryService, spool: Spool, root: Path, full: bool = False):
+    def __init__(self, service: DirectoryService, spool: Spool, root: Path, full: bool = False,
+                 ident: str | None = None):
         super().__init__(service, spool, root, interval=FOLLOW_INTERVAL)
         self.cursor = CursorFile(root / "cursor")
         self.full = full
+        self.ident = ident or service.name  # home's key for the directory (not its display name)
+        #: (code, message) of the error last spooled for home; None after a good `end`
+        self.reported: tuple[str, str] | None = None
 
     def run_once(self) -> int:
-        """One sync into the spool; any failure becomes a DirectoryError the loop retries.
+        """One sync into the spool; a failure is spooled for home, then re-raised for the retry."""
+        try:
+            return self._attempt()
+        except DirectoryError as exc:
+            self._report(exc)
+            raise
+
+    def _attempt(self) -> int:
+        """One sync; any failure becomes a DirectoryError the loop retries.
 
         Why wrap: the engine's loop retries DirectoryError only, and a full disk
         (SpoolError) or an unexpected ldap3 error must not end the thread silently.
@@ -152,6 +165,25 @@ class BridgeFollower(Follower):
             raise DirectoryError("operation_failed", f"following stopped by {type(exc).__name__}: "
                                  f"{exc}; retrying") from None
 
+    def _report(self, exc: DirectoryError) -> None:
+        """Spool an `error` message for home, once per distinct failure.
+
+        Why through the spool: home sees it in order with the data (a later
+        `end` clears it) and even when it was away while the sync failed.
+        Why once: a server down for a day must not fill the spool with retries.
+        """
+        key = (exc.code, exc.message)
+        if key == self.reported or self._stop.is_set():
+            return
+        try:
+            self.spool.append(error_message(self.ident, exc))
+        except Exception:  # noqa: BLE001 - a full disk: the status still says why
+            log.exception("spooling the error of %s failed", self.service.name)
+            return
+        self.reported = key
+        log.warning("following %s failed: %s", self.service.name, exc,
+                    extra={"tether_directory": self.service.name, "tether_error": exc.code})
+
     def _sync_into_spool(self) -> int:
         stream = self.service.full_sync() if self.full else self.service.sync(self.cursor.load())
         count = 0
@@ -164,7 +196,13 @@ class BridgeFollower(Follower):
             elif msg["type"] == "end":
                 self.cursor.store(msg["cursor"])
                 self.full = False
+                self.reported = None  # home clears its error on this end
         return count
+
+
+def error_message(directory: str, exc: DirectoryError) -> dict:
+    """The stream's `error` message: why following `directory` failed, for home's status."""
+    return {"type": "error", "directory": directory, **exc.to_dict(), "at": time.time()}
 
 
 def refusal(ident: str, exc: Exception) -> DirectoryError:
@@ -231,8 +269,19 @@ class ManagedDirectory:
                 self.forget_cursor()  # an agent restarted mid-way starts the full sync again
             elif home_cursor and self.cursor.load() is None and len(self.spool) == 0:
                 self.cursor.store(home_cursor)
-            self.follower = BridgeFollower(self.service, self.spool, self.root, full=full)
+            self.follower = BridgeFollower(self.service, self.spool, self.root, full=full, ident=self.id)
             self.follower.start()
+
+    def report_refusal(self) -> None:
+        """Spool the refused configuration's error for home (this agent leads the directory).
+
+        Why: home sends `sync follow` only when the leader changes, so a leader
+        whose new configuration is refused would otherwise stay silent.
+        """
+        try:
+            self.spool.append(error_message(self.id, self.error))
+        except Exception:  # noqa: BLE001 - a full disk: the agent's status still says why
+            log.exception("spooling the refusal of directory %s failed", self.id)
 
     def stop_following(self) -> None:
         with self._lock:
