@@ -1,6 +1,6 @@
 # The sysprep role's removals in one remote call (each call costs seconds
 # under TCG; the loops this replaces made one call per file). In order:
-# build keys and SSH host keys, machine-id emptied, per-machine files,
+# build keys and SSH host keys, machine-id "uninitialized", per-machine files,
 # /tmp and /var/tmp emptied, apt lists/caches and leases, the running journal
 # moved off /var, logs and the journal's machine directories, documentation.
 # argv[1]: JSON spec (see tasks/clean.yml). Prints JSON {"removed": n, "changed": bool}.
@@ -45,21 +45,17 @@ for directory, pattern in spec["remove_matching"]:
         for name in os.listdir(directory):
             if fnmatch.fnmatch(name, pattern):
                 remove(os.path.join(directory, name))
-# Empty, not "uninitialized": systemd still makes a new machine-id at every
-# deployment's first boot (from the VM UUID, committed once / is writable), but
-# does not treat the boot as a first boot, whose preset-all pass over every unit
-# file cost 2-4 s under TCG and could enable units the image leaves off. No
-# unit of the appliance needs ConditionFirstBoot (tether-firstboot runs at
-# every boot). The file must exist.
+# "uninitialized": systemd makes a new machine-id at first boot and treats that
+# boot as the first one (ConditionFirstBoot=yes). The file must exist.
 machine_id = spec["machine_id"]
 try:
     with open(machine_id) as handle:
         current = handle.read()
 except FileNotFoundError:
     current = None
-if current != "" or os.stat(machine_id).st_mode & 0o7777 != 0o444:
-    with open(machine_id + ".tmp", "w"):
-        pass
+if current != "uninitialized\n" or os.stat(machine_id).st_mode & 0o7777 != 0o444:
+    with open(machine_id + ".tmp", "w") as handle:
+        handle.write("uninitialized\n")
     os.chmod(machine_id + ".tmp", 0o444)
     os.replace(machine_id + ".tmp", machine_id)
     changed = True
