@@ -56,6 +56,16 @@ def slapd_factory(tmp_path, test_ca):
 
 
 @pytest.fixture
+def seeded_ldap(slapd_factory, test_ca, request):
+    """A fresh slapd of this test's own with the seed data (20 users, nested groups), and
+    an admin connection: for tests that change the directory under a running home."""
+    server = slapd_factory(request.module.__name__.rsplit(".", 1)[-1], seed_ldif())
+    conn = admin_connection(server, test_ca)
+    yield server, conn
+    conn.unbind()
+
+
+@pytest.fixture
 def ldap_raw(slapd, test_ca):
     return slapd_config(slapd, test_ca)
 

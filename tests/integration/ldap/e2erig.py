@@ -37,6 +37,9 @@ from homeproc import (  # noqa: E402
     HomeProcess, LoggedProcess, agent_run_args, fake_dmi, install_credential, spawn_agent)
 
 CSV_MULTI = "|"
+#: The seed directory's user and group filters (ldapfix_helpers.seed_ldif).
+USERS_F = "(objectClass=inetOrgPerson)"
+GROUPS_F = "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames))"
 
 #: Default field -> attribute mapping of the engine (agent/directory/config.py).
 OPENLDAP_MAPPING = {"user": {"username": "uid", "name": "cn", "email": "mail"},

@@ -17,26 +17,15 @@ import json
 import ldap3
 import pytest
 
-from e2erig import AD_MAPPING, OPENLDAP_MAPPING, Rig, directory_entry, ldap_rows, wait_for
+from e2erig import GROUPS_F, USERS_F, AD_MAPPING, OPENLDAP_MAPPING, Rig, directory_entry, ldap_rows, wait_for
 from ldapfix_helpers import (AD_BASE, ad_admin_connection, ad_config, ad_group, ad_user,
-                             admin_connection, seed_ldif, slapd_config)
+                             seed_ldif, slapd_config)
 from ldapfix_slapd import SUFFIX
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 PEOPLE = f"ou=people,{SUFFIX}"
 GROUPS = f"ou=groups,{SUFFIX}"
-USERS_F = "(objectClass=inetOrgPerson)"
-GROUPS_F = "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames))"
-
-
-@pytest.fixture
-def ldap(slapd_factory, test_ca):
-    """A fresh slapd with the seed data (20 users, nested groups), and an admin connection."""
-    server = slapd_factory("e2e", seed_ldif())
-    conn = admin_connection(server, test_ca)
-    yield server, conn
-    conn.unbind()
 
 
 @pytest.fixture
@@ -86,9 +75,9 @@ def mutate(conn, tag: str, victim: str) -> None:
                     {"cn": f"e2eg{tag}", "member": [new, f"uid=u006{tag},{PEOPLE}"]}), conn.result
 
 
-def test_full_sync_changes_authenticate_and_provision(ldap, test_ca, rig_factory):
+def test_full_sync_changes_authenticate_and_provision(seeded_ldap, test_ca, rig_factory):
     """(a) full sync = directory; (b) changes reach the store; (c) authenticate, provision."""
-    server, conn = ldap
+    server, conn = seeded_ldap
     rig = rig_factory("c-a")
     agent = rig.agent("c-a")
     rig.configure(corp_config(server, test_ca))
@@ -139,10 +128,10 @@ def test_full_sync_changes_authenticate_and_provision(ldap, test_ca, rig_factory
     assert again.returncode != 0 and json.loads(again.stdout)["result"]["status"] == "failed"
 
 
-def test_cluster_failover_when_the_leader_agent_dies(ldap, test_ca, rig_factory):
+def test_cluster_failover_when_the_leader_agent_dies(seeded_ldap, test_ca, rig_factory):
     """(d) failover with a primary: the leader's process is killed, the other connector
     follows from home's cursor, the store equals the directory again, logins go on."""
-    server, conn = ldap
+    server, conn = seeded_ldap
     rig = rig_factory("c-a", "c-b")
     a, b = rig.start_failover(corp_config(server, test_ca), "corp", expected(conn))
     assert leader_of(rig) == a.instance_id()
@@ -174,10 +163,10 @@ def applied_per_instance(log_text: str, instance: str) -> int:
     return total
 
 
-def test_home_down_while_the_directory_changes(ldap, test_ca, rig_factory):
+def test_home_down_while_the_directory_changes(seeded_ldap, test_ca, rig_factory):
     """(e) home stopped, changes in slapd, home back on the same state: the store equals
     the directory and every spooled message was applied exactly once."""
-    server, conn = ldap
+    server, conn = seeded_ldap
     rig = rig_factory("c-a")
     agent = rig.agent("c-a")
     rig.configure(corp_config(server, test_ca))
@@ -259,10 +248,10 @@ def test_samba_ad_full_sync_and_nested_group_login(samba, test_ca, rig_factory):
         admin.unbind()
 
 
-def test_failover_fails_back_to_the_restarted_primary(ldap, test_ca, rig_factory):
+def test_failover_fails_back_to_the_restarted_primary(seeded_ldap, test_ca, rig_factory):
     """Failover policy: the primary's agent stops, the other connector leads; the primary's
     agent starts again on its own state and home makes it lead again; no change is lost."""
-    server, conn = ldap
+    server, conn = seeded_ldap
     rig = rig_factory("c-a", "c-b")
     a, b = rig.start_failover(corp_config(server, test_ca), "corp", expected(conn))
     primary = a.instance_id()
@@ -288,13 +277,13 @@ def test_failover_fails_back_to_the_restarted_primary(ldap, test_ca, rig_factory
     assert ok.returncode == 0 and outcome(ok) == "success", ok.stdout + ok.stderr
 
 
-def test_round_robin_spreads_logins_over_both_connectors(ldap, slapd_factory, test_ca, rig_factory):
+def test_round_robin_spreads_logins_over_both_connectors(seeded_ldap, slapd_factory, test_ca, rig_factory):
     """Round-robin policy: home rotates `authenticate` over the connected instances.
 
     Which connector served a login is visible in the reply's `server`: c-a's
-    configuration names the `ldap` slapd, c-b's a second slapd with the same seed.
+    configuration names the `seeded_ldap` slapd, c-b's a second slapd with the same seed.
     """
-    server, conn = ldap
+    server, conn = seeded_ldap
     other = slapd_factory("e2e-b", seed_ldif())
     rig = rig_factory("c-a", "c-b")
     set_policy = rig.cli("cluster", "set", "east", "--policy", "round-robin")

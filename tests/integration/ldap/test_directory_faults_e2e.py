@@ -13,22 +13,11 @@ from __future__ import annotations
 
 import pytest
 
-from e2erig import OPENLDAP_MAPPING, Rig, directory_entry, ldap_rows, wait_for
-from ldapfix_helpers import admin_connection, seed_ldif, slapd_config
+from e2erig import GROUPS_F, USERS_F, OPENLDAP_MAPPING, Rig, directory_entry, ldap_rows, wait_for
+from ldapfix_helpers import slapd_config
 from ldapfix_slapd import SUFFIX
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
-
-USERS_F = "(objectClass=inetOrgPerson)"
-GROUPS_F = "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames))"
-
-
-@pytest.fixture
-def ldap(slapd_factory, test_ca):
-    server = slapd_factory("faults", seed_ldif())
-    conn = admin_connection(server, test_ca)
-    yield server, conn
-    conn.unbind()
 
 
 @pytest.fixture
@@ -49,8 +38,8 @@ def code_of(rig: Rig, directory: str, code: str) -> dict | None:
     return error if error and error["code"] == code else None
 
 
-def test_faulty_directories_show_their_errors_while_a_good_one_syncs(ldap, test_ca, rig):
-    server, conn = ldap
+def test_faulty_directories_show_their_errors_while_a_good_one_syncs(seeded_ldap, test_ca, rig):
+    server, conn = seeded_ldap
     raw = slapd_config(server, test_ca, page_size=50)
     rig.agent("c-a")
     rig.configure({"directories": [
