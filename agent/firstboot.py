@@ -23,10 +23,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import shutil
 import subprocess
-import urllib.error
-import urllib.request
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -352,6 +349,8 @@ class OvfGuestInfoSource(OvfDocumentSource):
         self.rpctool, self.run = rpctool, run
 
     def fetch(self) -> str | None:
+        import shutil  # lazy: only the VMware Tools transport needs it
+
         if shutil.which(self.rpctool) is None and self.run is subprocess.run:
             return None
         try:
@@ -390,6 +389,11 @@ class Ec2UserDataSource(DataSource):
         self.base_url, self.timeout = base_url.rstrip("/"), timeout
 
     def fetch(self) -> bytes | None:
+        # urllib.request/urllib.error (http.client, email, ssl...) are imported here,
+        # not at the top: the OVF path never needs them, and each import costs time
+        # at every boot under emulation.
+        import urllib.error
+
         try:
             token = self._request("PUT", "/latest/api/token",
                                   {"X-aws-ec2-metadata-token-ttl-seconds": "60"}).decode()
@@ -412,6 +416,8 @@ class Ec2UserDataSource(DataSource):
         return normalize(raw, self.name, unknown)
 
     def _request(self, method: str, path: str, headers: dict[str, str]) -> bytes:
+        import urllib.request  # lazy: see fetch
+
         request = urllib.request.Request(self.base_url + path, method=method, headers=headers)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(request, timeout=self.timeout) as response:

@@ -8,6 +8,10 @@ every boot starts from the image's defaults (DHCP, 80-dhcp.network).
 
 Steps, each small and separately tested:
 
+0. export the root-only DMI product UUID to ``/run/tether/machine-uuid`` for the
+   unprivileged agent's machine fingerprint (see :mod:`tether.agent.machine`;
+   done here rather than in a Python ``ExecStartPre`` of the agent unit, which
+   would start one more interpreter at every boot);
 1. mount the OVF ISO transport CD read-only, if a CD carries ``ovf-env.xml``;
 2. :func:`tether.agent.firstboot.detect` over the sources this platform
    offers (VMware Tools only on VMware, EC2 user data only on AWS, so other
@@ -29,7 +33,6 @@ import argparse
 import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +41,7 @@ from pathlib import Path
 
 from . import firstboot, machine
 
-RUN_DIR = Path("/run/tether")
+RUN_DIR = machine.FIRSTBOOT_RUN_DIR  # /run/tether, where the agent looks
 NETWORK_DIR = Path("/run/systemd/network")
 #: Sorts before the image's /etc/systemd/network/80-dhcp.network, so it wins.
 UNIT_NAME = "10-tether-firstboot.network"
@@ -193,10 +196,17 @@ def reload_networkd(nic: str | None, run=subprocess.run) -> list[str]:
     return problems
 
 
-def apply_hostname(name: str | None, sethostname=socket.sethostname) -> bool:
-    """Set the (transient) host name; False when there is none to set."""
+def apply_hostname(name: str | None, sethostname=None) -> bool:
+    """Set the (transient) host name, with ``socket.sethostname`` unless given.
+
+    False when there is none to set.
+    """
     if not name:
         return False
+    if sethostname is None:
+        import socket  # lazy: only this step needs it; every import costs boot time
+
+        sethostname = socket.sethostname
     sethostname(name)
     return True
 
@@ -211,13 +221,35 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def write_settings(settings: firstboot.FirstBootSettings, run_dir: Path = RUN_DIR) -> Path:
-    """/run/tether/firstboot.json, world-readable: the agent runs as user tether."""
+def _make_run_dir(run_dir: Path) -> None:
+    """/run/tether, world-readable: the agent runs as user tether."""
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(run_dir, 0o755)
+
+
+def write_settings(settings: firstboot.FirstBootSettings, run_dir: Path = RUN_DIR) -> Path:
+    """/run/tether/firstboot.json, world-readable: the agent runs as user tether."""
+    _make_run_dir(run_dir)
     path = run_dir / "firstboot.json"
     _write_atomic(path, json.dumps(settings.to_json(), indent=2) + "\n", 0o644)
     return path
+
+
+def export_machine_uuid(run_dir: Path = RUN_DIR, dmi_dir: Path = machine.DMI_DIR) -> str:
+    """Copy the DMI product UUID to ``<run_dir>/machine-uuid`` for the agent; the console line.
+
+    Never fatal: without a usable UUID no file is written, and an OSError is
+    reported rather than raised; the agent then falls back to /etc/machine-id.
+    """
+    fallback = "the agent falls back to /etc/machine-id"
+    try:
+        _make_run_dir(run_dir)
+        exported = machine.export_uuid(run_dir / "machine-uuid", dmi_dir)
+    except OSError as exc:
+        return f"tether first boot: machine UUID not exported ({exc}); {fallback}"
+    if exported:
+        return "tether first boot: machine UUID exported for the agent"
+    return f"tether first boot: no DMI product UUID; {fallback}"
 
 
 def summary(settings: firstboot.FirstBootSettings) -> str:
@@ -285,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only write firstboot.json (no hostname, no network change)")
     args = parser.parse_args(argv)
 
+    # First, so the agent's fingerprint does not depend on the settings steps.
+    say(export_machine_uuid(args.run_dir))
     platform = machine.detect_platform()
     settings = collect(platform, args.mount_point, mount=not args.no_mount)
     path = write_settings(settings, args.run_dir)

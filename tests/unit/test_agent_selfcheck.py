@@ -3,6 +3,7 @@
 import asyncio
 import email.utils
 import json
+from pathlib import Path
 
 import pytest
 
@@ -130,18 +131,54 @@ def test_fingerprint_from_uuid_or_credential(tmp_path):
     creds.mkdir()
     (creds / "machine-uuid").write_text("4231a3e6-dead-beef-0000-000000000001\n")
     (d / "product_uuid").unlink()  # not readable as an unprivileged user
-    m = machine.identify(d, credentials_dir=str(creds))
+    m = machine.identify(d, credentials_dir=str(creds), run_dir=None)
     assert m.fingerprint.endswith("000000000001")
-    assert m.fingerprint_source == "machine-uuid exported by the unit"
+    assert m.fingerprint_source == "machine-uuid credential"
+
+
+def test_fingerprint_from_the_uuid_tether_firstboot_exported(tmp_path):
+    run = tmp_path / "run-tether"
+    run.mkdir()
+    (run / "machine-uuid").write_text("4231A3E6-DEAD-BEEF-0000-000000000002\n")
+    m = machine.identify(tmp_path / "no-dmi", credentials_dir="", run_dir=run,
+                         machine_id_file=tmp_path / "missing")
+    assert m.fingerprint == "uuid:4231a3e6-dead-beef-0000-000000000002"
+    assert m.fingerprint_source == "machine-uuid exported by tether-firstboot"
+    assert machine.FIRSTBOOT_RUN_DIR == Path("/run/tether")  # what the agent unit can read
+
+
+def test_exported_uuid_precedence(tmp_path, monkeypatch):
+    """$CREDENTIALS_DIRECTORY, then tether-firstboot's run dir, then $RUNTIME_DIRECTORY."""
+    places = {}
+    for n, name in enumerate(("creds", "run-tether", "runtime"), 1):
+        places[name] = tmp_path / name
+        places[name].mkdir()
+        (places[name] / "machine-uuid").write_text(f"4231a3e6-dead-beef-0000-00000000000{n}\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(places["creds"]))
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(places["runtime"]))
+
+    def fingerprint():
+        m = machine.identify(tmp_path / "no-dmi", run_dir=places["run-tether"],
+                             machine_id_file=tmp_path / "missing")
+        return m.fingerprint[-1], m.fingerprint_source
+
+    assert fingerprint() == ("1", "machine-uuid credential")
+    (places["creds"] / "machine-uuid").write_text("not-a-uuid\n")  # skipped, not fatal
+    assert fingerprint() == ("2", "machine-uuid exported by tether-firstboot")
+    (places["run-tether"] / "machine-uuid").unlink()
+    assert fingerprint() == ("3", "machine-uuid in the unit's runtime directory")
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    assert machine.exported_uuid(run_dir=places["run-tether"]) == ("", "")
 
 
 def test_fingerprint_falls_back_to_machine_id(tmp_path):
     mid = tmp_path / "machine-id"
     mid.write_text("0123456789abcdef0123456789abcdef\n")
-    m = machine.identify(tmp_path / "none", credentials_dir="", machine_id_file=mid)
+    m = machine.identify(tmp_path / "none", credentials_dir="", machine_id_file=mid,
+                         run_dir=tmp_path / "no-run")
     assert m.fingerprint.startswith("machine-id:") and len(m.fingerprint) == 11 + 64
-    with pytest.raises(RuntimeError, match="ExecStartPre"):
-        machine.identify(tmp_path / "none", credentials_dir="",
+    with pytest.raises(RuntimeError, match="tether-firstboot"):
+        machine.identify(tmp_path / "none", credentials_dir="", run_dir=tmp_path / "no-run",
                          machine_id_file=tmp_path / "missing")
 
 
@@ -181,7 +218,9 @@ def test_export_uuid_for_the_unprivileged_agent(tmp_path):
     target = tmp_path / "run" / "machine-uuid"
     target.parent.mkdir()
     assert machine.export_uuid(target, d)
-    m = machine.identify(tmp_path / "no-dmi", credentials_dir=str(target.parent),
+    assert target.read_text() == "4231a3e6-dead-beef-0000-0123456789ab\n"
+    assert target.stat().st_mode & 0o777 == 0o644
+    m = machine.identify(tmp_path / "no-dmi", credentials_dir="", run_dir=target.parent,
                          machine_id_file=tmp_path / "missing")
     assert m.fingerprint == "uuid:4231a3e6-dead-beef-0000-0123456789ab"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,8 +14,9 @@ from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from tether.agent import firstboot
-from tether.agent.settings import check_home_urls, check_proxy
+from tether.agent import firstboot, machine
+from tether.agent import firstboot_apply as fa
+from tether.agent.settings import DEFAULT_FIRSTBOOT, check_home_urls, check_proxy
 from tether.image import ami, ovf
 
 # What vSphere puts into guestinfo.ovfEnv (and, minus the ve: adapter details,
@@ -308,3 +310,78 @@ def test_normalize_never_raises_and_output_is_usable(raw):
         check_home_urls(doc["home_urls"], "fuzz")
     check_proxy(doc.get("proxy"), "fuzz")
     json.dumps(doc)
+
+
+# ------------------------------------------------------------ machine UUID for the agent
+
+
+def _dmi(directory, **fields):
+    directory.mkdir()
+    for key, value in fields.items():
+        (directory / key).write_text(value + "\n")
+    return directory
+
+
+def test_firstboot_exports_the_machine_uuid_where_the_agent_reads_it(tmp_path):
+    dmi = _dmi(tmp_path / "dmi", sys_vendor="QEMU",
+               product_uuid="4231A3E6-DEAD-BEEF-0000-0123456789AB")
+    run = tmp_path / "run" / "tether"
+    line = fa.export_machine_uuid(run, dmi)
+    assert line == "tether first boot: machine UUID exported for the agent"
+    exported = run / "machine-uuid"
+    assert exported.read_text() == "4231a3e6-dead-beef-0000-0123456789ab\n"
+    assert exported.stat().st_mode & 0o777 == 0o644
+    assert run.stat().st_mode & 0o777 == 0o755
+    assert [p.name for p in run.iterdir()] == ["machine-uuid"]  # no temporary left
+    m = machine.identify(tmp_path / "no-dmi", credentials_dir="", run_dir=run,
+                         machine_id_file=tmp_path / "missing")
+    assert m.fingerprint == "uuid:4231a3e6-dead-beef-0000-0123456789ab"
+    assert m.fingerprint_source == "machine-uuid exported by tether-firstboot"
+
+
+def test_firstboot_run_dir_is_the_one_the_agent_reads():
+    assert fa.RUN_DIR == machine.FIRSTBOOT_RUN_DIR == DEFAULT_FIRSTBOOT.parent
+
+
+@pytest.mark.parametrize("uuid", [None, "", "Not Settable", "00000000-0000-0000-0000"])
+def test_no_valid_dmi_uuid_writes_nothing_and_is_not_fatal(tmp_path, uuid):
+    fields = {"sys_vendor": "QEMU"} | ({} if uuid is None else {"product_uuid": uuid})
+    run = tmp_path / "run"
+    line = fa.export_machine_uuid(run, _dmi(tmp_path / "dmi", **fields))
+    assert line.startswith("tether first boot: no DMI product UUID")
+    assert "/etc/machine-id" in line
+    assert not (run / "machine-uuid").exists()
+
+
+def test_export_write_error_is_printed_not_raised(tmp_path):
+    dmi = _dmi(tmp_path / "dmi", product_uuid="4231a3e6-dead-beef-0000-0123456789ab")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    line = fa.export_machine_uuid(blocker / "tether", dmi)
+    assert line.startswith("tether first boot: machine UUID not exported (")
+    assert line.endswith("the agent falls back to /etc/machine-id")
+
+
+def test_main_exports_the_uuid_first(tmp_path, monkeypatch, capsys):
+    dmi = _dmi(tmp_path / "dmi", product_uuid="4231a3e6-dead-beef-0000-0123456789ab")
+    real_export = machine.export_uuid
+    monkeypatch.setattr(fa.machine, "export_uuid", lambda target, _dmi_dir: real_export(target, dmi))
+    monkeypatch.setattr(fa.machine, "detect_platform", lambda: machine.QEMU)
+    run, mount = tmp_path / "run", tmp_path / "ovfenv"
+    mount.mkdir()
+    assert fa.main(["--run-dir", str(run), "--network-dir", str(tmp_path / "net"),
+                    "--mount-point", str(mount), "--no-mount", "--no-apply"]) == 0
+    assert (run / "machine-uuid").read_text() == "4231a3e6-dead-beef-0000-0123456789ab\n"
+    assert (run / "firstboot.json").is_file()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "tether first boot: machine UUID exported for the agent"
+
+
+def test_ec2_only_imports_stay_lazy():
+    """The OVF path never needs urllib.request (http.client, email, ssl): not at import."""
+    code = ("import sys, tether.agent.firstboot_apply; "
+            "print(sorted(m for m in ('urllib.request', 'urllib.error', 'http.client', "
+            "'email.parser') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == "[]"
