@@ -8,11 +8,12 @@ from importlib import resources
 import pytest
 
 UNIT = resources.files("tether.agent") / "tether-agent.service"
+FIRSTBOOT_UNIT = resources.files("tether.agent") / "tether-firstboot.service"
 
 
-def directives() -> dict[str, list[str]]:
+def directives(unit=UNIT) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
+    for line in unit.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith(("#", "[")) and "=" in line:
             key, value = line.split("=", 1)
@@ -36,6 +37,20 @@ def test_unit_runs_the_contract_command_as_notify_service():
     assert not [v for v in d.get("ExecStartPre", []) if "python" in v]
     assert "tether-firstboot.service" in d["After"][0].split()
     assert d["RuntimeDirectory"] == ["tether-agent"]
+
+
+def test_firstboot_runs_early_but_after_what_it_needs():
+    """No default dependencies (it overlaps resolved's start), yet ordered after the
+    local file systems, networkd and udev's coldplug, and before the network is
+    called online and before the agent; stopped at shutdown."""
+    d = directives(FIRSTBOOT_UNIT)
+    after = " ".join(d["After"]).split()
+    before = " ".join(d["Before"]).split()
+    assert d["DefaultDependencies"] == ["no"]
+    assert {"local-fs.target", "systemd-networkd.service", "systemd-udev-trigger.service"} <= set(after)
+    assert {"network-online.target", "tether-agent.service", "shutdown.target"} <= set(before)
+    assert d["Conflicts"] == ["shutdown.target"]
+    assert "PrivateTmp" not in d  # would order it after systemd-tmpfiles-setup.service
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze missing")

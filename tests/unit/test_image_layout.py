@@ -74,7 +74,23 @@ def test_grub_cfg_has_rauc_slot_logic_serial_console_and_labels():
     cfg = bootconf.grub_cfg()
     assert "load_env" in cfg and "save_env A_TRY A_OK B_TRY B_OK ORDER" in cfg
     assert "search --no-floppy --label --set=root root-a" in cfg
-    assert "root=LABEL=root-a" in cfg and "rauc.slot=A" in cfg
-    assert "root=LABEL=root-b" in cfg and "rauc.slot=B" in cfg
+    assert "root=PARTLABEL=root-a rootwait" in cfg and "rauc.slot=A" in cfg
+    assert "root=PARTLABEL=root-b rootwait" in cfg and "rauc.slot=B" in cfg
     assert "console=ttyS0,115200" in cfg and "serial --unit=0 --speed=115200" in cfg
+    assert "terminal_output serial console" in cfg
+
+
+def test_grub_boots_without_initramfs_and_reads_no_serial_keys():
+    """No initrd line (the kernel mounts root itself) and no serial input (3 s per boot under TCG)."""
+    cfg = bootconf.grub_cfg()
+    assert "initrd" not in cfg
+    assert "terminal_input" not in cfg
+
+
+def test_kernel_root_names_are_the_layouts_gpt_partition_names():
+    """The kernel finds root by GPT partition name: sfdisk must write the same names."""
+    script = layout.plan().sfdisk_script()
+    for label in ("root-a", "root-b"):
+        assert f"root=PARTLABEL={label} " in bootconf.grub_cfg()
+        assert f'name="{label}"' in script
     assert bootconf.GRUBENV_INITIAL == {"ORDER": "A B", "A_OK": "1", "A_TRY": "0", "B_OK": "0", "B_TRY": "0"}

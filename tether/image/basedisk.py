@@ -29,7 +29,7 @@ from .errors import BuildError
 from .mirror import find_mirror
 from .proc import require, run
 
-STEP_VERSION = "5"
+STEP_VERSION = "6"
 SUITE = "bookworm"
 VARIANT = "minbase"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -88,6 +88,7 @@ class BaseInputs:
             "grubenv": bootconf.GRUBENV_INITIAL,
             "network": bootconf.networkd_dhcp(),
             "dpkg": DPKG_SLIM,
+            "initramfs": INITRAMFS_OFF,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -258,6 +259,7 @@ def _configure(root: Path, device: str, say) -> None:
     os.chmod(ssh_dir, 0o700)
     _install_grub(root, device)
     _kernel_symlinks(root)
+    _drop_initramfs(root)
     _slim(root)
     in_chroot(root, ["apt-get", "clean"], what="apt-get clean")
 
@@ -311,16 +313,30 @@ def _kernel_image(root: Path) -> Path:
 
 
 def _kernel_symlinks(root: Path) -> None:
-    """/vmlinuz and /initrd.img point at the newest kernel (GRUB boots them)."""
+    """/vmlinuz points at the newest kernel (GRUB boots it, without an initramfs)."""
     kernel = _kernel_image(root)
-    initrd = root / "boot" / kernel.name.replace("vmlinuz-", "initrd.img-")
-    if not initrd.is_file():
-        raise BuildError(f"{initrd.name} missing in the base disk: initramfs-tools did not run")
-    for link, target in (("vmlinuz", kernel), ("initrd.img", initrd)):
-        path = root / link
-        if path.is_symlink() or path.exists():
-            path.unlink()
-        path.symlink_to(f"boot/{target.name}")
+    path = root / "vmlinuz"
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    path.symlink_to(f"boot/{kernel.name}")
+
+
+#: initramfs-tools stays installed (the kernel package depends on it), but
+#: generates nothing: the appliance boots without an initramfs (bootconf).
+INITRAMFS_OFF = """\
+# tether: the appliance boots without an initramfs (written by tether.image)
+update_initramfs=no
+"""
+
+
+def _drop_initramfs(root: Path) -> None:
+    """Remove the initramfs the kernel package made: nothing boots it (15 MB of the OVA)."""
+    for initrd in (root / "boot").glob("initrd.img-*"):
+        initrd.unlink()
+    link = root / "initrd.img"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    (root / "etc/initramfs-tools/update-initramfs.conf").write_text(INITRAMFS_OFF)
 
 
 def kernel_has_module(tree: Path, module: str) -> bool:

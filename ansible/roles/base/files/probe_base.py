@@ -29,18 +29,15 @@ packages = sorted(name for name, _, status in (line.partition("\t") for line in 
 kernels = sorted(entry for entry in (os.listdir("/lib/modules") if os.path.isdir("/lib/modules") else [])
                  if os.path.isdir("/lib/modules/" + entry))
 modules = {}
-initramfs = []
 if len(kernels) == 1:
     for name in args["modules"]:
         rc, out = run(["modinfo", "--set-version", kernels[0], "--field", "filename", name])
         modules[name] = out.strip() if rc == 0 else None
-    rc, out = run(["lsinitramfs", "/boot/initrd.img-" + kernels[0]])
-    initramfs = sorted({os.path.basename(line).split(".ko")[0] for line in out.splitlines() if ".ko" in line})
 json.dump({
     "packages": packages,
     "kernels": kernels,
     "modules": modules,
-    "initramfs_modules": initramfs,
+    "initrds": sorted(entry for entry in os.listdir("/boot") if entry.startswith("initrd.img")),
     "fstab": read("/etc/fstab") or "",
     "grub_cfg": read("/boot/grub/grub.cfg") or "",
     "grub_hook": os.path.lexists("/etc/kernel/postinst.d/zz-update-grub"),
