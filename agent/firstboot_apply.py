@@ -65,16 +65,21 @@ def cdrom_devices(dev: Path = Path("/dev")) -> list[Path]:
 
 
 def mount_transport(mount_point: Path = MOUNT_POINT, devices: Iterable[Path] | None = None,
-                    run=subprocess.run) -> Path | None:
+                    run=subprocess.run, dev_dir: Path = Path("/dev")) -> Path | None:
     """Mount the first CD that carries an OVF environment; the device, or None.
 
-    udev is allowed to finish coldplug first (ata_piix + sr_mod load as
-    modules in the cloud kernel), so a CD present at power-on is seen.
+    The image loads the CD-ROM drivers (ata_piix, sr_mod) at boot from
+    /etc/modules-load.d, so a CD attached at power-on is normally in /dev by
+    now. Only when none is there does it wait for udev to finish coldplug
+    (``udevadm settle``: seconds under TCG) and look again, in case the
+    drivers came some other way.
     """
     if devices is None:
-        run(["udevadm", "settle", f"--timeout={UDEV_SETTLE_TIMEOUT}"], check=False,
-            capture_output=True)
-        devices = cdrom_devices()
+        devices = cdrom_devices(dev_dir)
+        if not devices:
+            run(["udevadm", "settle", f"--timeout={UDEV_SETTLE_TIMEOUT}"], check=False,
+                capture_output=True)
+            devices = cdrom_devices(dev_dir)
     mount_point.mkdir(parents=True, exist_ok=True)
     for device in devices:
         res = run(["mount", "-t", "iso9660", "-o", "ro,nodev,nosuid,noexec", str(device),

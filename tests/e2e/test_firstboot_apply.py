@@ -128,6 +128,31 @@ def test_mount_transport_keeps_only_a_cd_with_ovf_env(tmp_path):
     assert found == Path("/dev/sr1") and mounts == ["/dev/sr0", "/dev/sr1"]
 
 
+def _recording_run(calls):
+    def run(argv, **kw):
+        calls.append(argv[0])
+        return subprocess.CompletedProcess(argv, 1)  # nothing mounts: no CD carries a document
+    return run
+
+
+def test_mount_transport_does_not_wait_for_udev_when_a_cd_is_there(tmp_path):
+    """The CD-ROM drivers load from modules-load.d: an sr node present means no settle."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "sr0").touch()
+    calls = []
+    assert fa.mount_transport(tmp_path / "mnt", run=_recording_run(calls), dev_dir=dev) is None
+    assert calls == ["mount"]
+
+
+def test_mount_transport_waits_for_udev_only_without_a_cd(tmp_path):
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    calls = []
+    assert fa.mount_transport(tmp_path / "mnt", run=_recording_run(calls), dev_dir=dev) is None
+    assert calls == ["udevadm"]
+
+
 def test_main_reads_an_iso_document_and_writes_everything(tmp_path, monkeypatch, capsys):
     mount = tmp_path / "ovfenv"
     mount.mkdir()

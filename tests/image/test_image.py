@@ -314,6 +314,15 @@ def test_no_initramfs_is_booted(host):
     assert not host.run("ls /boot/initrd.img-* 2>/dev/null").stdout.strip(), "an unused initrd is in /boot"
 
 
+def test_cdrom_drivers_load_early(host, kernel_dirs):
+    """tether-firstboot finds the OVF ISO transport's CD without waiting for udev."""
+    conf = host.file("/etc/modules-load.d/tether-firstboot.conf").content_string.split()
+    assert {"ata_piix", "sr_mod"} <= set(conf)
+    for kdir in kernel_dirs:
+        for module in ("ata_piix", "sr_mod"):
+            assert any(kdir.rglob(f"{module}.ko*")), f"kernel {kdir.name} has no {module} module"
+
+
 def test_serial_console(host):
     grub = host.file("/boot/grub/grub.cfg").content_string
     linux = [line for line in grub.splitlines() if line.strip().startswith("linux ")]

@@ -40,14 +40,17 @@ def test_unit_runs_the_contract_command_as_notify_service():
 
 
 def test_firstboot_runs_early_but_after_what_it_needs():
-    """No default dependencies (it overlaps resolved's start), yet ordered after the
-    local file systems, networkd and udev's coldplug, and before the network is
-    called online and before the agent; stopped at shutdown."""
+    """No default dependencies (it overlaps /data's check and resolved's start), yet
+    ordered after networkd, udev's coldplug trigger and the early module loading (the
+    CD-ROM drivers), and before the network is called online and before the agent;
+    stopped at shutdown. It must not wait for the local file systems (/data)."""
     d = directives(FIRSTBOOT_UNIT)
     after = " ".join(d["After"]).split()
     before = " ".join(d["Before"]).split()
     assert d["DefaultDependencies"] == ["no"]
-    assert {"local-fs.target", "systemd-networkd.service", "systemd-udev-trigger.service"} <= set(after)
+    assert {"systemd-networkd.service", "systemd-udev-trigger.service",
+            "systemd-modules-load.service"} <= set(after)
+    assert "local-fs.target" not in after
     assert {"network-online.target", "tether-agent.service", "shutdown.target"} <= set(before)
     assert d["Conflicts"] == ["shutdown.target"]
     assert "PrivateTmp" not in d  # would order it after systemd-tmpfiles-setup.service
