@@ -30,7 +30,6 @@ must come up on DHCP with a message rather than not at all.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import subprocess
@@ -158,8 +157,10 @@ def network_unit(settings: firstboot.FirstBootSettings, nic: str | None) -> str 
         lines.append(f"Address={settings.address}/{settings.prefix}")
         if settings.gateway:
             lines.append(f"Gateway={settings.gateway}")
-        if ipaddress.ip_address(settings.address).version == 6:
-            lines.append("IPv6AcceptRA=no")
+        # Static means static: without this networkd waits for an IPv6 router
+        # advertisement before it calls the link configured, and the agent
+        # (after network-online) started 12 s later on a network without one.
+        lines.append("IPv6AcceptRA=no")
     else:
         lines.append("DHCP=yes")
     lines += [f"DNS={d}" for d in settings.dns]

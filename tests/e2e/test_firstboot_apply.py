@@ -28,6 +28,9 @@ def test_static_unit_on_the_primary_nic():
     assert "Address=10.0.2.50/24" in text and "Gateway=10.0.2.2" in text
     assert "DNS=10.0.2.3" in text and "DNS=192.0.2.53" in text
     assert "NTP=ntp1.example" in text and "DHCP=yes" not in text
+    # no wait for an IPv6 router advertisement before the link counts as configured
+    assert "IPv6AcceptRA=no" in text
+    assert "IPv6AcceptRA" not in fa.network_unit(_settings(dns="192.0.2.53"), "ens3")
 
 
 def test_dhcp_with_dns_overrides_the_lease():
