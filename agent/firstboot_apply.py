@@ -48,6 +48,10 @@ SYS_CLASS_NET = Path("/sys/class/net")
 MOUNT_POINT = RUN_DIR / "ovfenv"
 UDEV_SETTLE_TIMEOUT = 15
 ROUTE_WAIT = 30.0
+STATIC_WAIT = 15.0
+#: networkctl talks to networkd over D-Bus; the bus socket comes with sockets.target.
+SYSTEM_BUS = Path("/run/dbus/system_bus_socket")
+BUS_WAIT = 60.0
 
 
 def say(line: str) -> None:
@@ -189,9 +193,27 @@ def write_network_unit(text: str | None, directory: Path = NETWORK_DIR) -> bool:
     return True
 
 
-def reload_networkd(nic: str | None, run=subprocess.run) -> list[str]:
-    """networkctl reload + reconfigure; the problems, if any (empty list: fine)."""
+def wait_for_path(path: Path, timeout: float, sleep=time.sleep) -> bool:
+    """True once `path` exists, False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() >= deadline:
+            return False
+        sleep(0.1)
+    return True
+
+
+def reload_networkd(nic: str | None, run=subprocess.run, bus: Path = SYSTEM_BUS,
+                    bus_wait: float = BUS_WAIT) -> list[str]:
+    """networkctl reload + reconfigure; the problems, if any (empty list: fine).
+
+    This service runs before sysinit.target, so D-Bus may not listen yet: wait
+    for its socket (it comes with sockets.target) instead of failing with
+    "Failed to connect system bus". Only a changed .network file gets here.
+    """
     problems = []
+    if not wait_for_path(bus, bus_wait):
+        problems.append(f"no system bus at {bus} after {bus_wait:.0f} s")
     for argv in (["networkctl", "reload"],
                  ["networkctl", "reconfigure", nic] if nic else None):
         if argv is None:
@@ -200,6 +222,42 @@ def reload_networkd(nic: str | None, run=subprocess.run) -> list[str]:
         if res.returncode != 0:
             problems.append(f"{' '.join(argv)} failed: {(res.stderr or res.stdout).strip()}")
     return problems
+
+
+def nic_addresses(nic: str, run=subprocess.run) -> set[str] | None:
+    """The NIC's global IPv4 and IPv6 addresses (``ip -json addr``); None when unreadable."""
+    res = run(["ip", "-json", "address", "show", "dev", nic], check=False, capture_output=True,
+              text=True)
+    if res.returncode != 0:
+        return None
+    try:
+        links = json.loads(res.stdout or "[]")
+    except ValueError:
+        return None
+    return {info["local"] for link in links for info in link.get("addr_info", [])
+            if info.get("scope") == "global" and "local" in info}
+
+
+def wait_for_static_address(nic: str, address: str, timeout: float = STATIC_WAIT,
+                            run=subprocess.run, sleep=time.sleep) -> str | None:
+    """Wait until `address` is the NIC's only global address of its family; a problem or None.
+
+    After ``networkctl reconfigure`` networkd drops the DHCP lease, but its
+    address can stay on the NIC a moment longer; a connection opened then
+    leaves from the DHCP address. The agent starts after network-online,
+    which waits for this service, so the static address is the one it uses.
+    """
+    family = ":" if ":" in address else "."
+    deadline = time.monotonic() + timeout
+    found: set[str] | None = None
+    while True:
+        found = nic_addresses(nic, run)
+        if found is not None and {a for a in found if family in a} == {address}:
+            return None
+        if time.monotonic() >= deadline:
+            return (f"{nic} still has {sorted(found or [])} after {timeout:.0f} s, "
+                    f"not only the static address {address}")
+        sleep(0.2)
 
 
 def apply_hostname(name: str | None, sethostname=None) -> bool:
@@ -308,6 +366,10 @@ def apply(settings: firstboot.FirstBootSettings, network_dir: Path, reload: bool
         return problems + [f"could not write {network_dir / UNIT_NAME}: {exc}"]
     if changed and reload:
         problems += reload_networkd(nic)
+        if settings.mode == "static" and nic and not problems:
+            problem = wait_for_static_address(nic, settings.address)
+            if problem:
+                problems.append(problem)
     return problems
 
 

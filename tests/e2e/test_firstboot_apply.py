@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from pathlib import Path
 
 from tether.agent import firstboot, machine
@@ -108,11 +109,35 @@ def test_hostname_applied_only_when_given():
     assert not fa.apply_hostname(None, seen.append)
 
 
-def test_reload_reports_failures():
+def test_reload_reports_failures(tmp_path):
+    bus = tmp_path / "system_bus_socket"
+    bus.touch()
+
     def run(argv, **kw):
         return subprocess.CompletedProcess(argv, 1 if argv[1] == "reconfigure" else 0, "", "no such link")
-    problems = fa.reload_networkd("ens9", run)
+    problems = fa.reload_networkd("ens9", run, bus=bus)
     assert problems == ["networkctl reconfigure ens9 failed: no such link"]
+
+
+def test_reload_waits_for_the_system_bus(tmp_path):
+    """Before sysinit.target D-Bus does not listen yet: networkctl would fail at once."""
+    bus = tmp_path / "system_bus_socket"
+    calls = []
+
+    def run(argv, **kw):
+        calls.append((argv[1], bus.exists()))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    threading.Timer(0.3, bus.touch).start()
+    assert fa.reload_networkd("ens9", run, bus=bus, bus_wait=10) == []
+    assert calls == [("reload", True), ("reconfigure", True)]
+
+
+def test_reload_without_a_bus_says_so(tmp_path):
+    def run(argv, **kw):
+        return subprocess.CompletedProcess(argv, 1, "", "Failed to connect system bus")
+    problems = fa.reload_networkd("ens9", run, bus=tmp_path / "absent", bus_wait=0)
+    assert problems[0].startswith("no system bus at")
 
 
 def test_mount_transport_keeps_only_a_cd_with_ovf_env(tmp_path):
@@ -170,3 +195,37 @@ def test_main_reads_an_iso_document_and_writes_everything(tmp_path, monkeypatch,
     assert doc["source"] == "ovf-iso" and doc["network"]["mode"] == "dhcp"
     out = capsys.readouterr().out
     assert "settings from ovf-iso" in out and "ignored prefix='40'" in out
+
+
+def _ip_json(*addresses):
+    info = [{"family": "inet6" if ":" in a else "inet", "local": a, "scope": "global"} for a in addresses]
+    info.append({"family": "inet6", "local": "fe80::1", "scope": "link"})
+    return json.dumps([{"ifname": "ens3", "addr_info": info}])
+
+
+def test_static_address_waits_until_the_dhcp_address_is_gone():
+    """networkd drops the DHCP lease on reconfigure, its address a moment later."""
+    outputs = [_ip_json("10.0.2.15", "10.0.2.50"), _ip_json("10.0.2.50")]
+    calls = []
+
+    def run(argv, **kw):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, outputs[min(len(calls), len(outputs)) - 1], "")
+
+    assert fa.wait_for_static_address("ens3", "10.0.2.50", run=run, sleep=lambda _: None) is None
+    assert len(calls) == 2 and calls[0][:3] == ["ip", "-json", "address"]
+
+
+def test_static_address_that_never_settles_is_a_problem():
+    def run(argv, **kw):
+        return subprocess.CompletedProcess(argv, 0, _ip_json("10.0.2.15", "10.0.2.50"), "")
+
+    problem = fa.wait_for_static_address("ens3", "10.0.2.50", timeout=0, run=run, sleep=lambda _: None)
+    assert problem and "10.0.2.15" in problem and "10.0.2.50" in problem
+
+
+def test_static_ipv6_ignores_ipv4_and_link_local():
+    def run(argv, **kw):
+        return subprocess.CompletedProcess(argv, 0, _ip_json("10.0.2.15", "2001:db8::5"), "")
+
+    assert fa.wait_for_static_address("ens3", "2001:db8::5", timeout=0, run=run) is None
