@@ -203,6 +203,12 @@ def test_launch_refuses_small_instance_type(aws, image_dir):
     ami.check_instance_type(aws.ec2, "m5.xlarge")
 
 
+def test_launch_refuses_xen_instance_types(aws, image_dir):
+    """t2.xlarge has 4 vCPU and 16 GiB, but Xen's disk driver is not built into the kernel."""
+    with pytest.raises(BuildError, match="Xen"):
+        ami.check_instance_type(aws.ec2, "t2.xlarge")
+
+
 def test_cli_publish_and_launch(aws, image_dir, capsys):
     base = ["--images-dir", str(image_dir.parent), "--endpoint-url",
             aws.ebs.meta.endpoint_url]

@@ -150,12 +150,21 @@ def _stats_dict(stats: UploadStats) -> dict:
 
 
 def check_instance_type(ec2, instance_type: str) -> None:
-    """Refuse an instance type below the appliance's AWS floor (4 vCPU, 12 GiB)."""
+    """Refuse an instance type below the appliance's AWS floor (4 vCPU, 12 GiB), or on Xen.
+
+    The appliance boots without an initramfs: its kernel has NVMe built in (EBS
+    on Nitro) but Xen's block driver only as a module, so a Xen-based type
+    (t2, m4, ...) would not find its root disk.
+    """
     try:
         info = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
     except ClientError as exc:
         raise BuildError(f"instance type {instance_type!r} unknown here ({exc}); "
                          f"use e.g. {DEFAULT_INSTANCE_TYPE} or m5.xlarge") from None
+    if info[0].get("Hypervisor") == "xen":
+        raise BuildError(f"{instance_type} runs on Xen, where the appliance cannot find its root "
+                         f"disk (no initramfs, NVMe only): use a Nitro type such as "
+                         f"{DEFAULT_INSTANCE_TYPE} or m5.xlarge")
     vcpus = info[0]["VCpuInfo"]["DefaultVCpus"]
     memory = info[0]["MemoryInfo"]["SizeInMiB"]
     if vcpus != MIN_VCPUS or memory < MIN_MEMORY_MIB:
