@@ -35,7 +35,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import firstboot, machine
@@ -122,14 +122,23 @@ def has_default_route(route_file: Path = Path("/proc/net/route")) -> bool:
     return any(len(f) > 2 and f[1] == "00000000" for f in (line.split() for line in lines))
 
 
-def wait_for_route(timeout: float = ROUTE_WAIT) -> bool:
-    """EC2 user data needs the network DHCP brings up; wait for it, bounded."""
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.2,
+               sleep=time.sleep) -> bool:
+    """Poll `condition` (at least once) until it holds; False after `timeout` seconds.
+
+    The one bounded wait of this service: for the route, D-Bus, the static address.
+    """
     deadline = time.monotonic() + timeout
-    while not has_default_route():
+    while not condition():
         if time.monotonic() >= deadline:
             return False
-        time.sleep(0.2)
+        sleep(interval)
     return True
+
+
+def wait_for_route(timeout: float = ROUTE_WAIT) -> bool:
+    """EC2 user data needs the network DHCP brings up; wait for it, bounded."""
+    return wait_until(has_default_route, timeout)
 
 
 # ------------------------------------------------------------ network
@@ -193,16 +202,6 @@ def write_network_unit(text: str | None, directory: Path = NETWORK_DIR) -> bool:
     return True
 
 
-def wait_for_path(path: Path, timeout: float, sleep=time.sleep) -> bool:
-    """True once `path` exists, False after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() >= deadline:
-            return False
-        sleep(0.1)
-    return True
-
-
 def reload_networkd(nic: str | None, run=subprocess.run, bus: Path = SYSTEM_BUS,
                     bus_wait: float = BUS_WAIT) -> list[str]:
     """networkctl reload + reconfigure; the problems, if any (empty list: fine).
@@ -212,7 +211,7 @@ def reload_networkd(nic: str | None, run=subprocess.run, bus: Path = SYSTEM_BUS,
     "Failed to connect system bus". Only a changed .network file gets here.
     """
     problems = []
-    if not wait_for_path(bus, bus_wait):
+    if not wait_until(bus.exists, bus_wait, interval=0.1):
         problems.append(f"no system bus at {bus} after {bus_wait:.0f} s")
     for argv in (["networkctl", "reload"],
                  ["networkctl", "reconfigure", nic] if nic else None):
@@ -248,16 +247,17 @@ def wait_for_static_address(nic: str, address: str, timeout: float = STATIC_WAIT
     which waits for this service, so the static address is the one it uses.
     """
     family = ":" if ":" in address else "."
-    deadline = time.monotonic() + timeout
     found: set[str] | None = None
-    while True:
+
+    def only_the_static_address() -> bool:
+        nonlocal found
         found = nic_addresses(nic, run)
-        if found is not None and {a for a in found if family in a} == {address}:
-            return None
-        if time.monotonic() >= deadline:
-            return (f"{nic} still has {sorted(found or [])} after {timeout:.0f} s, "
-                    f"not only the static address {address}")
-        sleep(0.2)
+        return found is not None and {a for a in found if family in a} == {address}
+
+    if wait_until(only_the_static_address, timeout, sleep=sleep):
+        return None
+    return (f"{nic} still has {sorted(found or [])} after {timeout:.0f} s, "
+            f"not only the static address {address}")
 
 
 def apply_hostname(name: str | None, sethostname=None) -> bool:
