@@ -103,7 +103,8 @@ def test_getty_masked(host, unit):
 
 
 @pytest.mark.parametrize("unit", ["sys-kernel-debug.mount", "sys-kernel-tracing.mount",
-                                  "systemd-firstboot.service", "modprobe@fuse.service"])
+                                  "systemd-firstboot.service", "modprobe@fuse.service",
+                                  "systemd-fsckd.socket", "systemd-fsckd.service"])
 def test_unused_boot_units_masked(host, unit):
     link = host.file(f"/etc/systemd/system/{unit}")
     assert link.is_symlink and link.linked_to == "/dev/null", f"{unit} is not masked"
@@ -114,6 +115,16 @@ def test_unused_boot_units_masked(host, unit):
 def test_unused_generators_disabled(host, generator):
     link = host.file(f"/etc/systemd/system-generators/{generator}")
     assert link.is_symlink and link.linked_to == "/dev/null", f"{generator} still runs at boot"
+
+
+def test_file_systems_are_still_checked_at_boot(host):
+    """Only fsck's progress daemon is masked: root and data keep a check pass in fstab."""
+    entries = [line.split() for line in host.file("/etc/fstab").content_string.splitlines()
+               if line.strip() and not line.startswith("#")]
+    passno = {fields[1]: fields[5] for fields in entries if len(fields) == 6}
+    assert passno["/"] == "1" and passno["/data"] == "2"
+    assert not host.file("/etc/systemd/system/systemd-fsck-root.service").exists
+    assert not host.file("/etc/systemd/system/systemd-fsck@.service").exists
 
 
 def test_fstab_generator_still_runs(host):
@@ -321,6 +332,39 @@ def test_cdrom_drivers_load_early(host, kernel_dirs):
     for kdir in kernel_dirs:
         for module in ("ata_piix", "sr_mod"):
             assert any(kdir.rglob(f"{module}.ko*")), f"kernel {kdir.name} has no {module} module"
+
+
+UNUSED_MODULES_CONF = "/etc/modprobe.d/tether-unused-modules.conf"
+#: Modules the appliance needs: NIC (vSphere, EC2), the OVF ISO transport's CD,
+#: the firewall and the power button (logind's ACPI shutdown).
+NEEDED_MODULES = ("vmxnet3", "ena", "ata_piix", "sr_mod", "isofs", "nf_tables", "evdev", "button")
+
+
+def _modprobe_plan(host, kernel: str, module: str, use_blacklist: bool) -> str:
+    """What kmod would insert for `module` (dry run), read through the image's modprobe.d."""
+    flags = "--use-blacklist " if use_blacklist else ""
+    return host.run(f"modprobe -S {kernel} {flags}--dry-run --verbose {module}").stdout
+
+
+def test_unused_kernel_modules_are_blacklisted(host, kernel_dirs):
+    """udev and systemd load modules by alias with the blacklist applied: these never load at boot."""
+    listed = [line.split()[1] for line in host.file(UNUSED_MODULES_CONF).content_string.splitlines()
+              if line.startswith("blacklist ")]
+    assert {"kvm", "kvm_amd", "kvm_intel", "aesni_intel", "sg"} <= set(listed)
+    for kdir in kernel_dirs:
+        for module in listed:
+            assert "insmod" in _modprobe_plan(host, kdir.name, module, use_blacklist=False), (
+                f"{module} is not a module of kernel {kdir.name}: a stale entry in {UNUSED_MODULES_CONF}")
+            assert "insmod" not in _modprobe_plan(host, kdir.name, module, use_blacklist=True), (
+                f"kmod does not apply the blacklist to {module}")
+
+
+def test_needed_kernel_modules_still_load(host, kernel_dirs):
+    for kdir in kernel_dirs:
+        for module in NEEDED_MODULES:
+            plan = _modprobe_plan(host, kdir.name, module, use_blacklist=True).replace("-", "_")
+            assert f"/{module}.ko" in plan or f"builtin {module}" in plan, (
+                f"{module} would not load on kernel {kdir.name}")
 
 
 def test_serial_console(host):
