@@ -87,6 +87,12 @@ def test_grub_boots_without_initramfs_and_reads_no_serial_keys():
     assert "terminal_input" not in cfg
 
 
+def test_every_slot_keeps_the_tsc_as_clock_source():
+    """Without tsc=reliable a TCG guest reads the time through the emulated HPET."""
+    linux = [l.split() for l in bootconf.grub_cfg().splitlines() if l.strip().startswith("linux ")]
+    assert len(linux) == 2 and all("tsc=reliable" in args for args in linux)
+
+
 def test_kernel_root_names_are_the_layouts_gpt_partition_names():
     """The kernel finds root by GPT partition name: sfdisk must write the same names."""
     script = layout.plan().sfdisk_script()

@@ -16,6 +16,12 @@ initramfs cost about 6 s of every boot (GRUB reading 15 MB through the BIOS,
 unpacking, a second udev coldplug); the root file system is checked by
 systemd-fsck-root instead. ``rootwait`` covers NVMe's asynchronous namespace
 scan.
+
+``tsc=reliable``: the kernel keeps the TSC as its clock. On vSphere it does
+so by itself (the hypervisor declares the TSC reliable) and EC2 Nitro's TSC
+is invariant; under QEMU's TCG its start-up synchronisation check fails and
+it falls back to the HPET, where every clock read in user space is a system
+call plus an emulated device access. That cost about 1.5 s of every boot.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ SERIAL_CONSOLE = "console=tty0 console=ttyS0,115200n8"
 #: The kernel mounts root itself (no initramfs): by GPT partition name, which
 #: the kernel resolves (it cannot read filesystem labels).
 ROOT_ARGS = "root=PARTLABEL={label} rootwait rootfstype=ext4"
+#: Keep the TSC as the clock source (see the module docstring).
+CLOCK_ARGS = "tsc=reliable"
 
 #: grubenv variables at first boot: slot A good, B empty (never chosen).
 GRUBENV_INITIAL = {"ORDER": "A B", "A_OK": "1", "A_TRY": "0", "B_OK": "0", "B_TRY": "0"}
@@ -47,7 +55,7 @@ def _slot_entry(index: int, slot: str, label: str) -> str:
     return (
         f'menuentry "tether slot {slot}" --id slot-{slot.lower()} {{\n'
         f"    search --no-floppy --label --set=root {label}\n"
-        f"    linux /vmlinuz {ROOT_ARGS.format(label=label)} ro rauc.slot={slot} {SERIAL_CONSOLE}\n"
+        f"    linux /vmlinuz {ROOT_ARGS.format(label=label)} ro rauc.slot={slot} {CLOCK_ARGS} {SERIAL_CONSOLE}\n"
         f"}}\n"
     )
 
