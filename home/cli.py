@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="close sockets that do not say hello within this many seconds")
     p.add_argument("--max-sockets-per-agent", type=int, default=16,
                    help="sockets one enrolled instance may hold at once (default 16)")
+    p.add_argument("--enroll-timeout", type=float, default=30.0,
+                   help="close image-credential sockets after this many seconds (default 30)")
+    p.add_argument("--max-image-sockets", type=int, default=64,
+                   help="image-credential sockets at once, in all (default 64)")
+    p.add_argument("--max-image-sockets-per-image", type=int, default=16,
+                   help="image-credential sockets at once per image (default 16)")
+    p.add_argument("--handshake-timeout", type=float, default=10.0,
+                   help="seconds for the TLS handshake and for the WebSocket upgrade (default 10)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -223,10 +231,15 @@ def _serve(paths, args) -> int:
 
     listen = server.parse_listen(args.listen)
     logs.setup(args.log_level, args.log_format)
-    if args.hello_timeout <= 0 or args.max_sockets_per_agent < 1:
-        raise ValueError("--hello-timeout must be > 0 and --max-sockets-per-agent >= 1")
+    if min(args.hello_timeout, args.enroll_timeout, args.handshake_timeout) <= 0 \
+            or min(args.max_sockets_per_agent, args.max_image_sockets,
+                   args.max_image_sockets_per_image) < 1:
+        raise ValueError("the --*-timeout options must be > 0 and the --max-* options >= 1")
     server.serve(paths, listen, hello_timeout=args.hello_timeout,
-                 max_sockets=args.max_sockets_per_agent)
+                 max_sockets=args.max_sockets_per_agent, enroll_timeout=args.enroll_timeout,
+                 max_image_sockets=args.max_image_sockets,
+                 max_image_sockets_per_image=args.max_image_sockets_per_image,
+                 handshake_timeout=args.handshake_timeout)
     return 0
 
 

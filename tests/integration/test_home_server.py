@@ -468,14 +468,16 @@ def test_oversized_selfcheck_in_hello_is_refused(home, tmp_path):
 
     async def go():
         agent = await RawAgent.connect(home.url, ctx)
-        ev = await agent.hello(bundle["image_id"], selfcheck={"verdict": "ok",
-                                                              "junk": "x" * 100_000})
+        # Forged: the agent's own Session refuses to send a field over its limit.
+        ev = await agent.send_forged(p.Op.HELLO, {
+            "agent_version": "test", "image_id": bundle["image_id"],
+            "selfcheck": {"verdict": "ok", "junk": "x" * 100_000}})
         retry = await agent.hello(bundle["image_id"])  # a refused hello may be retried
         await agent.close()
         return ev, retry
     ev, retry = run(go())
-    assert isinstance(ev, p.ErrorReceived) and ev.code == "bad_type"
-    assert "selfcheck" in ev.message.body["detail"]
+    assert ev.kind is p.Kind.ERROR and ev.body["code"] == "bad_type"
+    assert "selfcheck" in ev.body["detail"]
     assert isinstance(retry, p.ResponseReceived)
 
 
