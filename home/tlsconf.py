@@ -32,6 +32,7 @@ class _LoggingSSLObject(ssl.SSLObject):
     handshake that did not finish in time (asyncio aborts those silently)."""
 
     _tether_state = None  # None: not started, "started", "done"
+    _tether_timer = None
 
     def do_handshake(self) -> None:
         if self._tether_state is None:
@@ -42,13 +43,21 @@ class _LoggingSSLObject(ssl.SSLObject):
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise
         except ssl.SSLError as exc:
-            self._tether_state = "done"
+            self._finished()
             reason = exc.reason or exc.__class__.__name__
             REFUSALS[reason] = REFUSALS.get(reason, 0) + 1
             event(log, logging.WARNING, "tls_refused", reason=reason,
                   detail=getattr(exc, "verify_message", None) or str(exc))
             raise
+        self._finished()
+
+    def _finished(self) -> None:
+        # Cancel the watch: a pending timer would keep this object (and OpenSSL's
+        # buffers) alive for the whole time-out after every handshake.
         self._tether_state = "done"
+        if self._tether_timer is not None:
+            self._tether_timer.cancel()
+            self._tether_timer = None
 
     def _watch(self) -> None:
         timeout = getattr(self.context, "tether_handshake_timeout", None)
@@ -59,9 +68,10 @@ class _LoggingSSLObject(ssl.SSLObject):
         except RuntimeError:
             return
         # Checked just after asyncio's own ssl_handshake_timeout (the same value).
-        loop.call_later(timeout + 0.05, self._check_finished, timeout)
+        self._tether_timer = loop.call_later(timeout + 0.05, self._check_finished, timeout)
 
     def _check_finished(self, timeout: float) -> None:
+        self._tether_timer = None
         if self._tether_state == "done":
             return
         self._tether_state = "done"

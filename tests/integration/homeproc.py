@@ -348,14 +348,17 @@ class RawAgent:
         self.inbox: list = []  # events that arrived while call() waited for its answer
 
     @classmethod
-    async def connect(cls, url: str, ssl_context, subprotocols=None) -> RawAgent:
+    async def connect(cls, url: str, ssl_context, subprotocols=None,
+                      close_timeout: float = 10) -> RawAgent:
+        """``close_timeout``: how long to wait for home to end TLS after the close
+        handshake (attack tests use 1: a hostile client does not wait politely)."""
         from websockets.asyncio.client import connect
 
         from tether import protocol as p
 
         ws = await connect(url, ssl=ssl_context, open_timeout=10,
                            subprotocols=subprotocols or [p.SUBPROTOCOL],
-                           max_size=4 * p.MAX_FRAME_BYTES)
+                           max_size=4 * p.MAX_FRAME_BYTES, close_timeout=close_timeout)
         return cls(ws)
 
     async def flush(self) -> None:

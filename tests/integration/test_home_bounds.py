@@ -111,7 +111,7 @@ def test_unsolicited_1mb_error_frames_before_hello_do_not_fill_the_log(home, tmp
 
     async def go():
         for _ in range(2):  # the attacker reconnects when home closes the socket
-            agent = await RawAgent.connect(home.url, ctx)
+            agent = await RawAgent.connect(home.url, ctx, close_timeout=1)
             frames = (agent.forge(None, {"code": "internal", "detail": "x" * 1_000_000},
                                   kind="error") for _ in range(200))
             sent, code = await flood(agent, frames, 200)
@@ -129,7 +129,7 @@ def test_unsolicited_small_error_frames_close_the_socket(home, tmp_path):
     before = log_size(home)
 
     async def go():
-        agent = await RawAgent.connect(home.url, ctx)
+        agent = await RawAgent.connect(home.url, ctx, close_timeout=1)
         await agent.hello(bundle["image_id"], instance_id, config_version=10**6)
         frames = (agent.forge(None, {"code": "internal", "detail": "y" * 1000}, kind="error")
                   for _ in range(5000))
@@ -146,7 +146,7 @@ def test_config_ack_with_huge_fields_is_neither_logged_nor_stored(home, tmp_path
     log_before, db_before = log_size(home), db_size(home)
 
     async def go():
-        agent = await RawAgent.connect(home.url, ctx)
+        agent = await RawAgent.connect(home.url, ctx, close_timeout=1)
         await agent.hello(bundle["image_id"], instance_id, config_version=10**6)
         replies = []
         for field in ("status", "error", "detail"):
@@ -168,7 +168,7 @@ def test_hello_with_huge_agent_version_is_refused_and_not_stored(home, tmp_path)
     bundle, instance_id, ctx = instance(home, tmp_path, "vm-ver")
 
     async def go():
-        agent = await RawAgent.connect(home.url, ctx)
+        agent = await RawAgent.connect(home.url, ctx, close_timeout=1)
         reply = await agent.send_forged(p.Op.HELLO, {
             "agent_version": "v" * 1_000_000, "image_id": bundle["image_id"],
             "instance_id": instance_id})
@@ -191,7 +191,7 @@ def test_unrepresentable_numbers_and_text_are_protocol_errors(home, tmp_path, wh
     bundle, instance_id, ctx = instance(home, tmp_path, f"vm-num-{where}")
 
     async def go():
-        agent = await RawAgent.connect(home.url, ctx)
+        agent = await RawAgent.connect(home.url, ctx, close_timeout=1)
         text = agent.forge(p.Op.HELLO, {"agent_version": "AGENTVERSION",
                                         "image_id": bundle["image_id"],
                                         "instance_id": instance_id, "config_version": 7})
@@ -223,7 +223,7 @@ def test_heartbeat_flood_is_dropped_and_the_socket_closed(home, tmp_path):
     before = log_size(home)
 
     async def go():
-        agent = await RawAgent.connect(home.url, ctx)
+        agent = await RawAgent.connect(home.url, ctx, close_timeout=1)
         await agent.hello(bundle["image_id"], instance_id, config_version=10**6)
         frames = (agent.forge(p.Op.HEARTBEAT, {"uptime": 1.0}, kind="event")
                   for _ in range(20_000))
@@ -304,7 +304,7 @@ def test_garbage_on_reconnecting_sockets_keeps_the_log_bounded(home, tmp_path):
     async def go():
         codes = []
         for _ in range(4):
-            agent = await RawAgent.connect(home.url, ctx)
+            agent = await RawAgent.connect(home.url, ctx, close_timeout=1)
             frames = (f'{{"garbage": "{"g" * 2000}"' for _ in range(200))
             codes.append((await flood(agent, frames, 200))[1])
         return codes
