@@ -58,6 +58,19 @@ Every message is a JSON object::
     checked by :data:`BODY_FIELDS` (unknown extra fields are allowed so that a
     newer peer can add optional fields without a version bump).
 
+Limits
+======
+
+Everything a peer sends may reach a log line, a database row or memory held per
+socket, so :func:`decode` bounds it before any handler sees it, on both sides:
+integers are signed 64-bit, numbers finite, strings valid Unicode (no lone
+surrogate), each body field within its :class:`Field` ``limit`` in
+:data:`BODY_FIELDS` (fields a row does not name: :data:`DEFAULT_LIMIT` each, at
+most :data:`MAX_EXTRA_FIELDS`), and the replay memory of a connection is
+:data:`MAX_SEEN_IDS` ids (:class:`SeenIds`). Anything else is a
+:class:`ProtocolError`, never another exception (the hypothesis tests in
+``tests/unit/test_protocol_fuzz.py`` hold the package to that).
+
 Conversation
 ============
 
