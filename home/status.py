@@ -104,7 +104,8 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"server: running pid {server.get('pid')} on "
                      f"{', '.join(server.get('addresses', []))}, {server.get('sockets')} "
                      f"socket(s), up {server.get('uptime', 0):.0f}s, TLS refusals "
-                     f"{sum(server.get('tls_refusals', {}).values())}")
+                     f"{sum(server.get('tls_refusals', {}).values())}, handshake time-outs "
+                     f"{sum(server.get('handshake_timeouts', {}).values())}")
     lines.append(f"connectors ({len(doc['connectors'])}):")
     for c in doc["connectors"]:
         lines.append(f"  {c['name']}  cluster={c['cluster']} max-instances={c['max_instances']}"

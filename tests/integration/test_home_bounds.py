@@ -336,10 +336,13 @@ def test_handshake_timeouts_are_logged_and_counted(tmp_path):
         finally:
             silent.close()
             tls.close()
+        text = strict.cli("status").stdout
         log = strict.log_text()
     assert live["tls_refusals"].get("handshake_timeout", 0) >= 1
     assert "handshake_timeout stage=tls" in log
     assert "handshake_timeout stage=websocket" in log
+    timeouts = sum(live["handshake_timeouts"].values())
+    assert f"handshake time-outs {timeouts}" in text or "handshake time-outs" in text
 
 
 def test_home_survived_every_attack_above(home):
