@@ -179,9 +179,9 @@ class HomeServer:
             return {"ok": True, "addresses": self.addresses(), "pid": os.getpid(),
                     "tls_refusals": dict(tlsconf.REFUSALS), **self.hub.live()}
         if cmd == "config-changed":
-            pushed = await self.hub.push_config_to_connector(str(request.get("connector")))
+            report = await self.hub.push_config_to_connector(str(request.get("connector")))
             self.hub.directories.on_config_changed()
-            return {"ok": True, "pushed": pushed}
+            return {"ok": True, **report}
         if cmd == "cluster-changed":
             self.hub.directories.on_config_changed()
             return {"ok": True, "directories": self.hub.directories.live()}

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import sqlite3
 
+#: What a write to a store raises when home's own disk fails (full, read-only, I/O
+#: error, damaged file): callers that only keep records catch these and go on.
+WRITE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError,
+                                                 sqlite3.DatabaseError, OSError)
+
 
 class Transaction:
     """``with Transaction(db):`` — BEGIN IMMEDIATE ... COMMIT/ROLLBACK.

@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS instances (
     listening TEXT,
     config_version INTEGER,
     config_status TEXT,
+    config_confirmed INTEGER,
     UNIQUE (image_id, machine_fingerprint)
 );
 CREATE TABLE IF NOT EXISTS clones (
@@ -147,6 +148,9 @@ class Store:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
         if columns and "max_instances" not in columns:
             self.db.execute("ALTER TABLE images ADD COLUMN max_instances INTEGER")
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(instances)")}
+        if columns and "config_confirmed" not in columns:
+            self.db.execute("ALTER TABLE instances ADD COLUMN config_confirmed INTEGER")
         self.db.execute(_CLUSTERS)
 
     def close(self) -> None:
@@ -314,8 +318,9 @@ class Store:
                          sealing_public_key, time.time()))
 
     def reenroll_instance(self, instance_id: str, machine: dict, sealing_public_key: str) -> None:
+        # a new sealing key: nothing home pushed before opens there any more
         self.db.execute("UPDATE instances SET machine = ?, sealing_public_key = ?, "
-                        "enrolled_at = ? WHERE instance_id = ?",
+                        "enrolled_at = ?, config_confirmed = NULL WHERE instance_id = ?",
                         (_json(machine), sealing_public_key, time.time(), instance_id))
 
     def set_instance_cert(self, instance_id: str, serial: str, not_after: float) -> None:
@@ -337,13 +342,24 @@ class Store:
         with self.transaction():
             self.db.executemany(
                 "UPDATE instances SET last_seen = ?, selfcheck = COALESCE(?, selfcheck), "
-                "listening = COALESCE(?, listening) WHERE instance_id = ?",
-                [(b["at"], _json(b.get("selfcheck")), _json(b.get("listening")), iid)
+                "listening = COALESCE(?, listening), agent_version = COALESCE(?, "
+                "agent_version), config_version = COALESCE(?, config_version) "
+                "WHERE instance_id = ?",
+                [(b["at"], _json(b.get("selfcheck")), _json(b.get("listening")),
+                  b.get("agent_version"), b.get("config_version"), iid)
                  for iid, b in beats.items()])
 
     def record_config_state(self, instance_id: str, version: int | None, status: str) -> None:
+        """What the agent reports it runs (for ``status``); never what home trusts."""
         self.db.execute("UPDATE instances SET config_version = COALESCE(?, config_version), "
                         "config_status = ? WHERE instance_id = ?", (version, status, instance_id))
+
+    def confirm_config(self, instance_id: str, version: int) -> None:
+        """Home pushed ``version`` to this instance and it answered "applied": the only
+        way ``config_confirmed`` changes (an agent's hello or ack never sets it)."""
+        self.db.execute("UPDATE instances SET config_confirmed = ?, config_version = ?, "
+                        "config_status = 'applied' WHERE instance_id = ?",
+                        (version, version, instance_id))
 
     # ---------------------------------------------------------------- clones
 

@@ -72,7 +72,14 @@ class Op(str, enum.Enum):
     ``config.push`` (request H→A)
         body: ``config`` object, a signed document from
         :func:`tether.configsig.sign_config` (secrets inside sealed to the
-        instance with :mod:`tether.sealing`).
+        instance with :mod:`tether.sealing`); optional ``replace`` bool and
+        ``reason`` str: home never signed the version the agent reports for this
+        instance (a forged or restored state directory, or home's database was
+        restored), so the agent takes this document although its version is
+        lower (signature, target and secrets are checked as always). Home pushes
+        after every hello unless the agent reports the version home *confirmed*
+        (pushed, and answered ``applied``), and after a ``config.ack`` that
+        reports another one.
         response: ``version`` int, ``applied`` bool.
         errors: ``bad_signature``, ``stale_config`` (older than the running
         one), ``bad_config``.
@@ -249,7 +256,11 @@ BODY_FIELDS: dict[tuple[Op, Kind], dict[str, tuple[tuple, bool]]] = {
         "config_version": ((int, None), False),
         "draining": ((bool,), False),
     },
-    (Op.CONFIG_PUSH, Kind.REQUEST): {"config": ((dict,), True)},
+    (Op.CONFIG_PUSH, Kind.REQUEST): {
+        "config": ((dict,), True),
+        "replace": ((bool,), False),
+        "reason": ((str,), False),
+    },
     (Op.CONFIG_PUSH, Kind.RESPONSE): {
         "version": ((int,), True),
         "applied": ((bool,), True),
