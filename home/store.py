@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Iterable
 
+from tether.home import sqlite as sqlite_helpers
 from tether.home.sqlite import Transaction
 
 SCHEMA_VERSION = 1
@@ -119,24 +120,46 @@ def _unjson(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+#: What to do about a home.sqlite3 that cannot be used.
+RESTORE_HINT = ("stop home and restore home.sqlite3 from a backup of the state directory "
+                "(it holds the certificates, instances and configurations: without it no "
+                "agent is recognised)")
+
+
 class Store:
     """Typed access to home's SQLite database."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, _new: bool = False) -> None:
         self.path = path
-        self.db = sqlite3.connect(str(path), timeout=10, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.migrate()
+        if not _new and not path.exists():
+            raise sqlite_helpers.DatabaseUnusable(f"{path} is missing; {RESTORE_HINT}")
+        self.db = sqlite_helpers.connect(path, timeout=10, hint=RESTORE_HINT, existing=not _new)
+        try:
+            self.db.execute("PRAGMA foreign_keys=ON")
+            if not _new and self.db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone() is None:
+                raise sqlite_helpers.DatabaseUnusable(
+                    f"{path} is an SQLite file without home's tables; {RESTORE_HINT}")
+            self.migrate()
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise sqlite_helpers.DatabaseUnusable(f"{path} cannot be read ({exc}); "
+                                                  f"{RESTORE_HINT}") from None
+        except sqlite_helpers.DatabaseUnusable:
+            self.db.close()
+            raise
+
+    def check(self) -> None:
+        """Refuse a damaged database (``serve`` calls this once at start)."""
+        sqlite_helpers.quick_check(self.db, self.path, RESTORE_HINT)
 
     @classmethod
     def create(cls, path: Path) -> Store:
         """Create the schema (idempotent) with the file owner-only (it holds secrets)."""
         path.touch(mode=0o600, exist_ok=True)
         path.chmod(0o600)
-        store = cls(path)
+        store = cls(path, _new=True)
         store.db.executescript(_SCHEMA)
         store.migrate()
         store.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
