@@ -13,12 +13,16 @@ succeed again: a full disk costs two log lines, not a traceback every flush.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from tether.home.logs import event
 from tether.home.sqlite import WRITE_ERRORS
 
 log = logging.getLogger("tether.home.bookkeeping")
+#: An outage ends after this long without a failed write: a nearly full disk lets
+#: some small writes through, which must not make the log flap.
+RESUME_SECONDS = 10.0
 
 
 class Bookkeeping:
@@ -27,6 +31,7 @@ class Bookkeeping:
     def __init__(self) -> None:
         self.failing: str | None = None
         self.dropped = 0
+        self.last_failure = 0.0
 
     def write(self, what: str, func: Callable, *args) -> bool:
         """``func(*args)``; False (and logged once per outage) when the store fails."""
@@ -34,6 +39,7 @@ class Bookkeeping:
             func(*args)
         except WRITE_ERRORS as exc:
             self.dropped += 1
+            self.last_failure = time.monotonic()
             if self.failing is None:
                 self.failing = str(exc)
                 event(log, logging.ERROR, "bookkeeping_suspended", what=what, error=str(exc),
@@ -41,7 +47,7 @@ class Bookkeeping:
                       "directory); agents still connect, their last-seen and socket records "
                       "are kept in memory or dropped until writes succeed")
             return False
-        if self.failing is not None:
+        if self.failing is not None and time.monotonic() - self.last_failure >= RESUME_SECONDS:
             event(log, logging.WARNING, "bookkeeping_resumed", dropped=self.dropped,
                   error=self.failing)
             self.failing, self.dropped = None, 0

@@ -70,6 +70,7 @@ class Hub:
         #: enrolled instance out
         self.books = Bookkeeping()
         self._unrecorded_closes: set[str] = set()
+        self._unrecorded_opens: dict[str, tuple] = {}  # socket id -> add_socket arguments
         #: per socket: the configuration version the agent last said it runs
         #: (hello, ``config.ack``, push response), and pushes its acks triggered
         self._reported: dict[str, int | None] = {}
@@ -113,6 +114,10 @@ class Hub:
             if not self.books.write("sockets", self.store.remove_socket, socket_id):
                 break
             self._unrecorded_closes.discard(socket_id)
+        for socket_id, row in list(self._unrecorded_opens.items()):
+            if not self.books.write("sockets", self.store.add_socket, *row):
+                break
+            self._unrecorded_opens.pop(socket_id, None)
         if beats and not self.books.write("heartbeats", self.store.record_heartbeats, beats):
             for iid, beat in beats.items():
                 self._beats[iid] = {**beat, **self._beats.get(iid, {})}
@@ -134,7 +139,9 @@ class Hub:
         self._reports.pop(peer.socket_id, None)
         self._ack_pushes.pop(peer.socket_id, None)
         if peer.hello is not None:
-            if not self.books.write("sockets", self.store.remove_socket, peer.socket_id):
+            recorded = self._unrecorded_opens.pop(peer.socket_id, None) is None
+            if recorded and not self.books.write("sockets", self.store.remove_socket,
+                                                 peer.socket_id):
                 self._unrecorded_closes.add(peer.socket_id)
             if peer.identity.instance_id:
                 self._beats.setdefault(peer.identity.instance_id, {})["at"] = time.time()
@@ -185,8 +192,10 @@ class Hub:
         peer.hello = body
         index = body.get("socket_index")
         # Records only: none of these writes decides whether the instance may connect.
-        self.books.write("sockets", self.store.add_socket, peer.socket_id, ident.role,
-                         ident.connector, ident.image_id, ident.instance_id, peer.peer, index)
+        row = (peer.socket_id, ident.role, ident.connector, ident.image_id, ident.instance_id,
+               peer.peer, index)
+        if not self.books.write("sockets", self.store.add_socket, *row):
+            self._unrecorded_opens[peer.socket_id] = row  # written at a later flush
         latest = self.store.config(ident.connector)
         if ident.role == "instance":
             self._report(peer, body.get("config_version"))
