@@ -137,8 +137,8 @@ class Store:
         try:
             self.db.execute("PRAGMA foreign_keys=ON")
             if not _new and self.db.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-            ).fetchone() is None:
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name IN "
+                    "('meta', 'certs', 'images', 'instances')").fetchone() is None:
                 raise sqlite_helpers.DatabaseUnusable(
                     f"{path} is an SQLite file without home's tables; {RESTORE_HINT}")
             self.migrate()
