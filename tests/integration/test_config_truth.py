@@ -137,3 +137,23 @@ def test_self_signed_high_version_in_state_dir_is_replaced(home_factory, agent_f
     assert on_disk["key_id"] != configsig.key_id(rogue.public_key())
     assert "home replaces configuration v999" in agent.log() or \
         "was not signed by home's key" in agent.log()
+
+
+def test_directory_state_is_owner_only(home_factory, agent_factory):
+    """Point 9: spools and cursors (user records) under state/directories/ are 0700,
+    also when an older agent left the directory at 0755."""
+    home = home_factory()
+    agent = agent_factory(home.issue_image(), start=False)
+    (agent.state / "directories").mkdir(parents=True, mode=0o755)
+    (agent.state / "directories").chmod(0o755)
+    agent.start()
+    agent.wait_log("socket 1 connected")
+    home.set_config({"directories": [{
+        "id": "corp", "kind": "openldap", "servers": ["127.0.0.1:1"], "tls": "plain",
+        "allow_plain": True, "bind_dn": "cn=tether,dc=example", "bind_password": "pw",
+        "base_dns": ["dc=example"]}]})
+    agent.wait_log("configuration v1 applied")
+    root = agent.state / "directories"
+    for path in [root, *root.rglob("*")]:
+        if path.is_dir():
+            assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
