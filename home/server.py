@@ -28,6 +28,7 @@ import logging
 import os
 import resource
 import signal
+import ssl
 import uuid
 from dataclasses import dataclass
 
@@ -36,12 +37,12 @@ from websockets.asyncio.server import serve as ws_serve
 
 from tether import __version__, configsig
 from tether import protocol as p
-from tether.home import admin, control, enroll, gate, tlsconf
+from tether.home import control, enroll, gate, pki, tlsconf
 from tether.home.errors import HomeError
 from tether.home.hub import Hub
 from tether.home.identity import IdentityStore
 from tether.home.logs import event
-from tether.home.paths import StatePaths
+from tether.home.paths import StateError, StatePaths
 from tether.home.peer import ENROLL_SECONDS, HELLO_TIMEOUT, AgentPeer, PeerLimits
 from tether.home.store import Store
 
@@ -83,14 +84,40 @@ def parse_listen(value: str) -> Listen:
     return Listen(host, int(port))
 
 
+def _readable(path, what: str, hint: str, load):
+    """``load(bytes of path)``, or one sentence (StateError) saying which file is bad."""
+    try:
+        return load(path.read_bytes())
+    except (ValueError, TypeError, OSError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0] or type(exc).__name__
+        raise StateError(f"{path} ({what}) cannot be loaded: {reason}; {hint}") from None
+
+
 def load_authority(paths: StatePaths) -> tuple[enroll.Authority, object]:
-    """CA and config-signing key from the state directory."""
-    ca_key, ca_cert = admin.load_ca(paths)
-    config_key = configsig.load_private_key(paths.config_key.read_bytes())
+    """CA and config-signing key from the state directory (a damaged file: StateError)."""
+    backup = "restore it from a backup of the state directory"
+    ca_key = _readable(paths.ca_key, "home's CA key", backup, pki.load_key_pem)
+    ca_cert = _readable(paths.ca_cert, "home's CA certificate", backup, pki.load_cert_pem)
+    config_key = _readable(paths.config_key, "the config-signing key", backup,
+                           configsig.load_private_key)
     authority = enroll.Authority(ca_key=ca_key, ca_cert=ca_cert,
                                  ca_pem=paths.ca_cert.read_text(),
                                  config_key_pem=configsig.public_key_pem(config_key).decode())
     return authority, config_key
+
+
+def _server_tls(paths: StatePaths, *, handshake_timeout: float, on_timeout):
+    """Home's TLS context; a damaged server key or certificate is one sentence."""
+    hint = "re-issue them with `tether-home server-cert`"
+    _readable(paths.server_key, "home's TLS key", hint, pki.load_key_pem)
+    _readable(paths.server_cert, "home's TLS certificate", hint, pki.load_cert_pem)
+    try:
+        return tlsconf.server_context(paths.ca_cert, paths.server_cert, paths.server_key,
+                                      handshake_timeout=handshake_timeout,
+                                      on_timeout=on_timeout)
+    except (ssl.SSLError, OSError) as exc:
+        raise StateError(f"home's TLS key and certificate in {paths.root} do not load "
+                         f"together ({exc}); {hint}") from None
 
 
 class HomeServer:
@@ -116,13 +143,25 @@ class HomeServer:
         self.image_sockets: dict[str, int] = {}
         #: Handshakes that did not complete in time, by stage ("tls", "websocket").
         self.handshake_timeouts: dict[str, int] = {}
-        self.store = Store(paths.db)
         authority, config_key = load_authority(paths)
-        self.identity = IdentityStore(paths.identity_db)
+        self.ssl = _server_tls(paths, handshake_timeout=handshake_timeout,
+                               on_timeout=self._tls_handshake_timed_out)
+        # both databases are checked page by page at start: damage is refused now, with
+        # what to do, instead of surfacing as a traceback in the middle of a request
+        self.store = Store(paths.db)
+        try:
+            self.store.check()
+            self.identity = IdentityStore(paths.identity_db)
+        except Exception:
+            self.store.close()
+            raise
+        try:
+            self.identity.check()
+        except Exception:
+            self.store.close()
+            self.identity.close()
+            raise
         self.hub = Hub(self.store, authority, config_key, self.identity)
-        self.ssl = tlsconf.server_context(paths.ca_cert, paths.server_cert, paths.server_key,
-                                          handshake_timeout=handshake_timeout,
-                                          on_timeout=self._tls_handshake_timed_out)
         self.bound: list[tuple] = []
         self._stop = asyncio.Event()
 
@@ -270,9 +309,9 @@ class HomeServer:
                     "image_sockets": sum(self.image_sockets.values()),
                     "limits": dict(self.limits.counts), **self.hub.live()}
         if cmd == "config-changed":
-            pushed = await self.hub.push_config_to_connector(str(request.get("connector")))
+            report = await self.hub.push_config_to_connector(str(request.get("connector")))
             self.hub.directories.on_config_changed()
-            return {"ok": True, "pushed": pushed}
+            return {"ok": True, **report}
         if cmd == "cluster-changed":
             self.hub.directories.on_config_changed()
             return {"ok": True, "directories": self.hub.directories.live()}

@@ -78,7 +78,14 @@ class Op(str, enum.Enum):
     ``config.push`` (request H→A)
         body: ``config`` object, a signed document from
         :func:`tether.configsig.sign_config` (secrets inside sealed to the
-        instance with :mod:`tether.sealing`).
+        instance with :mod:`tether.sealing`); optional ``replace`` bool and
+        ``reason`` str: home never signed the version the agent reports for this
+        instance (a forged or restored state directory, or home's database was
+        restored), so the agent takes this document although its version is
+        lower (signature, target and secrets are checked as always). Home pushes
+        after every hello unless the agent reports the version home *confirmed*
+        (pushed, and answered ``applied``), and after a ``config.ack`` that
+        reports another one.
         response: ``version`` int, ``applied`` bool.
         errors: ``bad_signature``, ``stale_config`` (older than the running
         one), ``bad_config``.
@@ -297,7 +304,11 @@ BODY_FIELDS: dict[tuple[Op, Kind], dict[str, Field]] = {
         "config_version": F((int, None), False),
         "draining": F((bool,), False),
     },
-    (Op.CONFIG_PUSH, Kind.REQUEST): {"config": F((dict,), True, FRAME)},
+    (Op.CONFIG_PUSH, Kind.REQUEST): {
+        "config": F((dict,), True, FRAME),
+        "replace": F((bool,), False),
+        "reason": F((str,), False, TEXT),
+    },
     (Op.CONFIG_PUSH, Kind.RESPONSE): {
         "version": F((int,), True),
         "applied": F((bool,), True),
