@@ -63,6 +63,7 @@ class Hub:
         #: Enrolment, renewal and clone-record rates (issue 11); exceeded = socket closed.
         self.enrol_limits = enroll.Limits()
         self._closing: set[asyncio.Task] = set()
+        self._closing_ids: set[str] = set()
         #: Directory service (issue 5): leaders, change intake, request routing.
         self.directories = DirectoryRouter(self, identity) if identity is not None else None
 
@@ -147,6 +148,10 @@ class Hub:
         The peer queues the reply as soon as the handler raises (no await in
         between), so this task, which runs later, sends it before closing.
         """
+        if peer.socket_id in self._closing_ids:
+            return
+        self._closing_ids.add(peer.socket_id)
+
         async def close() -> None:
             event(log, logging.WARNING, "peer_dropped", peer=peer.peer, reason=reason,
                   role=peer.identity.role, image=peer.identity.image_id,
@@ -157,6 +162,7 @@ class Hub:
         task = asyncio.get_running_loop().create_task(close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        task.add_done_callback(lambda _: self._closing_ids.discard(peer.socket_id))
 
     def _hello(self, peer: AgentPeer, body: dict) -> dict:
         ident = peer.identity
