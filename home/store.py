@@ -356,9 +356,14 @@ class Store:
 
     def reenroll_instance(self, instance_id: str, machine: dict, sealing_public_key: str,
                           key_spki: str | None = None) -> None:
-        """New keys for an enrolled instance (it proved possession, or it was reset)."""
+        """New keys for an enrolled instance (it proved possession, or it was reset).
+
+        What home delivered before was sealed to the old sealing key: the delivery
+        state is cleared so the next hello gets the configuration pushed again.
+        """
         self.db.execute("UPDATE instances SET machine = ?, sealing_public_key = ?, "
-                        "enrolled_at = ?, key_spki = ?, reset_at = NULL WHERE instance_id = ?",
+                        "enrolled_at = ?, key_spki = ?, reset_at = NULL, "
+                        "config_version = NULL, config_status = NULL WHERE instance_id = ?",
                         (_json(machine), sealing_public_key, time.time(), key_spki,
                          instance_id))
 
