@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from tether import sealing
+from tether import enrolproof, sealing
 
 from .atomicfile import write_atomic
 
@@ -105,6 +105,23 @@ def make_csr(keys: InstanceKeys, common_name: str) -> str:
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
            .sign(keys.signing, hashes.SHA256()))
     return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def enroll_body(keys: InstanceKeys, image_id: str, machine: dict, now: float) -> dict:
+    """The ``enroll`` request: a CSR for the instance key, the sealing key, the
+    machine, and a proof signed by the instance key (:mod:`tether.enrolproof`).
+
+    Home needs the proof when the machine is enrolled already (this agent's
+    certificate expired while home was away): it is how home tells the instance
+    itself from a copy of the image naming the same machine. ``now`` is home's
+    clock as the session knows it (local time plus the offset learned at hello).
+    """
+    csr = make_csr(keys, image_id)
+    body = {"csr_pem": csr, "sealing_public_key": keys.sealing_public, "machine": machine}
+    body["proof"] = enrolproof.sign(keys.signing, image_id=image_id,
+                                    fingerprint=str(machine.get("fingerprint", "")).strip(),
+                                    csr_pem=csr, sealing_public_key=keys.sealing_public, now=now)
+    return body
 
 
 def check_issued_cert(cert_pem: str, keys: InstanceKeys, ca_pem: bytes) -> x509.Certificate:

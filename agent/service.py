@@ -245,11 +245,9 @@ class Agent:
             link, reader = got
             self.after_hello(link)
             try:
-                response = await link.request(p.Op.ENROLL, {
-                    "csr_pem": identity.make_csr(self.keys, self.settings.image_id),
-                    "sealing_public_key": self.keys.sealing_public,
-                    "machine": self.machine.as_dict(),
-                })
+                response = await link.request(p.Op.ENROLL, identity.enroll_body(
+                    self.keys, self.settings.image_id, self.machine.as_dict(),
+                    time.time() + link.session.clock_offset))
                 self.store_issued(response.body)
                 self.enroll_error = None
                 log.info("enrolled as instance %s", self.instance_id,

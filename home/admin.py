@@ -271,6 +271,30 @@ def revoke(paths: StatePaths, serial: str | None = None, reason: str = "revoked 
         store.close()
 
 
+def reset_instance(paths: StatePaths, instance_id: str,
+                   reason: str = "instance reset by operator") -> dict:
+    """Let an enrolled instance's machine enroll afresh (it lost its state).
+
+    Revokes every certificate of the instance and forgets its key, so the next
+    enrolment naming its machine is accepted with whatever keys it brings (and
+    keeps the instance id, its configuration and its directory bookkeeping).
+    Without a reset only a request signed by the instance's current key may
+    re-key it (:mod:`tether.home.enroll`).
+    """
+    store = open_store(paths)
+    try:
+        row = store.instance(instance_id)
+        if row is None:
+            raise StoreError(f"no instance {instance_id}; `tether-home status` lists them")
+        with store.transaction():
+            serials = store.revoke_instance_certs(instance_id, [], reason)
+            store.reset_instance(instance_id)
+        return {"instance_id": instance_id, "machine": row["machine_fingerprint"],
+                "image_id": row["image_id"], "revoked": serials}
+    finally:
+        store.close()
+
+
 def _serials_to_revoke(store: Store, serial: str | None, instance_id: str | None,
                        image_id: str | None) -> list[str]:
     if sum(x is not None for x in (serial, instance_id, image_id)) != 1:

@@ -104,6 +104,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--instance", help="revoke every certificate of this instance id")
     p.add_argument("--image", help="revoke this image's credential certificate")
     p.add_argument("--reason", default="revoked by operator")
+
+    p = sub.add_parser("instance", parents=[common], help="enrolled instances")
+    isub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    i = isub.add_parser("reset", parents=[common],
+                        help="let an appliance that lost its state enroll afresh",
+                        description="Revoke every certificate of the instance (its sockets "
+                        "are closed) and forget its key: the next enrolment naming its machine "
+                        "is accepted with new keys and keeps the instance id and configuration. "
+                        "Without a reset only the instance itself (a request signed by its "
+                        "current key) may re-key it; any other enrolment naming its machine is "
+                        "refused as a clone.")
+    i.add_argument("instance_id")
+    i.add_argument("--reason", default="instance reset by operator")
     _directory_parsers(sub, common)
     return parser
 
@@ -217,6 +230,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{stored}: {_push_report(reply)}")
     elif cmd == "config":
         _print(admin.show_config(paths, args.connector, args.config_version))
+    elif cmd == "instance" and action == "reset":
+        doc = admin.reset_instance(paths, args.instance_id, args.reason)
+        closed = 0
+        for serial in doc["revoked"]:
+            reply = control.call(paths.control_socket, {"cmd": "revoked", "serial": serial})
+            closed += reply.get("closed", 0) if reply else 0
+        print(f"instance {doc['instance_id']} reset: revoked {len(doc['revoked'])} "
+              f"certificate(s), closed {closed} socket(s); machine {doc['machine']} may now "
+              "enroll afresh with the image credential")
     elif cmd == "revoke":
         docs = admin.revoke(paths, args.serial, args.reason, instance_id=args.instance,
                             image_id=args.image)

@@ -11,11 +11,13 @@ as far as the protocol.
 from __future__ import annotations
 
 import http
+import sqlite3
 import time
 from dataclasses import dataclass
 
 from cryptography import x509
 
+from tether import enrolproof
 from tether.home import pki
 from tether.home.store import Store
 
@@ -64,12 +66,29 @@ def identify(store: Store, cert: x509.Certificate | None, now: float | None = No
     if row["kind"] not in ("image", "instance"):
         raise Refusal(http.HTTPStatus.FORBIDDEN, "wrong_kind",
                       f"a {row['kind']} certificate cannot connect as an agent")
-    if row["kind"] == "instance" and store.instance(row["instance_id"]) is None:
-        raise Refusal(http.HTTPStatus.FORBIDDEN, "unknown_instance",
-                      "the instance behind this certificate is no longer registered")
+    if row["kind"] == "instance":
+        instance = store.instance(row["instance_id"])
+        if instance is None:
+            raise Refusal(http.HTTPStatus.FORBIDDEN, "unknown_instance",
+                          "the instance behind this certificate is no longer registered")
+        if instance["key_spki"] is None and instance["reset_at"] is None:
+            _adopt_key(store, instance["instance_id"], cert)
     return Identity(role=row["kind"], serial=serial, connector=row["connector"],
                     image_id=row["image_id"], instance_id=row["instance_id"],
                     not_after=row["not_after"])
+
+
+def _adopt_key(store: Store, instance_id: str, cert: x509.Certificate) -> None:
+    """Record the key of an instance enrolled before home kept instance keys.
+
+    Its valid certificate proves the key is the instance's, and a re-enrolment
+    must later be signed by it (:mod:`tether.home.enroll`). A disk that refuses
+    the write only postpones this to the next connection.
+    """
+    try:
+        store.set_instance_key(instance_id, enrolproof.public_key_pem(cert.public_key()))
+    except sqlite3.Error:
+        pass
 
 
 def offered_subprotocols(headers) -> list[str]:

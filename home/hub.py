@@ -18,6 +18,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from websockets.exceptions import ConnectionClosed
+
 from tether import __version__, configsig, sealing
 from tether import protocol as p
 from tether.home import enroll
@@ -79,6 +81,10 @@ class Hub:
         #: per instance: versions confirmed while the database could not be written
         self._confirmed: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
+        #: Enrolment, renewal and clone-record rates (issue 11); exceeded = socket closed.
+        self.enrol_limits = enroll.Limits()
+        self._closing: set[asyncio.Task] = set()
+        self._closing_ids: set[str] = set()
         #: Directory service (issue 5): leaders, change intake, request routing.
         self.directories = DirectoryRouter(self, identity) if identity is not None else None
 
@@ -158,10 +164,14 @@ class Hub:
         if ident.role == "image" and op is not p.Op.ENROLL:
             raise HomeError(p.ErrorCode.UNAUTHORIZED,
                             f"an image credential may only enroll, not {op.value}")
-        if op is p.Op.ENROLL:
-            response = enroll.enroll(self.store, self.authority, ident, message.body)
-        elif op is p.Op.RENEW:
-            response = enroll.renew(self.store, self.authority, ident, message.body)
+        if op in (p.Op.ENROLL, p.Op.RENEW):
+            handler = enroll.enroll if op is p.Op.ENROLL else enroll.renew
+            try:
+                response = handler(self.store, self.authority, ident, message.body,
+                                   self.enrol_limits)
+            except enroll.RateLimited as exc:
+                self._close_after_reply(peer, exc.detail)
+                raise
         elif op is p.Op.STATUS:
             return self._status_for(peer)
         elif op is p.Op.DIRECTORY_CHANGES:
@@ -172,6 +182,28 @@ class Hub:
             raise HomeError(p.ErrorCode.WRONG_DIRECTION, f"home does not serve {op.value}")
         response.pop("serial", None)
         return response
+
+    def _close_after_reply(self, peer: AgentPeer, reason: str) -> None:
+        """Close a socket that spent its rate limit, once its error reply is out.
+
+        The peer queues the reply as soon as the handler raises (no await in
+        between), so this task, which runs later, sends it before closing.
+        """
+        if peer.socket_id in self._closing_ids:
+            return
+        self._closing_ids.add(peer.socket_id)
+
+        async def close() -> None:
+            event(log, logging.WARNING, "peer_dropped", peer=peer.peer, reason=reason,
+                  role=peer.identity.role, image=peer.identity.image_id,
+                  instance=peer.identity.instance_id)
+            with contextlib.suppress(ConnectionClosed):
+                await peer.flush()
+            await peer.ws.close(1008, "rate limit exceeded")
+        task = asyncio.get_running_loop().create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        task.add_done_callback(lambda _: self._closing_ids.discard(peer.socket_id))
 
     def _hello(self, peer: AgentPeer, body: dict) -> dict:
         ident = peer.identity

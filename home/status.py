@@ -44,6 +44,7 @@ def report(store: Store, live: dict | None) -> dict:
             "config_confirmed": row.get("config_confirmed"), "cert_serial": serial,
             "cert_not_after": row["cert_not_after"],
             "cert_revoked": bool(cert and cert["revoked_at"]),
+            "reset_at": row["reset_at"],
         })
     images = []
     for row in store.images():
@@ -136,7 +137,8 @@ def render(doc: dict[str, Any]) -> str:
             f"{_confirmed(n)})"
             f" listening={'unknown' if listening is None else len(listening)}"
             f" cert={_expiry(n.get('cert_not_after'))}"
-            f"{' REVOKED' if n['cert_revoked'] else ''}")
+            f"{' REVOKED' if n['cert_revoked'] else ''}"
+            f"{' RESET (awaiting enrolment)' if n.get('reset_at') else ''}")
         lines.append(f"      machine={(n['machine'] or {}).get('fingerprint')} "
                      f"selfcheck: {_figures(n['selfcheck'])}")
         if listening:  # an appliance must listen nowhere: show exactly what it reported
@@ -144,6 +146,8 @@ def render(doc: dict[str, Any]) -> str:
                                                          for x in listening[:8]))
     lines.append(f"flagged clones ({len(doc['clones'])}):")
     for c in doc["clones"]:
+        target = f" instance={c['instance_id']}" if c.get("instance_id") else ""
         lines.append(f"  image={c['image_id']} machine={c['machine_fingerprint']} "
-                     f"attempts={c['attempts']} last={_ago(time.time() - c['last_seen'])}")
+                     f"attempts={c['attempts']} last={_ago(time.time() - c['last_seen'])} "
+                     f"reason={c.get('reason') or 'limit'}{target}")
     return "\n".join(lines)

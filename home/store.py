@@ -107,6 +107,22 @@ CREATE TABLE IF NOT EXISTS clusters (
 )"""
 CLUSTER_POLICIES = ("failover", "round-robin")
 
+#: Columns added after the first release, per table (issue 11: enrolment that proves
+#: possession). :meth:`Store.migrate` adds the ones a database lacks.
+_ADDED_COLUMNS = {
+    "images": {"max_instances": "INTEGER"},
+    # key_spki: PEM of the instance's current public key (the one its certificate
+    # certifies); re-keying needs a proof signed by it. reset_at: the operator reset
+    # the instance; its machine's next enrolment is accepted with any key.
+    "instances": {"key_spki": "TEXT", "reset_at": "REAL", "config_confirmed": "INTEGER"},
+    # reason: why the enrolment was refused (limit | machine_enrolled); instance_id:
+    # the enrolled instance whose machine fingerprint the refused request named.
+    "clones": {"reason": "TEXT", "instance_id": "TEXT"},
+}
+#: Clone rows are aggregated per (image, machine); beyond this many distinct machines
+#: per image the rest count on one row under this fingerprint.
+OTHER_MACHINES = "(other machines)"
+
 
 class StoreError(RuntimeError):
     """A database operation failed for a reason the operator can fix."""
@@ -168,12 +184,11 @@ class Store:
 
     def migrate(self) -> None:
         """Bring a database made by an older home up to this schema (idempotent)."""
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
-        if columns and "max_instances" not in columns:
-            self.db.execute("ALTER TABLE images ADD COLUMN max_instances INTEGER")
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(instances)")}
-        if columns and "config_confirmed" not in columns:
-            self.db.execute("ALTER TABLE instances ADD COLUMN config_confirmed INTEGER")
+        for table, added in _ADDED_COLUMNS.items():
+            columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in added.items():
+                if columns and name not in columns:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
         self.db.execute(_CLUSTERS)
 
     def close(self) -> None:
@@ -276,6 +291,29 @@ class Store:
                             (time.time(), reason, row["serial"]))
         return self.cert(serial)
 
+    def valid_instance_certs(self, instance_id: str, now: float | None = None) -> list[dict]:
+        """An instance's certificates that are neither revoked nor expired."""
+        now = time.time() if now is None else now
+        return self._all("SELECT * FROM certs WHERE kind = 'instance' AND instance_id = ? "
+                         "AND revoked_at IS NULL AND not_after > ? ORDER BY not_before",
+                         (instance_id, now))
+
+    def revoke_instance_certs(self, instance_id: str, keep: Iterable[str],
+                              reason: str) -> list[str]:
+        """Revoke every unrevoked certificate of an instance except ``keep``; their serials."""
+        keep = sorted(set(keep))
+        marks = ",".join("?" * len(keep))
+        clause = f" AND serial NOT IN ({marks})" if keep else ""
+        args = (instance_id, *keep)
+        serials = [r[0] for r in self.db.execute(
+            "SELECT serial FROM certs WHERE kind = 'instance' AND instance_id = ? "
+            f"AND revoked_at IS NULL{clause}", args)]
+        if serials:
+            self.db.execute("UPDATE certs SET revoked_at = ?, revoke_reason = ? "
+                            "WHERE kind = 'instance' AND instance_id = ? "
+                            f"AND revoked_at IS NULL{clause}", (time.time(), reason, *args))
+        return serials
+
     def certs(self, **where: Any) -> list[dict]:
         clause = " AND ".join(f"{k} = ?" for k in where) or "1"
         return self._all(f"SELECT * FROM certs WHERE {clause} ORDER BY not_before",
@@ -333,18 +371,36 @@ class Store:
         return row
 
     def add_instance(self, instance_id: str, image_id: str, connector: str, fingerprint: str,
-                     machine: dict, sealing_public_key: str) -> None:
+                     machine: dict, sealing_public_key: str, key_spki: str | None = None) -> None:
         self.db.execute("INSERT INTO instances (instance_id, image_id, connector, "
-                        "machine_fingerprint, machine, sealing_public_key, enrolled_at) "
-                        "VALUES (?,?,?,?,?,?,?)",
+                        "machine_fingerprint, machine, sealing_public_key, enrolled_at, "
+                        "key_spki) VALUES (?,?,?,?,?,?,?,?)",
                         (instance_id, image_id, connector, fingerprint, _json(machine),
-                         sealing_public_key, time.time()))
+                         sealing_public_key, time.time(), key_spki))
 
-    def reenroll_instance(self, instance_id: str, machine: dict, sealing_public_key: str) -> None:
-        # a new sealing key: nothing home pushed before opens there any more
+    def reenroll_instance(self, instance_id: str, machine: dict, sealing_public_key: str,
+                          key_spki: str | None = None) -> None:
+        """New keys for an enrolled instance (it proved possession, or it was reset).
+
+        What home delivered before was sealed to the old sealing key: the delivery
+        state is cleared so the next hello gets the configuration pushed again.
+        """
         self.db.execute("UPDATE instances SET machine = ?, sealing_public_key = ?, "
-                        "enrolled_at = ?, config_confirmed = NULL WHERE instance_id = ?",
-                        (_json(machine), sealing_public_key, time.time(), instance_id))
+                        "enrolled_at = ?, key_spki = ?, reset_at = NULL, "
+                        "config_version = NULL, config_status = NULL, config_confirmed = NULL "
+                        "WHERE instance_id = ?",
+                        (_json(machine), sealing_public_key, time.time(), key_spki,
+                         instance_id))
+
+    def set_instance_key(self, instance_id: str, key_spki: str) -> None:
+        """Record the instance's current public key (renewal, or a pre-issue-11 row)."""
+        self.db.execute("UPDATE instances SET key_spki = ? WHERE instance_id = ?",
+                        (key_spki, instance_id))
+
+    def reset_instance(self, instance_id: str) -> None:
+        """Forget the instance's key: its machine's next enrolment is accepted afresh."""
+        self.db.execute("UPDATE instances SET key_spki = NULL, reset_at = ? "
+                        "WHERE instance_id = ?", (time.time(), instance_id))
 
     def set_instance_cert(self, instance_id: str, serial: str, not_after: float) -> None:
         self.db.execute("UPDATE instances SET cert_serial = ?, cert_not_after = ? "
@@ -386,13 +442,34 @@ class Store:
 
     # ---------------------------------------------------------------- clones
 
-    def record_clone(self, image_id: str, connector: str, fingerprint: str, machine: dict) -> None:
+    def record_clone(self, image_id: str, connector: str, fingerprint: str, machine: dict,
+                     *, reason: str = "limit", instance_id: str | None = None,
+                     max_rows: int = 100) -> str:
+        """Count a refused enrolment on its (image, machine) row; returns the row's
+        fingerprint. At most ``max_rows`` machines per image get a row of their own
+        (plus one for :data:`OTHER_MACHINES`), so refusals never grow the table
+        without bound."""
         now = time.time()
-        self.db.execute("INSERT INTO clones VALUES (?,?,?,?,?,?,1) "
-                        "ON CONFLICT (image_id, machine_fingerprint) DO UPDATE SET "
-                        "last_seen = excluded.last_seen, attempts = attempts + 1, "
-                        "machine = excluded.machine",
-                        (image_id, connector, fingerprint, _json(machine), now, now))
+        with self.transaction():
+            known = self.db.execute("SELECT 1 FROM clones WHERE image_id = ? AND "
+                                    "machine_fingerprint = ?", (image_id, fingerprint)).fetchone()
+            if known is None and self.db.execute(
+                    "SELECT COUNT(*) FROM clones WHERE image_id = ? AND machine_fingerprint "
+                    "!= ?", (image_id, OTHER_MACHINES)).fetchone()[0] >= max_rows:
+                fingerprint, machine, instance_id = OTHER_MACHINES, {}, None
+            self.db.execute(
+                "INSERT INTO clones (image_id, connector, machine_fingerprint, machine, "
+                "first_seen, last_seen, attempts, reason, instance_id) VALUES (?,?,?,?,?,?,1,?,?) "
+                "ON CONFLICT (image_id, machine_fingerprint) DO UPDATE SET "
+                "last_seen = excluded.last_seen, attempts = attempts + 1, "
+                "machine = excluded.machine, reason = excluded.reason, "
+                "instance_id = excluded.instance_id",
+                (image_id, connector, fingerprint, _json(machine), now, now, reason, instance_id))
+        return fingerprint
+
+    def count_clones(self, image_id: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM clones WHERE image_id = ?",
+                               (image_id,)).fetchone()[0]
 
     def clones(self) -> list[dict]:
         rows = self._all("SELECT * FROM clones ORDER BY first_seen")

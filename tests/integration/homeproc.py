@@ -421,9 +421,14 @@ class RawAgent:
         await self.ws.close()
 
 
-async def enroll(home: HomeProcess, bundle: dict, tmp: Path, fingerprint: str = "machine-1"):
+async def enroll(home: HomeProcess, bundle: dict, tmp: Path, fingerprint: str = "machine-1",
+                 key=None, proof_key=None):
     """Enroll like an agent would; returns (instance_id, cert_pem, key_pem, sealing_key)
-    or the ErrorReceived event when home refuses."""
+    or the ErrorReceived event when home refuses.
+
+    ``key``: the instance key (new by default); ``proof_key``: sign the request's
+    proof with it (the instance's current key, when re-enrolling an enrolled machine).
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -432,19 +437,25 @@ async def enroll(home: HomeProcess, bundle: dict, tmp: Path, fingerprint: str = 
     from tether import protocol as p
     from tether import sealing
 
-    key = ec.generate_private_key(ec.SECP256R1())
+    from tether import enrolproof
+
+    key = key or ec.generate_private_key(ec.SECP256R1())
     seal_key = sealing.generate_private_key()
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "instance")]))
            .sign(key, hashes.SHA256())).public_bytes(serialization.Encoding.PEM).decode()
+    body = {"csr_pem": csr, "sealing_public_key": sealing.public_key_text(seal_key),
+            "machine": {"fingerprint": fingerprint}}
+    if proof_key is not None:
+        body["proof"] = enrolproof.sign(proof_key, image_id=bundle["image_id"],
+                                        fingerprint=fingerprint, csr_pem=csr,
+                                        sealing_public_key=body["sealing_public_key"])
     agent = await RawAgent.connect(home.url, client_context(bundle["ca_pem"], bundle["cert_pem"],
                                                              bundle["key_pem"], tmp))
     try:
         hello = await agent.hello(bundle["image_id"], fingerprint=fingerprint)
         assert isinstance(hello, p.ResponseReceived), hello
-        ev = await agent.call(p.Op.ENROLL, {"csr_pem": csr,
-                                            "sealing_public_key": sealing.public_key_text(seal_key),
-                                            "machine": {"fingerprint": fingerprint}})
+        ev = await agent.call(p.Op.ENROLL, body)
     finally:
         await agent.close()
     if isinstance(ev, p.ErrorReceived):

@@ -257,8 +257,10 @@ def test_image_credential_may_only_enroll(home, bundle, tmp_path):
 def test_enroll_then_clone_refused_and_flagged(home, bundle, tmp_path):
     first = run(enroll(home, bundle, tmp_path, fingerprint="vm-uuid-1"))
     instance_id = first[0]
-    again = run(enroll(home, bundle, tmp_path, fingerprint="vm-uuid-1"))
-    assert again[0] == instance_id  # same machine enrolling again keeps its identity
+    key = serialization.load_pem_private_key(first[2].encode(), None)
+    again = run(enroll(home, bundle, tmp_path, fingerprint="vm-uuid-1", key=key,
+                       proof_key=key))
+    assert again[0] == instance_id  # the same instance re-enrolling (its key) keeps its identity
     clone = run(enroll(home, bundle, tmp_path, fingerprint="vm-uuid-2"))
     assert isinstance(clone, p.ErrorReceived) and clone.code == "clone_refused"
     assert clone.message.body["limit"] == 1

@@ -62,15 +62,23 @@ class Op(str, enum.Enum):
         body: ``csr_pem`` str (PEM CSR of the instance's signing key; the key
         never leaves the machine), ``sealing_public_key`` str (the instance's
         X25519 key, ``tether.sealing.public_key_text``), ``machine`` object
-        (``fingerprint`` str required: DMI product UUID or EC2 instance id).
+        (``fingerprint`` str required: DMI product UUID or EC2 instance id),
+        ``proof`` object (optional: ``ts`` float, ``signature`` base64, made by
+        :func:`tether.enrolproof.sign` with the instance's current key; required
+        when the machine is enrolled already, see :mod:`tether.enrolproof`).
         response: ``instance_id`` str, ``cert_pem`` str, ``ca_pem`` str,
         ``not_after`` float (Unix time), ``renew_after`` float,
         ``config_key_pem`` str. After enrolling, the agent reconnects with the
         instance certificate.
         errors: ``clone_refused`` (the connector's max-instances is reached by
-        other machines), ``bad_csr``, ``unauthorized``.
+        other machines; or the machine is enrolled already and the request is
+        not signed by its instance key: the error body then has
+        ``instance_id``), ``bad_csr``, ``unauthorized``, ``busy`` (rate limit:
+        home closes the socket; ``retry_after`` seconds in the body).
     ``renew`` (request A→H, instance connections)
         body: ``csr_pem`` str (same key or a new one). response: as ``enroll``.
+        The certificate of the renewing socket stays valid, every older one of
+        the instance is revoked. errors: ``busy`` (rate limit, socket closed).
     ``heartbeat`` (event A→H)
         body: ``uptime`` float, optional ``selfcheck`` object, ``listening``
         list, ``config_version`` int|null, ``draining`` bool (true: this socket
@@ -280,6 +288,7 @@ BODY_FIELDS: dict[tuple[Op, Kind], dict[str, Field]] = {
         "csr_pem": F((str,), True, PEM),
         "sealing_public_key": F((str,), True, NAME),
         "machine": F((dict,), True, SMALL_JSON),
+        "proof": F((dict,), False, SMALL_JSON),
     },
     (Op.ENROLL, Kind.RESPONSE): {
         "instance_id": F((str,), True, SHORT),
