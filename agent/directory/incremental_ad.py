@@ -18,6 +18,7 @@ import ldap3
 from ldap3.utils.conv import escape_filter_chars
 
 from . import cursor as cursors
+from .chunking import chunked
 from .config import DirectoryConfig
 from .connection import Pool, check_result
 from .errors import CursorExpired
@@ -154,7 +155,6 @@ def _affected_groups(session, config, records: list[dict]) -> list[dict]:
 
 
 def _stream(config, session: PoolSession, usn: int, dse: dict, chunk_size: int):
-    from .incremental import chunked
     try:
         yield {"type": "begin", "mode": "incremental", "directory": config.name}
         high = int(dse["highestCommittedUSN"])  # read before searching: later changes come next time

@@ -17,6 +17,7 @@ from typing import Iterator
 import ldap3
 
 from . import cursor as cursors
+from .chunking import chunked
 from .config import DirectoryConfig
 from .connection import Pool, check_result
 from .errors import CursorExpired, DirectoryError
@@ -109,7 +110,6 @@ def changes_since(config: DirectoryConfig, cursor: str, chunk_size: int, pool: P
 
 
 def _stream(config: DirectoryConfig, session: PoolSession, csn: str | None, chunk_size: int):
-    from .incremental import chunked
     try:
         yield {"type": "begin", "mode": "incremental", "directory": config.name}
         log = _log_records(session, config, csn)
