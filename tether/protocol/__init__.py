@@ -94,6 +94,8 @@ event (it may drop a connection that keeps violating, see
 from __future__ import annotations
 
 from .codec import Message, RawJSON, decode, encode, new_id, validate
+from .parts import MAX_MESSAGE_BYTES, MAX_PART_BYTES, MAX_PARTS, PART_TYPE, Part
+from .parts import join as join_parts, split as split_parts
 from .schema import (AGENT_EVENTS, AGENT_REQUESTS, BODY_FIELDS, DEFAULT_WINDOW_SECONDS,
                      HEARTBEAT_SECONDS, HOME_EVENTS, HOME_REQUESTS, MAX_FRAME_BYTES, MAX_SEEN_IDS,
                      PROTOCOL_VERSION, STREAM_OPS, STREAM_WINDOW, SUBPROTOCOL, ErrorCode, Kind, Op,
@@ -108,6 +110,8 @@ __all__ = [
     "STREAM_OPS", "STREAM_WINDOW", "SUBPROTOCOL",
     "ErrorCode", "Kind", "Op", "ProtocolError",
     "Message", "RawJSON", "decode", "encode", "new_id", "validate",
+    "MAX_MESSAGE_BYTES", "MAX_PART_BYTES", "MAX_PARTS", "PART_TYPE", "Part", "join_parts",
+    "split_parts",
     "AckReceived", "CancelReceived", "ChunkReceived", "ErrorReceived", "Event", "EventReceived",
     "ProtocolViolation", "RequestReceived", "ResponseReceived", "Role", "Session",
 ]

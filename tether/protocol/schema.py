@@ -98,7 +98,8 @@ class Op(str, enum.Enum):
         The agent drains its spool: body ``directory`` str, ``entries`` list of
         ``{"seq": int, "message": object}`` in spool order (``message`` is one
         stream message of the directory engine: begin / chunk / end / error, see
-        agent/directory/README.md), at most :data:`MAX_FRAME_BYTES` in all,
+        agent/directory/README.md, or one ``part`` of a message larger than a
+        frame, see :mod:`tether.protocol.parts`), at most :data:`MAX_FRAME_BYTES` in all,
         optional ``after`` int|null: the last seq of the batch sent just before
         this one (the agent keeps a few batches in flight); home applies this
         batch only once every seq up to ``after`` is applied, else applies
