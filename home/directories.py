@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from tether.home.peer import AgentPeer
 
 log = logging.getLogger("tether.home.directories")
-STREAM_TYPES = frozenset({"begin", "chunk", "end", "error"})
+STREAM_TYPES = frozenset({"begin", "chunk", "end", "error", p.PART_TYPE})
 SYNC_TIMEOUT = 30.0
 PROVISION_TIMEOUT = 120.0
 
@@ -91,7 +91,12 @@ def check_batch(body: dict) -> list[dict]:
                             f"previous {last}: send spool entries in increasing seq order")
         if not isinstance(message, dict) or message.get("type") not in STREAM_TYPES:
             raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}].message must be a begin, "
-                            "chunk, end or error stream message (agent/directory/README.md)")
+                            "chunk, end or error stream message, or a part of one (agent/directory/README.md)")
+        if message["type"] == p.PART_TYPE:
+            try:
+                p.Part.from_message(message)
+            except p.ProtocolError as exc:
+                raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}]: {exc.detail}") from None
         last = seq
     after = body.get("after")
     if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0
