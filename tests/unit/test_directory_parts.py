@@ -118,3 +118,39 @@ def test_cuts_fall_between_characters():
     parts = p.split_parts(text, limit=7)
     assert "".join(x.text for x in parts).encode() == text
     assert all(len(x.text.encode()) <= 7 for x in parts)
+
+
+# ---- no silent stall (home/directories.py stall, on_flow; agent heartbeat report)
+
+def test_a_refused_batch_is_a_stall_at_once():
+    error = {"code": "changes_refused", "message": "home refused a batch of changes: x",
+             "hint": "fix it", "at": 5.0}
+    assert directories.stall(["c-a"], None, error)["reason"].startswith("home refused")
+
+
+def test_no_connected_appliance_is_a_stall():
+    found = directories.stall(["c-a"], {"connected_instances": [], "leader": None}, None)
+    assert "no appliance" in found["reason"] and "c-a" in found["hint"]
+
+
+def test_the_leaders_flow_report_shows_a_stall_and_its_absence_clears_it():
+    running = {"connected_instances": ["i1"], "leader": "i1",
+               "flow": directories.clean_flow({"pending": 7, "waiting_s": 45.0, "following": True,
+                                               "error": None})}
+    found = directories.stall(["c-a"], running, None)
+    assert "7 spooled changes have waited" in found["reason"] and found["pending"] == 7
+    running["flow"] = directories.clean_flow({"pending": 1, "waiting_s": 0.5, "error": None})
+    assert directories.stall(["c-a"], running, None) is None
+    running["flow"] = directories.clean_flow({"pending": 0, "waiting_s": 0, "error": {
+        "code": "server_down", "message": "cannot connect", "hint": "start it", "extra": "x" * 9000}})
+    found = directories.stall(["c-a"], running, None)
+    assert "server_down: cannot connect" in found["reason"] and found["hint"] == "start it"
+    running["flow"] = None
+    assert directories.stall(["c-a"], running, None) is None
+
+
+def test_flow_reports_are_bounded():
+    flow = directories.clean_flow({"pending": "lots", "waiting_s": -3, "following": 1,
+                                   "error": {"code": "x" * 10_000, "message": 5}})
+    assert flow["pending"] == 0 and flow["waiting_s"] == 0.0 and flow["following"] is False
+    assert flow["error"] == {"code": "x" * directories.FLOW_TEXT}

@@ -68,7 +68,11 @@ class Op(str, enum.Enum):
     ``heartbeat`` (event A→H)
         body: ``uptime`` float, optional ``selfcheck`` object, ``listening``
         list, ``config_version`` int|null, ``draining`` bool (true: this socket
-        is being rotated out; home sends it no new requests).
+        is being rotated out; home sends it no new requests), optional
+        ``directories`` object: directory id -> ``{"pending": int, "waiting_s":
+        number, "following": bool, "error": {code, message, hint}|null}`` for the
+        directories it leads or still holds changes of (at most 32; home shows
+        a stall in ``directory status`` from it).
     ``config.push`` (request H→A)
         body: ``config`` object, a signed document from
         :func:`tether.configsig.sign_config` (secrets inside sealed to the
@@ -249,6 +253,7 @@ BODY_FIELDS: dict[tuple[Op, Kind], dict[str, tuple[tuple, bool]]] = {
         "listening": ((list,), False),
         "config_version": ((int, None), False),
         "draining": ((bool,), False),
+        "directories": ((dict,), False),
     },
     (Op.CONFIG_PUSH, Kind.REQUEST): {"config": ((dict,), True)},
     (Op.CONFIG_PUSH, Kind.RESPONSE): {
