@@ -449,7 +449,7 @@ def bench_big_group(tmp: Path, server, ca, raw: dict, total: int, bare_per_s: fl
     try:
         agent = rig.agent("c-a")
         time.sleep(2)
-        rss = PeakRSS({"agent": agent.proc.pid, "home": rig.home.pid})
+        rss = PeakRSS({"agent": agent.proc.pid, "home": rig.home.proc.pid})
         db = rig.state / "identity.db"
         print(f"  big group: config set -> home stores {total} entries incl. a {users}-member group ...",
               flush=True)

@@ -90,7 +90,7 @@ def _fetch_current(session: PoolSession, config: DirectoryConfig, ids: list[str]
         for kind, flt in (("user", config.user_filter), ("group", config.group_filter)):
             for base in config.base_dns:
                 for page in paged_search(session, base, f"(&{flt}{ors})", search_attributes(config, kind),
-                                         config.page_size, f"reading changed {kind}s"):
+                                         config.page_size, f"reading changed {kind}s", raw=True):
                     for e in page:
                         rec = to_record(config, kind, e["dn"], e["raw_attributes"])
                         found.setdefault(rec["id"], rec)
