@@ -184,7 +184,9 @@ def test_refused_notification_bind_leaves_no_reader_on_a_reused_socket(ldap_raw)
     import ldap3
     from tether.agent.directory.connection import Pool
     before = set(_receivers())
-    ldap_raw["bind_password"] = "wrong"
+    # a DN that does not exist: refused like a wrong password, without counting failures
+    # against the shared service account (ppolicy would lock it for the next tests)
+    ldap_raw.update(bind_dn=f"cn=nobody,{SUFFIX}", bind_password="wrong")
     pool = Pool(load_config(ldap_raw))
     for _ in range(5):
         with pytest.raises(DirectoryError) as info:
