@@ -322,9 +322,12 @@ class Agent:
                      or self.settings.ttl_s)
 
     def heartbeat_body(self) -> dict:
-        return {"uptime": round(time.monotonic() - self.started, 3),
+        body = {"uptime": round(time.monotonic() - self.started, 3),
                 "listening": listening_sockets(), "config_version": self.config.version,
                 "selfcheck": self.selfcheck_body()}
+        if self.directories is not None:
+            body["directories"] = self.directories.flow()  # stalls show at home (issue 12)
+        return body
 
     async def send_config_ack(self, link: Link, error: configsig.ConfigError | None = None) -> None:
         """Tell home which configuration runs (after hello and after every push)."""

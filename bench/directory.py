@@ -51,10 +51,12 @@ from tether.agent.directory.sync import full_sync  # noqa: E402
 
 PAGE = 1000
 BENCH_PW = "bench-pw"
+BIG_GROUP = f"cn=everyone,ou=groups,{SUFFIX}"
 
 
-def generate_ldif(path: Path, users: int, groups: int) -> None:
-    """inetOrgPerson users; each user in one group (groupOfNames), groups of equal size."""
+def generate_ldif(path: Path, users: int, groups: int, big_group: bool = False) -> None:
+    """inetOrgPerson users; each user in one group (groupOfNames), groups of equal size;
+    with `big_group`, one more group `everyone` holding every user (issue 12)."""
     from ldapfix_slapd import ssha
     pw = ssha(BENCH_PW, salt=b"benchslt")
     people = f"ou=people,{SUFFIX}"
@@ -65,6 +67,11 @@ def generate_ldif(path: Path, users: int, groups: int) -> None:
         for g in range(groups):
             fh.write(f"dn: cn=group{g:04d},ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: group{g:04d}\n")
             for i in range(g, users, groups):
+                fh.write(f"member: uid=user{i:06d},{people}\n")
+            fh.write("\n")
+        if big_group:
+            fh.write(f"dn: {BIG_GROUP}\nobjectClass: groupOfNames\ncn: everyone\n")
+            for i in range(users):
                 fh.write(f"member: uid=user{i:06d},{people}\n")
             fh.write("\n")
 
@@ -395,6 +402,103 @@ def bench_e2e(tmp: Path, server, ca, raw: dict, total: int, bare_per_s: float, a
         rig.stop()
 
 
+class PeakRSS:
+    """Samples the resident set size of some processes every 50 ms (psutil), keeps the peak."""
+
+    def __init__(self, pids: dict[str, int]):
+        import psutil
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.idle = {name: p.memory_info().rss for name, p in self.procs.items()}
+        self.peak = dict(self.idle)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            for name, p in self.procs.items():
+                try:
+                    self.peak[name] = max(self.peak[name], p.memory_info().rss)
+                except Exception:  # noqa: BLE001 - the process ended: keep its peak
+                    pass
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        mb = 1 << 20
+        return {name: {"idle_mb": round(self.idle[name] / mb, 1), "peak_mb": round(self.peak[name] / mb, 1),
+                       "above_idle_mb": round((self.peak[name] - self.idle[name]) / mb, 1),
+                       "goal_above_idle_mb": 150} for name in self.procs}
+
+
+def _group_has(conn, directory: str, dn: str) -> bool:
+    row = conn.execute("SELECT instr(members, ?) FROM entries WHERE directory = ? AND dn = ?",
+                       (json.dumps(dn), directory, BIG_GROUP)).fetchone()
+    return bool(row and row[0])
+
+
+def bench_big_group(tmp: Path, server, ca, raw: dict, total: int, bare_per_s: float, engine: dict | None,
+                    n: int, users: int) -> dict:
+    """One group holding every user (issue 12): end-to-end full sync with it, then one-member
+    changes of that group (write -> home's store), and the peak RSS of agent and home."""
+    import sqlite3
+
+    from e2erig import Rig, directory_entry
+    from ldapfix_slapd import ADMIN_DN, ADMIN_PW
+    rig = Rig.start(tmp / "e2e-big", connectors=("c-a",))
+    try:
+        agent = rig.agent("c-a")
+        time.sleep(2)
+        rss = PeakRSS({"agent": agent.proc.pid, "home": rig.home.proc.pid})
+        db = rig.state / "identity.db"
+        print(f"  big group: config set -> home stores {total} entries incl. a {users}-member group ...",
+              flush=True)
+        t0 = time.perf_counter()
+        rig.configure({"directories": [directory_entry("big", raw)]})
+        while _store_count(db, "big") < total:
+            if time.perf_counter() - t0 > 3600 or not agent.alive() or rig.home.proc.poll() is not None:
+                raise RuntimeError(f"big-group full sync incomplete: {_store_count(db, 'big')}/{total}")
+            time.sleep(0.05)
+        secs = time.perf_counter() - t0
+        full = {"entries": total, "seconds": round(secs, 2), "per_s": round(total / secs),
+                "bare_ldap3_per_s": round(bare_per_s), "ratio": round(total / secs / bare_per_s, 3),
+                "goal_ratio": 1.0}
+        print(f"  big group e2e full sync: {total / secs:,.0f} entries/s, ratio to bare ldap3 "
+              f"{full['ratio']:.2f}", flush=True)
+        tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(ca.ca_file))
+        admin = ldap3.Connection(ldap3.Server("localhost", port=server.tls_port, use_ssl=True, tls=tls,
+                                              get_info=ldap3.NONE), ADMIN_DN, ADMIN_PW, auto_bind=True)
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        latencies = []
+        try:
+            time.sleep(2)
+            for i in range(n):
+                dn = f"uid=extra{i:04d}-{time.time_ns()},ou=people,{SUFFIX}"
+                t = time.perf_counter()
+                assert admin.modify(BIG_GROUP, {"member": [(ldap3.MODIFY_ADD, [dn])]}), admin.result
+                while not _group_has(conn, "big", dn):
+                    if time.perf_counter() - t > 120:
+                        raise RuntimeError(f"member {dn} not in home's store after 120 s")
+                    time.sleep(0.005)
+                latencies.append(time.perf_counter() - t)
+        finally:
+            conn.close()
+            admin.unbind()
+        memory = rss.stop()
+        change = {"count": n, "p50_ms": round(pct(latencies, 50) * 1e3, 1),
+                  "p95_ms": round(pct(latencies, 95) * 1e3, 1), "max_ms": round(max(latencies) * 1e3, 1),
+                  "goal_p95_ms": 1000}
+        print(f"  one-member change of the {users}-member group -> home store: p50 {change['p50_ms']} ms, "
+              f"p95 {change['p95_ms']} ms (goal <= 1000)", flush=True)
+        for name, m in memory.items():
+            print(f"  peak RSS {name}: {m['peak_mb']} MB, {m['above_idle_mb']} MB above idle (goal < 150)",
+                  flush=True)
+        return {"members": users, "engine_full_sync": engine, "e2e_full_sync": full,
+                "one_member_change": change, "rss": memory}
+    finally:
+        rig.stop()
+
+
 def bench_e2e_ad(tmp: Path, ca, n: int) -> dict:
     """change -> home store latency against a Samba AD DC, through real home + agent processes."""
     from e2erig import Rig, directory_entry
@@ -436,6 +540,38 @@ def _start(config):
         conn.unbind()
 
 
+def main_big_group(args) -> int:
+    """The large-group phase on its own slapd: engine and bare ldap3 reads, then end to end."""
+    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-big-"))
+    server = None
+    out = Path(args.out).with_name("directory_big_group.json") if args.out.endswith("directory.json") \
+        else Path(args.out)
+    try:
+        ca = make_ca(tmp / "tls")
+        ldif = tmp / "data.ldif"
+        print(f"directory bench (big group): {args.users} users + {args.groups} groups + one group of "
+              f"all {args.users} ...", flush=True)
+        generate_ldif(ldif, args.users, args.groups, big_group=True)
+        server = create_slapd(tmp / "slapd", ca, data_ldif=ldif, map_size=8 << 30, start=False)
+        server.start()
+        config = load_config(raw_config(server, ca))
+        total = args.users + args.groups + 1
+        engine = bench_full_sync(server, ca, config)
+        result = {"load_average_at_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
+                  "users": args.users, "groups": args.groups + 1,
+                  **bench_big_group(tmp, server, ca, raw_config(server, ca), total,
+                                    engine["bare_ldap3_per_s"], engine, args.changes, args.users),
+                  "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"  wrote {out}")
+        return 0
+    finally:
+        if server is not None:
+            server.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--users", type=int, default=100_000)
@@ -446,7 +582,12 @@ def main() -> int:
     ap.add_argument("--no-engine", action="store_true", help="skip the engine-only figures")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end (home + agent) figures")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "directory.json"))
+    ap.add_argument("--big-group", action="store_true",
+                    help="only the large-group phase (issue 12): one group of every user next to them; "
+                         "writes bench/results/directory_big_group.json")
     args = ap.parse_args()
+    if args.big_group:
+        return main_big_group(args)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     tmp = Path(tempfile.mkdtemp(prefix="tether-bench-dir-"))
     server = None

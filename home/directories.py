@@ -47,8 +47,13 @@ if TYPE_CHECKING:
     from tether.home.peer import AgentPeer
 
 log = logging.getLogger("tether.home.directories")
-STREAM_TYPES = frozenset({"begin", "chunk", "end", "error"})
+STREAM_TYPES = frozenset({"begin", "chunk", "end", "error", p.PART_TYPE})
 SYNC_TIMEOUT = 30.0
+#: Seconds spooled changes may wait on the leader before `directory status` calls it a stall.
+STALL_SECONDS = 20.0
+#: Bounds of one heartbeat's flow report (directories, characters per text).
+FLOW_MAX_DIRECTORIES = 64
+FLOW_TEXT = 400
 PROVISION_TIMEOUT = 120.0
 
 
@@ -91,7 +96,12 @@ def check_batch(body: dict) -> list[dict]:
                             f"previous {last}: send spool entries in increasing seq order")
         if not isinstance(message, dict) or message.get("type") not in STREAM_TYPES:
             raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}].message must be a begin, "
-                            "chunk, end or error stream message (agent/directory/README.md)")
+                            "chunk, end or error stream message, or a part of one (agent/directory/README.md)")
+        if message["type"] == p.PART_TYPE:
+            try:
+                p.Part.from_message(message)
+            except p.ProtocolError as exc:
+                raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}]: {exc.detail}") from None
         last = seq
     after = body.get("after")
     if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0
@@ -138,6 +148,8 @@ class DirectoryRouter:
         self._rotation: dict[str, itertools.count] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
+        #: instance -> directory -> its last flow report (heartbeat), with "at"
+        self.flows: dict[str, dict[str, dict]] = {}
 
     # ------------------------------------------------------------ topology
 
@@ -272,6 +284,14 @@ class DirectoryRouter:
             refused.discard(iid)
         self.elect_all()
 
+    def on_flow(self, iid: str, report: dict) -> None:
+        """Keep an instance's per-directory flow report (heartbeat), bounded."""
+        flows = {}
+        for directory, item in list(report.items())[:FLOW_MAX_DIRECTORIES]:
+            if isinstance(directory, str) and isinstance(item, dict):
+                flows[directory[:200]] = clean_flow(item)
+        self.flows[iid] = flows
+
     def on_config_changed(self) -> None:
         self.refresh()
         self.refused.clear()
@@ -297,6 +317,12 @@ class DirectoryRouter:
         try:
             result = self.identity.apply_batch(directory, iid, entries, after)
         except IdentityError as exc:
+            # The agent retries this batch forever: say so in `directory status` now.
+            self.identity.record_error(directory, iid, {
+                "code": "changes_refused", "message": f"home refused a batch of changes: {exc}",
+                "hint": "changes of this directory stop here: fix the entry named above at its "
+                        "source (the agent retries the batch until home accepts it)",
+                "at": time.time()})
             raise HomeError(p.ErrorCode.BAD_TYPE, f"{exc}; nothing of this batch was applied "
                             "(fix the record at its source, or let the agent run a full "
                             "sync)") from None
@@ -309,6 +335,7 @@ class DirectoryRouter:
                   reason="; ".join(result.notes))
             self._spawn(self._resync(directory, iid))
         if result.applied:
+            self.flows.get(iid, {}).pop(directory, None)  # it flows: the last report is stale
             event(log, logging.DEBUG, "directory_changes", directory=directory, instance=iid,
                   applied=result.applied, skipped=result.skipped, records=result.records,
                   through=result.applied_through, swapped=result.swapped)
@@ -401,7 +428,9 @@ class DirectoryRouter:
             out[directory] = {"leader": self.leaders.get(directory),
                               "connected_instances": list(self._instances(directory)),
                               "refused": sorted(self.refused.get(directory, ())),
-                              "last_sync": self.last_sync.get(directory)}
+                              "last_sync": self.last_sync.get(directory),
+                              "flow": self.flows.get(self.leaders.get(directory) or "", {})
+                              .get(directory)}
         return out
 
     # ------------------------------------------------------------ plumbing
@@ -418,6 +447,52 @@ class DirectoryRouter:
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def clean_flow(item: dict) -> dict:
+    """One directory's flow report from a heartbeat, with only known, bounded fields."""
+    def num(value) -> float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and value >= 0 else 0.0
+    error = item.get("error")
+    clean = {"pending": int(num(item.get("pending"))), "waiting_s": num(item.get("waiting_s")),
+             "following": item.get("following") is True, "at": time.time(), "error": None}
+    if isinstance(error, dict):
+        clean["error"] = {k: str(error[k])[:FLOW_TEXT] for k in ("code", "message", "hint")
+                          if isinstance(error.get(k), str)}
+    return clean
+
+
+def stall(connectors: list[str], running: dict | None, error: dict | None) -> dict | None:
+    """Why changes of a directory do not flow now, with what to do (None: they flow).
+
+    Why computed here: each cause is seen by a different party (home's store
+    refused a batch; the leader's spool grows; its follower cannot reach the
+    directory or write its spool; no appliance is connected), and the operator
+    needs one line that says which.
+    """
+    if error and error.get("code") == "changes_refused":
+        return {"reason": error["message"], "hint": error.get("hint"), "since": error.get("at")}
+    if running is None:
+        return None  # server not running: leaders and flows are unknown
+    if connectors and not running.get("connected_instances"):
+        return {"reason": "no appliance serving this directory is connected, so no change "
+                          "reaches home", "since": None,
+                "hint": f"start or reconnect an appliance of {', '.join(connectors)}"}
+    flow = running.get("flow") or {}
+    waiting = flow.get("waiting_s", 0.0) + max(0.0, time.time() - flow.get("at", time.time()))
+    failure = flow.get("error") or {}
+    if failure:
+        return {"reason": f"the leader cannot move changes: {failure.get('code')}: "
+                          f"{failure.get('message')}", "hint": failure.get("hint"),
+                "since": None, "pending": flow.get("pending", 0)}
+    if flow.get("pending") and waiting >= STALL_SECONDS:
+        return {"reason": f"{flow['pending']} spooled changes have waited {waiting:.0f} s on the "
+                          f"leader {running.get('leader')} without home applying them",
+                "hint": "check the leader's link to home and the agent's journal; the changes "
+                        "are kept and flow again by themselves once home acknowledges them",
+                "since": time.time() - waiting, "pending": flow["pending"]}
+    return None
 
 
 def report(store: Store, identity: IdentityStore | None, live: dict | None) -> list[dict]:
@@ -444,6 +519,7 @@ def report(store: Store, identity: IdentityStore | None, live: dict | None) -> l
             "last_change": state.get("last_change"), "synced_at": state.get("synced_at"),
             "full_synced_at": state.get("full_synced_at"),
             "error": state.get("error"),
+            "stall": stall(connectors, running if live is not None else None, state.get("error")),
         })
     return rows
 
@@ -466,6 +542,9 @@ def render(rows: list[dict], running: bool) -> str:
             lines.append(f"    applied_through {iid}: {seq}")
         if r.get("error"):
             lines.append(f"    {error_line(r['error'])}")
+        if r.get("stall"):
+            hint = f" ({r['stall']['hint']})" if r["stall"].get("hint") else ""
+            lines.append(f"    stalled: {r['stall']['reason']}{hint}")
     return "\n".join(lines)
 
 

@@ -284,6 +284,8 @@ class Hub:
             beat["at"] = time.time()
             if "selfcheck" in body and _report_size_ok(body["selfcheck"]):
                 beat["selfcheck"] = body["selfcheck"]
+            if self.directories is not None and isinstance(body.get("directories"), dict):
+                self.directories.on_flow(iid, body["directories"])
             listening = body.get("listening")
             if listening is not None and len(listening) <= MAX_LISTENING:
                 beat["listening"] = listening

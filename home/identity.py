@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tether import protocol
 from tether.home import sqlite as sqlite_helpers
 from tether.home.sqlite import Transaction
 
@@ -70,6 +71,13 @@ CREATE TABLE IF NOT EXISTS directory_errors (
     directory TEXT PRIMARY KEY, instance_id TEXT, code TEXT NOT NULL, message TEXT NOT NULL,
     hint TEXT, server TEXT, at REAL, received_at REAL NOT NULL
 );
+-- parts of a stream message larger than a frame (tether.protocol.parts), kept until
+-- its last part is applied; at most one set per (directory, instance).
+CREATE TABLE IF NOT EXISTS parts (
+    directory TEXT NOT NULL, instance_id TEXT NOT NULL, idx INTEGER NOT NULL,
+    count INTEGER NOT NULL, size INTEGER NOT NULL, text TEXT NOT NULL,
+    PRIMARY KEY (directory, instance_id, idx)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS applied (
     directory TEXT NOT NULL, instance_id TEXT NOT NULL,
     applied_through INTEGER NOT NULL, updated_at REAL NOT NULL,
@@ -240,9 +248,49 @@ class IdentityStore:
         result.applied_through = through
         return result
 
+    def _part(self, directory: str, instance_id: str, message: dict, state: dict,
+              result: BatchResult) -> None:
+        """Keep one part; at the last one, apply the message the set carries.
+
+        Why in the store: parts of one message span several batches, and each
+        batch commits with its applied_through, so a part is kept exactly once.
+        """
+        try:
+            part = protocol.Part.from_message(message)
+        except protocol.ProtocolError as exc:
+            raise IdentityError(exc.detail) from None
+        if part.index == 0:
+            self._drop_parts(directory, instance_id)
+        held = self.db.execute("SELECT COUNT(*) FROM parts WHERE directory = ? AND instance_id = ?",
+                               (directory, instance_id)).fetchone()[0]
+        if held != part.index:
+            raise IdentityError(f"part {part.index} of {part.count} arrived after {held} parts; "
+                                "the agent must resend the message from its part 0")
+        self.db.execute("INSERT INTO parts VALUES (?,?,?,?,?,?)",
+                        (directory, instance_id, part.index, part.count, part.size, part.text))
+        if not part.last:
+            return
+        rows = self.db.execute("SELECT idx, count, size, text FROM parts WHERE directory = ? AND "
+                               "instance_id = ? ORDER BY idx", (directory, instance_id)).fetchall()
+        self._drop_parts(directory, instance_id)
+        try:
+            whole = protocol.join_parts([protocol.Part(*row) for row in rows])
+        except protocol.ProtocolError as exc:
+            raise IdentityError(exc.detail) from None
+        self._message(directory, instance_id, whole, state, result)
+
+    def _drop_parts(self, directory: str, instance_id: str) -> None:
+        self.db.execute("DELETE FROM parts WHERE directory = ? AND instance_id = ?",
+                        (directory, instance_id))
+
     def _message(self, directory: str, instance_id: str, message: dict, state: dict,
                  result: BatchResult) -> None:
         kind = message.get("type")
+        if kind == protocol.PART_TYPE:
+            self._part(directory, instance_id, message, state, result)
+            return
+        # any other message ends an unfinished set of parts: the agent replays from its cursor
+        self._drop_parts(directory, instance_id)
         owner = state["stream_instance"] == instance_id and state["stream_mode"] is not None
         if kind == "begin":
             mode = message.get("mode")

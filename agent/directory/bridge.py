@@ -53,6 +53,11 @@ SEARCH_CHUNK_BUDGET = 256 * 1024
 STREAM_ACK_TIMEOUT = 60.0
 
 
+#: Bounds of the heartbeat's `directories` report (home refuses larger ones).
+FLOW_MAX_DIRECTORIES = 32
+FLOW_TEXT = 400
+
+
 def error_reply(ident: str, exc: DirectoryError, refused: bool = False) -> HandlerError:
     """The protocol error for an engine failure; detail = the engine's to_dict() as JSON.
 
@@ -157,6 +162,29 @@ class Bridge:
         out = {ident: d.status() for ident, d in self.directories.items()}
         out.update({ident: {"error": exc.to_dict()} for ident, exc in self.refused.items()})
         return {"directories": out, "drain_error": self.drain.last_error}
+
+    def flow(self) -> dict:
+        """Per led directory: spooled entries, how long the oldest waited, why it stalls.
+
+        Why in the heartbeat: a drain that cannot deliver, or a follower that
+        cannot reach the directory or write its spool, cannot tell home through
+        the spool itself; home shows this in `directory status` (issue 12).
+        """
+        out = {}
+        for ident, d in list(self.directories.items())[:FLOW_MAX_DIRECTORIES]:
+            if not (d.leading or len(d.spool)):
+                continue
+            failure = d.follower.last_error if d.follower is not None else d.error
+            error = failure.to_dict() if failure is not None else None
+            if error is None and self.drain.last_error and len(d.spool):
+                error = {"code": "not_delivered", "message": self.drain.last_error,
+                         "hint": "see the agent's journal; home's `directory status` shows "
+                                 "why it refused changes, if it did"}
+            age = d.spool.oldest_age()
+            out[ident] = {"pending": len(d.spool), "waiting_s": round(age, 1) if age else 0.0,
+                          "following": d.following,
+                          "error": {k: str(v)[:FLOW_TEXT] for k, v in error.items()} if error else None}
+        return out
 
     async def resign(self, directory: ManagedDirectory) -> None:
         """Home takes this directory's changes from another connector: stop following it."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import threading
 from typing import Iterator
 
 import ldap3
@@ -78,24 +79,58 @@ def open_connection(config: DirectoryConfig, address: ServerAddress, user: str |
         if config.tls == "starttls" and not conn.start_tls():
             raise DirectoryError("tls", f"StartTLS refused by {where}: {conn.result.get('message')}", where)
         if not conn.bind():
-            conn.unbind()
-            res = conn.result or {}
+            res = dict(conn.result or {})
+            discard(conn)
             if res.get("result") == 49:
                 raise DirectoryError("bind_failed", f"bind as {user!r} was refused: invalid credentials",
                                      where, reason=res.get("message"))
             raise DirectoryError("bind_failed", f"bind as {user!r} failed: {res.get('description')}",
                                  where, reason=res.get("message"))
     except DirectoryError:
+        discard(conn)
         raise
     except lx.LDAPSocketOpenError as exc:
         if _is_tls_failure(exc):
             raise DirectoryError("tls", f"TLS with {where} failed: {_tls_reason(exc, address)}", where) from None
         raise DirectoryError("server_down", f"cannot connect to {where}: {_short(exc)}", where) from None
     except (lx.LDAPStartTLSError, ssl.SSLError) as exc:
+        discard(conn)
         raise DirectoryError("tls", f"TLS with {where} failed: {_tls_reason(exc, address)}", where) from None
     except DOWN_ERRORS as exc:
+        discard(conn)
         raise DirectoryError("server_down", f"{where} stopped answering: {_short(exc)}", where) from None
     return conn
+
+
+def discard(conn: ldap3.Connection, wait: float = 5.0) -> None:
+    """Close `conn` for good; with a threaded strategy, only once its receiver thread ended.
+
+    Why: ldap3's ASYNC/ASYNC_STREAM strategies read the socket in a thread that
+    starts at open (before the bind). ldap3's unbind closes the socket under
+    that thread: with a receive timeout the thread then spins forever on
+    `socket None`, and under load it could call recv() once more on the closed
+    descriptor after the next connection reused it, eating part of that
+    connection's TLS handshake (a wrong password reported as `tls`,
+    WRONG_VERSION_NUMBER). Shutting the socket down first makes the thread's
+    recv return end-of-stream; the descriptor is closed only after it exited.
+    """
+    receiver = getattr(conn.strategy, "receiver", None)
+    sock = conn.socket
+    if receiver is not None and sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if receiver is not threading.current_thread():
+            receiver.join(wait)
+    try:
+        conn.unbind()
+    except Exception:  # noqa: BLE001 - the server may be gone already
+        pass
+    try:
+        conn.strategy.close()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _tls_reason(exc: BaseException, address: ServerAddress) -> str:

@@ -17,6 +17,8 @@ CODES = {
     "size_limit": "raise the server's size limit for the bind account or narrow the base DN / filter",
     "cursor_expired": "a full resync is required; the engine starts one by itself",
     "operation_failed": "see the server's reason",
+    "too_large": "the entry is larger than a change message may carry (32 MiB); split the group "
+                 "in the directory or leave it out of the group filter",
 }
 
 

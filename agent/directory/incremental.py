@@ -12,6 +12,7 @@ from typing import Iterator
 from . import incremental_ad, incremental_openldap
 from .config import DirectoryConfig
 from .connection import Pool
+from .chunking import chunked  # noqa: F401  (re-exported)
 from .errors import CursorExpired  # noqa: F401  (re-exported for sync.sync)
 
 _KINDS = {"openldap": incremental_openldap, "ad": incremental_ad}
@@ -26,15 +27,3 @@ def changes_since(config: DirectoryConfig, cursor: str, chunk_size: int = 500,
                   pool: Pool | None = None) -> Iterator[dict]:
     """Stream the changes after `cursor`; raises CursorExpired before the first item if too old."""
     return _KINDS[config.kind].changes_since(config, cursor, chunk_size, pool or Pool(config))
-
-
-def chunked(records, chunk_size: int, first_seq: int = 1) -> Iterator[dict]:
-    """Group records into numbered `chunk` messages."""
-    seq, pending = first_seq, []
-    for record in records:
-        pending.append(record)
-        if len(pending) >= chunk_size:
-            yield {"type": "chunk", "seq": seq, "changes": pending}
-            seq, pending = seq + 1, []
-    if pending:
-        yield {"type": "chunk", "seq": seq, "changes": pending}

@@ -18,6 +18,7 @@ import ldap3
 from ldap3.utils.conv import escape_filter_chars
 
 from . import cursor as cursors
+from .chunking import chunked
 from .config import DirectoryConfig
 from .connection import Pool, check_result
 from .errors import CursorExpired
@@ -84,7 +85,7 @@ def _changed_live(session, config, usn: int, nc: str) -> list[tuple[int, dict]]:
         attrs = search_attributes(config, kind) + ["uSNChanged"]
         for base in config.base_dns:
             for page in paged_search(session, base, f"(&{flt}(uSNChanged>={usn + 1}))", attrs,
-                                     config.page_size, f"changed {kind}s"):
+                                     config.page_size, f"changed {kind}s", raw=True):
                 for e in page:
                     rec = to_record(config, kind, e["dn"], e["raw_attributes"])
                     out.setdefault(rec["id"], (_usn(e["raw_attributes"]), rec))
@@ -144,7 +145,8 @@ def _affected_groups(session, config, records: list[dict]) -> list[dict]:
     out = []
     for flt in filters:
         for base in config.base_dns:
-            for page in paged_search(session, base, flt, attrs, config.page_size, "groups of changed entries"):
+            for page in paged_search(session, base, flt, attrs, config.page_size, "groups of changed entries",
+                                     raw=True):
                 for e in page:
                     rec = to_record(config, "group", e["dn"], e["raw_attributes"])
                     if rec["id"] not in seen:
@@ -154,7 +156,6 @@ def _affected_groups(session, config, records: list[dict]) -> list[dict]:
 
 
 def _stream(config, session: PoolSession, usn: int, dse: dict, chunk_size: int):
-    from .incremental import chunked
     try:
         yield {"type": "begin", "mode": "incremental", "directory": config.name}
         high = int(dse["highestCommittedUSN"])  # read before searching: later changes come next time

@@ -17,6 +17,7 @@ from typing import Iterator
 import ldap3
 
 from . import cursor as cursors
+from .chunking import chunked
 from .config import DirectoryConfig
 from .connection import Pool, check_result
 from .errors import CursorExpired, DirectoryError
@@ -89,7 +90,7 @@ def _fetch_current(session: PoolSession, config: DirectoryConfig, ids: list[str]
         for kind, flt in (("user", config.user_filter), ("group", config.group_filter)):
             for base in config.base_dns:
                 for page in paged_search(session, base, f"(&{flt}{ors})", search_attributes(config, kind),
-                                         config.page_size, f"reading changed {kind}s"):
+                                         config.page_size, f"reading changed {kind}s", raw=True):
                     for e in page:
                         rec = to_record(config, kind, e["dn"], e["raw_attributes"])
                         found.setdefault(rec["id"], rec)
@@ -109,7 +110,6 @@ def changes_since(config: DirectoryConfig, cursor: str, chunk_size: int, pool: P
 
 
 def _stream(config: DirectoryConfig, session: PoolSession, csn: str | None, chunk_size: int):
-    from .incremental import chunked
     try:
         yield {"type": "begin", "mode": "incremental", "directory": config.name}
         log = _log_records(session, config, csn)

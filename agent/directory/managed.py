@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from tether import protocol as p
+
 from ..atomicfile import write_atomic
 from .errors import ConfigError, DirectoryError
 from .follow import CursorFile, Follower
@@ -87,13 +89,34 @@ def spool_entries(stream: Iterable[dict], budget: int = ENTRY_BUDGET) -> Iterato
             for lo, hi in _size_groups([len(e) for e in encoded], budget):
                 seq += 1
                 part = {**msg, "seq": seq, "changes": msg["changes"][lo:hi]}
-                yield part, _chunk_bytes(part, encoded[lo:hi])
+                data = _chunk_bytes(part, encoded[lo:hi])
+                if len(data) <= budget:
+                    yield part, data
+                else:  # one record larger than an entry (a very large group): in parts
+                    yield from _in_parts(part, data)
         else:
             if msg.get("type") == "end":
                 msg = {**msg, "seq": seq + 1}
             else:
                 seq = 0
             yield msg, encode_item(msg)
+
+
+def _in_parts(msg: dict, data: bytes) -> Iterator[tuple[dict, bytes]]:
+    """A chunk too large for one spool entry as `part` entries (tether.protocol.parts).
+
+    Why at the spool: each part gets its own seq, so the drain sends and home
+    applies it exactly once like any entry; home applies the chunk at its last part.
+    """
+    try:
+        parts = p.split_parts(data)
+    except ValueError as exc:
+        record = msg["changes"][0] if msg["changes"] else {}
+        raise DirectoryError("too_large", f"the {record.get('kind', 'entry')} {record.get('dn')!r} "
+                             f"cannot be sent home: {exc}") from None
+    for part in parts:
+        message = part.to_message()
+        yield message, encode_item(message)
 
 
 def _size_groups(sizes: list[int], budget: int) -> Iterator[tuple[int, int]]:
@@ -193,6 +216,8 @@ class BridgeFollower(Follower):
             self.spool.append_encoded(data)
             if msg["type"] == "chunk":
                 count += len(msg["changes"])
+            elif msg["type"] == p.PART_TYPE and msg["index"] == msg["count"] - 1:
+                count += 1
             elif msg["type"] == "end":
                 self.cursor.store(msg["cursor"])
                 self.full = False

@@ -24,7 +24,7 @@ import ldap3
 from ldap3.protocol.microsoft import persistent_search_control
 
 from .config import DirectoryConfig
-from .connection import Pool
+from .connection import Pool, discard
 from .errors import DirectoryError
 
 SYNC_REQUEST_OID = "1.3.6.1.4.1.4203.1.9.1.1"
@@ -109,10 +109,7 @@ class Notifier:
 
     def _close(self) -> None:
         if self.conn is not None:
-            try:
-                self.conn.unbind()
-            except Exception:
-                pass
+            discard(self.conn)  # joins ldap3's receiver thread before the socket is closed
         self.conn = None
 
     def _watch(self) -> None:

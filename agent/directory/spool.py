@@ -176,6 +176,16 @@ class Spool:
             self._fsync_dir()
         return removed
 
+    def oldest_age(self) -> float | None:
+        """Seconds the oldest unacknowledged entry has waited (None when empty)."""
+        seqs = self._seqs()
+        if not seqs:
+            return None
+        try:
+            return max(0.0, time.time() - self._path(seqs[0]).stat().st_mtime)
+        except OSError:
+            return None
+
     def __len__(self) -> int:
         return len(self._seqs())
 

@@ -82,7 +82,11 @@ class Op(str, enum.Enum):
     ``heartbeat`` (event A→H)
         body: ``uptime`` float, optional ``selfcheck`` object, ``listening``
         list, ``config_version`` int|null, ``draining`` bool (true: this socket
-        is being rotated out; home sends it no new requests).
+        is being rotated out; home sends it no new requests), optional
+        ``directories`` object: directory id -> ``{"pending": int, "waiting_s":
+        number, "following": bool, "error": {code, message, hint}|null}`` for the
+        directories it leads or still holds changes of (at most 32; home shows
+        a stall in ``directory status`` from it).
     ``config.push`` (request H→A)
         body: ``config`` object, a signed document from
         :func:`tether.configsig.sign_config` (secrets inside sealed to the
@@ -119,7 +123,8 @@ class Op(str, enum.Enum):
         The agent drains its spool: body ``directory`` str, ``entries`` list of
         ``{"seq": int, "message": object}`` in spool order (``message`` is one
         stream message of the directory engine: begin / chunk / end / error, see
-        agent/directory/README.md), at most :data:`MAX_FRAME_BYTES` in all,
+        agent/directory/README.md, or one ``part`` of a message larger than a
+        frame, see :mod:`tether.protocol.parts`), at most :data:`MAX_FRAME_BYTES` in all,
         optional ``after`` int|null: the last seq of the batch sent just before
         this one (the agent keeps a few batches in flight); home applies this
         batch only once every seq up to ``after`` is applied, else applies
@@ -312,6 +317,7 @@ BODY_FIELDS: dict[tuple[Op, Kind], dict[str, Field]] = {
         "listening": F((list,), False, REPORT_JSON),
         "config_version": F((int, None), False),
         "draining": F((bool,), False),
+        "directories": F((dict,), False, REPORT_JSON),
     },
     (Op.CONFIG_PUSH, Kind.REQUEST): {
         "config": F((dict,), True, FRAME),

@@ -164,3 +164,32 @@ def test_write_cut_off_midway_reports_outcome_unknown(slapd_factory, test_ca):
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
     assert r["status"] == "failed" and r["code"] == "server_down" and r["outcome_unknown"] is True
+
+
+def _receivers() -> list:
+    import threading
+    return [t for t in threading.enumerate() if type(t).__name__ == "ReceiverSocketThread" and t.is_alive()]
+
+
+def test_refused_notification_bind_leaves_no_reader_on_a_reused_socket(ldap_raw):
+    """Why the wrong password was sometimes reported as `tls` (WRONG_VERSION_NUMBER).
+
+    The notifier's ASYNC_STREAM connection starts ldap3's receiver thread at open,
+    before the bind. When the bind was refused, ldap3's unbind closed the socket
+    under that thread; the thread then either spun forever (socket None plus a
+    receive timeout) or, under load, read once more from the closed descriptor
+    after the follower's next connection reused it, eating part of that
+    connection's TLS handshake. Every receiver must be gone when the error is raised.
+    """
+    import ldap3
+    from tether.agent.directory.connection import Pool
+    before = set(_receivers())
+    # a DN that does not exist: refused like a wrong password, without counting failures
+    # against the shared service account (ppolicy would lock it for the next tests)
+    ldap_raw.update(bind_dn=f"cn=nobody,{SUFFIX}", bind_password="wrong")
+    pool = Pool(load_config(ldap_raw))
+    for _ in range(5):
+        with pytest.raises(DirectoryError) as info:
+            pool.connect(strategy=ldap3.ASYNC_STREAM)
+        assert info.value.code == "bind_failed", info.value
+        assert set(_receivers()) <= before, "a receiver thread outlived its refused connection"
