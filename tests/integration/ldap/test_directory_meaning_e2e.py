@@ -125,3 +125,63 @@ def test_special_users_have_exactly_their_memberships_and_photo_round_trips(
         wait_for(added, 120, "the new membership of 'a+b' in home's export")
     finally:
         rig.stop()
+
+
+AD_NAMES = ["Smith, John", "a+b", "semi;colon", "#hash", "Ren\u00e9e \u5f20\u4f1f"]
+
+
+def test_samba_ad_guid_sid_photo_and_special_names(samba, test_ca, tmp_path):
+    """Real Samba AD: objectGUID as its UUID, objectSid as S-1-5-..., jpegPhoto byte for byte,
+    users whose CN holds special characters have exactly their memberships."""
+    import uuid
+
+    from ldapfix_helpers import AD_BASE, ad_admin_connection, ad_config
+    from tether.agent.directory.values import sid_text
+    users = f"CN=Users,{AD_BASE}"
+    admin = ad_admin_connection(test_ca)
+    photo = bytes.fromhex("ffd8ffe000104a464946") + os.urandom(2000) + b"\xff\xd9"
+    rig = None
+    try:
+        made = {}
+        for i, name in enumerate(AD_NAMES):
+            entry_dn = f"CN={escape_rdn(name)},{users}"
+            assert admin.add(entry_dn, ["top", "person", "organizationalPerson", "user"],
+                             {"sAMAccountName": f"m12-{i}", "displayName": name,
+                              "userAccountControl": "514"}), admin.result
+            made[name] = entry_dn
+        assert admin.modify(made["Smith, John"], {"jpegPhoto": [(ldap3.MODIFY_REPLACE, [photo])]}), \
+            admin.result
+        group_dn = f"CN=m12-special,{users}"
+        assert admin.add(group_dn, ["top", "group"], {"sAMAccountName": "m12-special",
+                                                      "member": list(made.values())}), admin.result
+        admin.search(users, "(sAMAccountName=m12-0)", attributes=["objectGUID", "objectSid"])
+        raw = admin.response[0]["raw_attributes"]
+        guid, sid = str(uuid.UUID(bytes_le=raw["objectGUID"][0])), sid_text(raw["objectSid"][0])
+        assert sid.startswith("S-1-5-21-")
+
+        mapping = {"user": {"username": "sAMAccountName", "name": "displayName", "photo": "jpegPhoto",
+                            "guid": "objectGUID", "sid": "objectSid"},
+                   "group": {"name": "sAMAccountName"}}
+        rig = Rig.start(tmp_path / "rig", connectors=("c-a",))
+        rig.agent("c-a")
+        rig.configure({"directories": [directory_entry("ad", ad_config(test_ca,
+                                                                       attribute_mapping=mapping))]})
+
+        def ready():
+            rows = rig.export("ad")
+            return rows if rows and any(r["dn"] == group_dn for r in rows) else None
+        rows = wait_for(ready, 300, "the AD users and group in home's export")
+        by_user = {r["username"]: r for r in rows if r["kind"] == "user"}
+        smith = by_user["m12-0"]
+        assert smith["id"] == guid and smith["guid"] == guid and smith["sid"] == sid
+        assert base64.b64decode(smith["photo;base64"]) == photo
+        for i, name in enumerate(AD_NAMES):
+            row = by_user[f"m12-{i}"]
+            assert row["name"] == name
+            assert dn.same(row["member_of"], group_dn), (name, row["member_of"])
+        group = next(r for r in rows if r["dn"] == group_dn)
+        assert len(group["members"].split("|")) == len(AD_NAMES)
+    finally:
+        if rig is not None:
+            rig.stop()
+        admin.unbind()
