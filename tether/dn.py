@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import unicodedata
 
-__all__ = ["DNError", "parse", "key", "same", "within", "rdn_value"]
+__all__ = ["DNError", "parse", "key", "same", "within", "rdn_value", "split_rdn"]
 
 
 class DNError(ValueError):
@@ -249,3 +249,24 @@ def rdn_value(dn: str) -> str:
         raise DNError("the root DN has no RDN")
     value = rdns[0][0][1]
     return value if isinstance(value, str) else "#" + value.hex()
+
+
+def split_rdn(dn: str) -> tuple[str, str]:
+    """(first RDN, parent DN) as written: 'cn=Smith\\, John,ou=x' -> ('cn=Smith\\, John', 'ou=x').
+
+    Why: a rename or move builds the new DN from the parent; ``dn.split(",", 1)``
+    cuts inside an escaped comma. Raises :class:`DNError` for a malformed DN.
+    """
+    parse(dn)  # validate first: the scan below trusts the grammar
+    i, n, quoted = 0, len(dn), False
+    while i < n:
+        c = dn[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c in ",;" and not quoted:
+            return dn[:i].strip(), dn[i + 1:].strip()
+        i += 1
+    return dn.strip(), ""

@@ -136,3 +136,12 @@ def test_root_and_types():
 def test_unescaped_equals_belongs_to_the_value():
     """RFC 4514 lets '=' stand unescaped in a value (ldap3 refuses it; slapd does not)."""
     assert dn.parse("cn=a b c=d,dc=x")[0] == [("cn", "a b c=d")]
+
+
+def test_split_rdn_respects_escapes_and_quotes():
+    assert dn.split_rdn("cn=Smith\\, John,ou=People,dc=x") == ("cn=Smith\\, John", "ou=People,dc=x")
+    assert dn.split_rdn('cn="a,b" , dc=x') == ('cn="a,b"', "dc=x")
+    assert dn.split_rdn("cn=a\\2Cb+uid=c;dc=x") == ("cn=a\\2Cb+uid=c", "dc=x")
+    assert dn.split_rdn("dc=x") == ("dc=x", "")
+    with pytest.raises(dn.DNError):
+        dn.split_rdn("cn=a\\")
