@@ -141,7 +141,8 @@ def dn_key(dn: str) -> tuple[str, str | None]:
         return _BROKEN + dn.lower(), str(exc)
 
 
-def _row(directory: str, record: dict) -> tuple[tuple, list[tuple]]:
+def _row(directory: str, record: dict, known: dict[str, str] | None = None
+         ) -> tuple[tuple, list[tuple]]:
     """An upsert record as (entry row, membership rows); missing mandatory fields refuse the batch.
 
     Problems found here (a malformed DN of the entry or of a member) join those
@@ -165,7 +166,10 @@ def _row(directory: str, record: dict) -> tuple[tuple, list[tuple]]:
         for member in members:
             if not isinstance(member, str):
                 raise IdentityError(f"group {rid} lists a member that is not a DN string")
-            mkey, why = dn_key(member)
+            mkey = (known or {}).get(member)  # spelled as last time: no need to parse again
+            why = None
+            if mkey is None or mkey.startswith(_BROKEN):
+                mkey, why = dn_key(member)
             if why:
                 bad += 1
                 if bad <= 5:
@@ -401,12 +405,17 @@ class IdentityStore:
                 raise IdentityError(f"change record is not an object: {str(record)[:200]}")
             op = record.get("op")
             if op == "upsert":
-                item = _row(directory, record)
+                known = None
+                if record.get("kind") == "group" and isinstance(record.get("id"), str):
+                    known = dict(self.db.execute(
+                        f"SELECT member_dn, member_key FROM {_MEMBERS[table]} WHERE directory = ? "
+                        "AND group_id = ?", (directory, record["id"])).fetchall())
+                item = (*_row(directory, record, known), known)
             elif op == "delete":
                 rid = record.get("id")
                 if not isinstance(rid, str) or not rid:
                     raise IdentityError(f"delete record without an id: {str(record)[:200]}")
-                item = ((directory, rid), [])
+                item = ((directory, rid), [], None)
             else:
                 raise IdentityError(f"record op {op!r}; expected upsert or delete")
             if op != run_op and run:
@@ -418,17 +427,31 @@ class IdentityStore:
             self._flush(table, run_op, run)
         return len(changes)
 
-    def _flush(self, table: str, op: str, items: list[tuple[tuple, list[tuple]]]) -> None:
-        """Entries and their memberships (a record is a whole state: its old members go)."""
+    def _flush(self, table: str, op: str, items: list[tuple]) -> None:
+        """Entries and their memberships (a record is a whole state: its old members go).
+
+        Items are (entry row, membership rows, the group's stored {member DN: key} or
+        None). Why the diff: one member added to a 100,000-member group rewrites one
+        membership row, not all of them.
+        """
         members = _MEMBERS[table]
-        self.db.executemany(f"DELETE FROM {members} WHERE directory = ? AND group_id = ?",
-                            [(row[0], row[1]) for row, _ in items])
-        if op == "upsert":
-            self.db.executemany(_UPSERT[table], [row for row, _ in items])
-            self.db.executemany(f"INSERT OR REPLACE INTO {members} VALUES (?,?,?,?)",
-                                [m for _, rows in items for m in rows])
-        else:
-            self.db.executemany(_DELETE[table], [row for row, _ in items])
+        fresh = [(row[0], row[1]) for row, _, known in items if not known]
+        self.db.executemany(f"DELETE FROM {members} WHERE directory = ? AND group_id = ?", fresh)
+        if op != "upsert":
+            self.db.executemany(_DELETE[table], [row for row, _, _ in items])
+            return
+        self.db.executemany(_UPSERT[table], [row for row, _, _ in items])
+        inserts, deletes = [], []
+        for row, rows, known in items:
+            if not known:
+                inserts += rows
+                continue
+            keep = {m[2] for m in rows}
+            deletes += [(row[0], row[1], k) for k in set(known.values()) - keep]
+            inserts += [m for m in rows if known.get(m[3]) != m[2]]
+        self.db.executemany(f"DELETE FROM {members} WHERE directory = ? AND group_id = ? "
+                            "AND member_key = ?", deletes)
+        self.db.executemany(f"INSERT OR REPLACE INTO {members} VALUES (?,?,?,?)", inserts)
 
     def _swap(self, directory: str) -> None:
         """The full sync completed: staging becomes the snapshot (same transaction)."""
@@ -515,26 +538,35 @@ class IdentityStore:
             "JOIN entries g ON g.directory = m.directory AND g.id = m.group_id "
             "WHERE e.directory = ? AND e.id = ? ORDER BY g.dn_key", (directory, entry_id))]
 
+    def _group_dns(self, directory: str) -> dict[str, str]:
+        """group id -> DN, read once: joining each membership row to its group's entry
+        would read the group's whole row (its member list) once per member."""
+        return dict(self.db.execute("SELECT id, dn FROM entries WHERE directory = ? AND "
+                                    "kind = 'group'", (directory,)).fetchall())
+
     def _member_of_all(self, directory: str) -> dict[str, list[str]]:
         """entry id -> DNs of the groups listing it (one query, for the export)."""
+        groups = self._group_dns(directory)
         out: dict[str, list[str]] = {}
-        for rid, gdn in self.db.execute(
-                "SELECT e.id, g.dn FROM memberships m "
+        for rid, gid in self.db.execute(
+                "SELECT e.id, m.group_id FROM memberships m "
                 "JOIN entries e ON e.directory = m.directory AND e.dn_key = m.member_key "
-                "JOIN entries g ON g.directory = m.directory AND g.id = m.group_id "
                 "WHERE m.directory = ?", (directory,)):
-            out.setdefault(rid, []).append(gdn)
+            if gid in groups:
+                out.setdefault(rid, []).append(groups[gid])
         return out
 
     def unresolved_members(self, directory: str, limit: int = 20) -> dict:
         """Member DNs that name no entry of the snapshot: kept, and counted here."""
-        sql = ("FROM memberships m JOIN entries g ON g.directory = m.directory AND g.id = m.group_id "
+        sql = ("FROM memberships m "
                "LEFT JOIN entries e ON e.directory = m.directory AND e.dn_key = m.member_key "
                "WHERE m.directory = ? AND e.id IS NULL")
         count = self.db.execute("SELECT COUNT(*) " + sql, (directory,)).fetchone()[0]
-        examples = [{"group_id": r[0], "group": r[1], "member": r[2]} for r in self.db.execute(
-            "SELECT g.id, g.dn, m.member_dn " + sql + " ORDER BY g.dn_key LIMIT ?",
-            (directory, limit))]
+        groups = self._group_dns(directory) if count else {}
+        examples = [{"group_id": r[0], "group": groups.get(r[0], ""), "member": r[1]}
+                    for r in self.db.execute("SELECT m.group_id, m.member_dn " + sql +
+                                             " ORDER BY m.group_id, m.member_key LIMIT ?",
+                                             (directory, limit))]
         return {"count": count, "examples": examples}
 
     def member_loops(self, directory: str, limit: int = 20) -> list[list[dict]]:
@@ -545,13 +577,13 @@ class IdentityStore:
         """
         edges: dict[str, list[str]] = {}
         names: dict[str, str] = {}
-        for gid, gdn, mid, mdn in self.db.execute(
-                "SELECT m.group_id, g.dn, e.id, e.dn FROM memberships m "
+        groups = self._group_dns(directory)
+        for gid, mid in self.db.execute(
+                "SELECT m.group_id, e.id FROM memberships m "
                 "JOIN entries e ON e.directory = m.directory AND e.dn_key = m.member_key "
-                "JOIN entries g ON g.directory = m.directory AND g.id = m.group_id "
                 "WHERE m.directory = ? AND e.kind = 'group'", (directory,)):
             edges.setdefault(gid, []).append(mid)
-            names[gid], names[mid] = gdn, mdn
+            names[gid], names[mid] = groups.get(gid, ""), groups.get(mid, "")
         loops, done, seen_cycles = [], set(), set()
         for start in sorted(edges):
             if start in done:

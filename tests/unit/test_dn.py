@@ -145,3 +145,16 @@ def test_split_rdn_respects_escapes_and_quotes():
     assert dn.split_rdn("dc=x") == ("dc=x", "")
     with pytest.raises(dn.DNError):
         dn.split_rdn("cn=a\\")
+
+
+def test_plain_fast_path_agrees_with_the_parser():
+    from tether.dn import _full_key
+    texts = [t for group in SAME for t in group] + [a for pair in DIFFERENT for a in pair] + [
+        "uid=u000,ou=People,dc=example,dc=org", "CN = Joe  Bloggs , OU=x,DC=y", "cn=a=b,dc=x",
+        "cn=,dc=x", "o=Acme Inc.,c=US", "commonName=x,domainComponent=y", "cn=a ,dc=x"]
+    for text in texts:
+        try:
+            want = _full_key(text)
+        except dn.DNError:
+            continue
+        assert dn.key.__wrapped__(text) == want, text

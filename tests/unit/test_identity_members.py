@@ -156,3 +156,13 @@ def test_migration_from_version_0_keeps_everything(tmp_path):
     again = IdentityStore(path)  # a second open does not migrate twice
     assert again.members_of("d", "g1")[0]["id"] == "u1"
     again.close()
+
+
+def test_group_update_rewrites_only_the_changed_memberships(store):
+    full(store, [user("u1", "uid=a,dc=x"), user("u2", "uid=b,dc=x"),
+                 group("g1", "cn=g,dc=x", ["uid=a,dc=x", "uid=b,dc=x"])])
+    incremental(store, [group("g1", "cn=g,dc=x", ["UID=A,DC=X", "uid=c,dc=x"])], 4)
+    got = {(m["id"], m["dn"]) for m in store.members_of("d", "g1")}
+    assert got == {("u1", "UID=A,DC=X"), (None, "uid=c,dc=x")}  # new spelling shown, b gone
+    incremental(store, [group("g1", "cn=g,dc=x", [])], 5)
+    assert store.members_of("d", "g1") == [] and store.groups_of("d", "u1") == []

@@ -89,6 +89,11 @@ def test_special_users_have_exactly_their_memberships_and_photo_round_trips(
     dns = seed(conn)
     photo = bytes.fromhex("ffd8ffe000104a464946") + os.urandom(3000) + b"\xff\xd9"
     assert conn.modify(dns["Smith, John"], {"jpegPhoto": [(ldap3.MODIFY_REPLACE, [photo])]}), conn.result
+    # a member loop (A in B in A): reported, both groups still sync
+    assert conn.add(f"cn=loopA,{GROUPS}", ["groupOfNames"], {"cn": "loopA", "member": [
+        f"CN=LOOPB,{GROUPS}"]}), conn.result
+    assert conn.add(f"cn=loopB,{GROUPS}", ["groupOfNames"], {"cn": "loopB", "member": [
+        f"cn=loopa,{GROUPS}"]}), conn.result
     rig = Rig.start(tmp_path / "rig", connectors=("c-a",))
     try:
         rig.agent("c-a")
@@ -111,8 +116,12 @@ def test_special_users_have_exactly_their_memberships_and_photo_round_trips(
         status = rig.directory_status("corp")
         assert status["unresolved_members"]["count"] == 1
         assert status["unresolved_members"]["examples"][0]["member"] == "uid=ghost,ou=elsewhere,dc=other"
+        [loop] = status["member_loops"]
+        assert {dn.key(g["dn"]) for g in loop} == {dn.key(f"cn=loopA,{GROUPS}"),
+                                                   dn.key(f"cn=loopB,{GROUPS}")}
         text = rig.cli("directory", "status").stdout
         assert "unresolved members: 1" in text and "uid=ghost,ou=elsewhere,dc=other" in text
+        assert "member loop: cn=loopA" in text
 
         # an incremental change: a new member written in yet another spelling
         assert conn.modify(f"cn=odd,{GROUPS}", {"member": [(ldap3.MODIFY_ADD, [
