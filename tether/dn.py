@@ -63,6 +63,7 @@ _ALIASES = {
 }
 _SPECIAL = frozenset(',+"\\<>;=#')
 _HEX = frozenset("0123456789abcdefABCDEF")
+_ESCAPE_KEY = {ord(c): f"\\{ord(c):02x}" for c in _SPECIAL}
 #: BER tags of the string types a ``#hex`` value may hold, and how to read them
 _BER_STRINGS = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii", 0x14: "latin-1",
                 0x1E: "utf-16-be", 0x1C: "utf-32-be", 0x1A: "ascii"}
@@ -152,6 +153,16 @@ def parse(dn: str) -> list[list[tuple[str, str | bytes]]]:
             out = bytearray()
             keep = 0  # length of `out` up to the last escaped or non-space byte
             while i < n:
+                run = _RUN.match(dn, i)
+                if run:  # a stretch of ordinary characters at once
+                    chunk = run.group()
+                    stripped = chunk.rstrip(" ")
+                    if stripped:
+                        keep = len(out) + len(stripped.encode())
+                    out += chunk.encode()
+                    i = run.end()
+                    if i >= n:
+                        break
                 c = dn[i]
                 if c in ",+;":
                     break
@@ -159,12 +170,7 @@ def parse(dn: str) -> list[list[tuple[str, str | bytes]]]:
                     i = _escape(dn, i, out)
                     keep = len(out)
                     continue
-                if c in '"<>\x00':
-                    raise DNError(f"DN {dn!r}: {c!r} must be escaped in a value (\\{ord(c):02X})")
-                out += c.encode()
-                i += 1
-                if c != " ":
-                    keep = len(out)
+                raise DNError(f"DN {dn!r}: {c!r} must be escaped in a value (\\{ord(c):02X})")
             value = _utf8(bytes(out[:keep]), dn)  # unescaped trailing spaces are not part of it
         while i < n and dn[i] == " ":
             i += 1
@@ -209,15 +215,19 @@ def _fold(value: str | bytes) -> str:
     """caseIgnoreMatch's prepared form (RFC 4518), escaped so that keys never collide."""
     if isinstance(value, bytes):
         return "#" + value.hex()
-    text = unicodedata.normalize("NFKC", value.casefold())
-    text = " ".join("".join(" " if ch.isspace() else ch for ch in text
-                            if unicodedata.category(ch) != "Cc" or ch.isspace()).split())
-    return "".join(f"\\{ord(ch):02x}" if ch in _SPECIAL else ch for ch in text)
+    if value.isascii() and value.isprintable():  # nothing for NFKC or control removal to do
+        text = " ".join(value.lower().split())
+    else:
+        text = unicodedata.normalize("NFKC", value.casefold())
+        text = " ".join("".join(" " if ch.isspace() else ch for ch in text
+                                if unicodedata.category(ch) != "Cc" or ch.isspace()).split())
+    return text.translate(_ESCAPE_KEY)
 
 
 #: anything that needs the full parser (escapes, quotes, multi-valued RDNs, BER, controls)
 _NOT_PLAIN = re.compile(r'[\\"+#;<>\x00-\x1f\x7f]')
 _DESCR = re.compile(r"[a-z][a-z0-9-]*")
+_RUN = re.compile(r'[^,+;\\"<>\x00]+')
 
 
 @functools.lru_cache(maxsize=1 << 16)
