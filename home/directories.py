@@ -520,6 +520,10 @@ def report(store: Store, identity: IdentityStore | None, live: dict | None) -> l
             "full_synced_at": state.get("full_synced_at"),
             "error": state.get("error"),
             "stall": stall(connectors, running if live is not None else None, state.get("error")),
+            # issue 12: data that could not be carried as is, each with its entry
+            "problems": state.get("problems") or {"entries": 0, "items": []},
+            "unresolved_members": state.get("unresolved_members") or {"count": 0, "examples": []},
+            "member_loops": state.get("member_loops") or [],
         })
     return rows
 
@@ -545,7 +549,26 @@ def render(rows: list[dict], running: bool) -> str:
         if r.get("stall"):
             hint = f" ({r['stall']['hint']})" if r["stall"].get("hint") else ""
             lines.append(f"    stalled: {r['stall']['reason']}{hint}")
+        lines += data_lines(r)
     return "\n".join(lines)
+
+
+def data_lines(row: dict) -> list[str]:
+    """Problems of the synced data (issue 12), each with the entry it came from."""
+    lines = []
+    problems = row.get("problems") or {}
+    if problems.get("entries"):
+        lines.append(f"    problems: {problems['entries']} entries (fix them in the directory; "
+                     "the rest syncs)")
+        lines += [f"      {p['code']}: {p['dn']}: {p['message']}" for p in problems["items"]]
+    unresolved = row.get("unresolved_members") or {}
+    if unresolved.get("count"):
+        lines.append(f"    unresolved members: {unresolved['count']} member DNs name no synced "
+                     "entry (kept; outside the base DNs, or gone)")
+        lines += [f"      {u['group']} lists {u['member']}" for u in unresolved["examples"]]
+    for loop in row.get("member_loops") or []:
+        lines.append("    member loop: " + " -> ".join(g["dn"] for g in loop + loop[:1]))
+    return lines
 
 
 def error_line(error: dict) -> str:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tether import protocol
+from tether import dn as dnmeaning
 from tether.home import sqlite as sqlite_helpers
 from tether.home.sqlite import Transaction
 
@@ -78,6 +79,19 @@ CREATE TABLE IF NOT EXISTS parts (
     count INTEGER NOT NULL, size INTEGER NOT NULL, text TEXT NOT NULL,
     PRIMARY KEY (directory, instance_id, idx)
 ) WITHOUT ROWID;
+-- membership as a relation: group id -> member (its DN's meaning, tether.dn.key, and
+-- its DN as the directory spelled it, for display). The member's id is found by
+-- joining entries on dn_key, so a group that arrives before its members, a rename
+-- or a delete resolves by itself; a member naming nothing in the snapshot stays.
+CREATE TABLE IF NOT EXISTS memberships (
+    directory TEXT NOT NULL, group_id TEXT NOT NULL, member_key TEXT NOT NULL,
+    member_dn TEXT NOT NULL, PRIMARY KEY (directory, group_id, member_key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS staging_memberships (
+    directory TEXT NOT NULL, group_id TEXT NOT NULL, member_key TEXT NOT NULL,
+    member_dn TEXT NOT NULL, PRIMARY KEY (directory, group_id, member_key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS memberships_member ON memberships (directory, member_key);
 CREATE TABLE IF NOT EXISTS applied (
     directory TEXT NOT NULL, instance_id TEXT NOT NULL,
     applied_through INTEGER NOT NULL, updated_at REAL NOT NULL,
@@ -85,9 +99,22 @@ CREATE TABLE IF NOT EXISTS applied (
 );
 """
 
-_COLUMNS = "directory, id, kind, dn, attributes, members, disabled, password_hashes"
-_UPSERT = {t: f"INSERT OR REPLACE INTO {t} ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)"
+#: schema version 1 added dn_key, encodings, problems and the memberships tables
+SCHEMA_VERSION = 1
+_MIGRATE_1 = """
+ALTER TABLE entries ADD COLUMN dn_key TEXT;
+ALTER TABLE entries ADD COLUMN encodings TEXT;
+ALTER TABLE entries ADD COLUMN problems TEXT;
+ALTER TABLE staging ADD COLUMN dn_key TEXT;
+ALTER TABLE staging ADD COLUMN encodings TEXT;
+ALTER TABLE staging ADD COLUMN problems TEXT;
+"""
+_COLUMNS = ("directory, id, kind, dn, attributes, members, disabled, password_hashes, dn_key, "
+            "encodings, problems")
+_UPSERT = {t: f"INSERT OR REPLACE INTO {t} ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
            for t in ("entries", "staging")}
+_MEMBERS = {"entries": "memberships", "staging": "staging_memberships"}
+_BROKEN = "!"  # prefix of the key of a DN that does not parse: matches only its own spelling
 _DELETE = {t: f"DELETE FROM {t} WHERE directory = ? AND id = ?" for t in ("entries", "staging")}
 #: Separator of multi-valued cells in the CSV export (DNs contain commas, rarely "|").
 CSV_MULTI = "|"
@@ -119,8 +146,21 @@ def _db_json(value) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
-def _row(directory: str, record: dict) -> tuple:
-    """An upsert record as a row; missing mandatory fields refuse the batch."""
+def dn_key(dn: str) -> tuple[str, str | None]:
+    """(the DN's comparison key, None) or, for a malformed DN, (its own key, why)."""
+    try:
+        return dnmeaning.key(dn), None
+    except dnmeaning.DNError as exc:
+        return _BROKEN + dn.lower(), str(exc)
+
+
+def _row(directory: str, record: dict, known: dict[str, str] | None = None
+         ) -> tuple[tuple, list[tuple]]:
+    """An upsert record as (entry row, membership rows); missing mandatory fields refuse the batch.
+
+    Problems found here (a malformed DN of the entry or of a member) join those
+    the agent reported (``problems``) on the entry, for ``directory status``.
+    """
     try:
         rid, kind, dn = record["id"], record["kind"], record["dn"]
     except KeyError as exc:
@@ -128,10 +168,35 @@ def _row(directory: str, record: dict) -> tuple:
     if not (isinstance(rid, str) and rid and isinstance(dn, str) and kind in ("user", "group")):
         raise IdentityError(f"upsert record needs string id and dn and kind user|group: "
                             f"{str(record)[:200]}")
+    problems = [p for p in record.get("problems") or [] if isinstance(p, dict)][:20]
+    key, why = dn_key(dn)
+    if why:
+        problems.append({"code": "bad_dn", "message": f"the entry's own DN does not parse: {why}"})
+    members = record.get("members")
+    member_rows: list[tuple] = []
+    if kind == "group" and isinstance(members, list):
+        bad = 0
+        for member in members:
+            if not isinstance(member, str):
+                raise IdentityError(f"group {rid} lists a member that is not a DN string")
+            mkey = (known or {}).get(member)  # spelled as last time: no need to parse again
+            why = None
+            if mkey is None or mkey.startswith(_BROKEN):
+                mkey, why = dn_key(member)
+            if why:
+                bad += 1
+                if bad <= 5:
+                    problems.append({"code": "bad_member_dn", "attribute": "member",
+                                     "message": f"member value kept as written but names nothing: "
+                                                f"{why}"})
+            member_rows.append((directory, rid, mkey, member))
     disabled = record.get("disabled")
-    return (directory, rid, kind, dn, _db_json(record.get("attributes") or {}),
-            _db_json(record.get("members")), None if disabled is None else int(bool(disabled)),
-            _db_json(record.get("password_hashes")))
+    encodings = record.get("encodings")
+    return ((directory, rid, kind, dn, _db_json(record.get("attributes") or {}),
+             _db_json(members), None if disabled is None else int(bool(disabled)),
+             _db_json(record.get("password_hashes")), key,
+             _db_json(encodings) if isinstance(encodings, dict) and encodings else None,
+             _db_json(problems) if problems else None), member_rows)
 
 
 class IdentityStore:
@@ -152,10 +217,45 @@ class IdentityStore:
             self.db.close()
             raise sqlite_helpers.DatabaseUnusable(f"{self.path} cannot be read ({exc}); "
                                                   f"{RESTORE_HINT}") from None
+        self._migrate()
         for suffix in ("-wal", "-shm"):  # SQLite creates them with the umask: tighten
             side = Path(str(self.path) + suffix)
             if side.exists():
                 os.chmod(side, 0o600)
+
+    def _migrate(self) -> None:
+        """Bring an older identity.db up to SCHEMA_VERSION in place (never a wipe).
+
+        Version 0 -> 1: entries gain dn_key (computed from each DN), encodings and
+        problems; memberships are filled from each group's stored member DNs.
+        """
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(entries)")}
+            if "dn_key" not in columns:
+                for statement in filter(str.strip, _MIGRATE_1.split(";")):
+                    self.db.execute(statement)
+            for table in ("entries", "staging"):
+                rows = self.db.execute(f"SELECT * FROM {table}").fetchall()
+                for row in rows:
+                    record = _decode(row)
+                    record["problems"] = None
+                    entry, member_rows = _row(row["directory"], record)
+                    self.db.execute(_UPSERT[table], entry)
+                    self.db.execute(f"DELETE FROM {_MEMBERS[table]} WHERE directory = ? AND "
+                                    "group_id = ?", (row["directory"], row["id"]))
+                    self.db.executemany(f"INSERT OR REPLACE INTO {_MEMBERS[table]} VALUES "
+                                        "(?,?,?,?)", member_rows)
+            self.db.execute("CREATE INDEX IF NOT EXISTS entries_dn_key ON entries "
+                            "(directory, dn_key)")
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     @classmethod
     def open_existing(cls, path: Path) -> IdentityStore | None:
@@ -298,6 +398,7 @@ class IdentityStore:
                 raise IdentityError(f"begin with mode {mode!r}; expected full or incremental")
             # Whatever stream was open is abandoned: its staged rows must never swap in.
             self.db.execute("DELETE FROM staging WHERE directory = ?", (directory,))
+            self.db.execute("DELETE FROM staging_memberships WHERE directory = ?", (directory,))
             state["stream_mode"], state["stream_instance"] = mode, instance_id
         elif kind == "chunk":
             changes = message.get("changes")
@@ -365,12 +466,17 @@ class IdentityStore:
                 raise IdentityError(f"change record is not an object: {str(record)[:200]}")
             op = record.get("op")
             if op == "upsert":
-                item = _row(directory, record)
+                known = None
+                if record.get("kind") == "group" and isinstance(record.get("id"), str):
+                    known = dict(self.db.execute(
+                        f"SELECT member_dn, member_key FROM {_MEMBERS[table]} WHERE directory = ? "
+                        "AND group_id = ?", (directory, record["id"])).fetchall())
+                item = (*_row(directory, record, known), known)
             elif op == "delete":
                 rid = record.get("id")
                 if not isinstance(rid, str) or not rid:
                     raise IdentityError(f"delete record without an id: {str(record)[:200]}")
-                item = (directory, rid)
+                item = ((directory, rid), [], None)
             else:
                 raise IdentityError(f"record op {op!r}; expected upsert or delete")
             if op != run_op and run:
@@ -382,8 +488,31 @@ class IdentityStore:
             self._flush(table, run_op, run)
         return len(changes)
 
-    def _flush(self, table: str, op: str, rows: list[tuple]) -> None:
-        self.db.executemany(_UPSERT[table] if op == "upsert" else _DELETE[table], rows)
+    def _flush(self, table: str, op: str, items: list[tuple]) -> None:
+        """Entries and their memberships (a record is a whole state: its old members go).
+
+        Items are (entry row, membership rows, the group's stored {member DN: key} or
+        None). Why the diff: one member added to a 100,000-member group rewrites one
+        membership row, not all of them.
+        """
+        members = _MEMBERS[table]
+        fresh = [(row[0], row[1]) for row, _, known in items if not known]
+        self.db.executemany(f"DELETE FROM {members} WHERE directory = ? AND group_id = ?", fresh)
+        if op != "upsert":
+            self.db.executemany(_DELETE[table], [row for row, _, _ in items])
+            return
+        self.db.executemany(_UPSERT[table], [row for row, _, _ in items])
+        inserts, deletes = [], []
+        for row, rows, known in items:
+            if not known:
+                inserts += rows
+                continue
+            keep = {m[2] for m in rows}
+            deletes += [(row[0], row[1], k) for k in set(known.values()) - keep]
+            inserts += [m for m in rows if known.get(m[3]) != m[2]]
+        self.db.executemany(f"DELETE FROM {members} WHERE directory = ? AND group_id = ? "
+                            "AND member_key = ?", deletes)
+        self.db.executemany(f"INSERT OR REPLACE INTO {members} VALUES (?,?,?,?)", inserts)
 
     def _swap(self, directory: str) -> None:
         """The full sync completed: staging becomes the snapshot (same transaction)."""
@@ -391,6 +520,10 @@ class IdentityStore:
         self.db.execute(f"INSERT INTO entries ({_COLUMNS}) SELECT {_COLUMNS} FROM staging "
                         "WHERE directory = ?", (directory,))
         self.db.execute("DELETE FROM staging WHERE directory = ?", (directory,))
+        self.db.execute("DELETE FROM memberships WHERE directory = ?", (directory,))
+        self.db.execute("INSERT INTO memberships SELECT * FROM staging_memberships "
+                        "WHERE directory = ?", (directory,))
+        self.db.execute("DELETE FROM staging_memberships WHERE directory = ?", (directory,))
 
     # ------------------------------------------------------------------ reading
 
@@ -427,6 +560,9 @@ class IdentityStore:
                 "SELECT instance_id, applied_through FROM applied WHERE directory = ? "
                 "ORDER BY instance_id", (directory,))}
         state["error"] = self.last_error(directory)
+        state["problems"] = self.problems(directory)
+        state["unresolved_members"] = self.unresolved_members(directory)
+        state["member_loops"] = self.member_loops(directory)
         return state
 
     def entries(self, directory: str, kind: str | None = None) -> Iterator[dict]:
@@ -444,28 +580,128 @@ class IdentityStore:
                               (directory, rid)).fetchone()
         return _decode(row) if row else None
 
+    # ---- membership (the interface the SCIM Groups API reads)
+
+    def members_of(self, directory: str, group_id: str) -> list[dict]:
+        """``[{"id": member id or None, "dn", "kind"}]`` of a group, by DN; ``id`` None:
+        the DN names nothing in the snapshot (outside the synced bases, or gone)."""
+        return [dict(r) for r in self.db.execute(
+            "SELECT e.id AS id, m.member_dn AS dn, e.kind AS kind FROM memberships m "
+            "LEFT JOIN entries e ON e.directory = m.directory AND e.dn_key = m.member_key "
+            "WHERE m.directory = ? AND m.group_id = ? ORDER BY m.member_key",
+            (directory, group_id))]
+
+    def groups_of(self, directory: str, entry_id: str) -> list[dict]:
+        """``[{"id", "dn"}]`` of the groups listing the entry ``entry_id`` directly, by DN."""
+        return [dict(r) for r in self.db.execute(
+            "SELECT g.id AS id, g.dn AS dn FROM entries e "
+            "JOIN memberships m ON m.directory = e.directory AND m.member_key = e.dn_key "
+            "JOIN entries g ON g.directory = m.directory AND g.id = m.group_id "
+            "WHERE e.directory = ? AND e.id = ? ORDER BY g.dn_key", (directory, entry_id))]
+
+    def _group_dns(self, directory: str) -> dict[str, str]:
+        """group id -> DN, read once: joining each membership row to its group's entry
+        would read the group's whole row (its member list) once per member."""
+        return dict(self.db.execute("SELECT id, dn FROM entries WHERE directory = ? AND "
+                                    "kind = 'group'", (directory,)).fetchall())
+
+    def _member_of_all(self, directory: str) -> dict[str, list[str]]:
+        """entry id -> DNs of the groups listing it (one query, for the export)."""
+        groups = self._group_dns(directory)
+        out: dict[str, list[str]] = {}
+        for rid, gid in self.db.execute(
+                "SELECT e.id, m.group_id FROM memberships m "
+                "JOIN entries e ON e.directory = m.directory AND e.dn_key = m.member_key "
+                "WHERE m.directory = ?", (directory,)):
+            if gid in groups:
+                out.setdefault(rid, []).append(groups[gid])
+        return out
+
+    def unresolved_members(self, directory: str, limit: int = 20) -> dict:
+        """Member DNs that name no entry of the snapshot: kept, and counted here."""
+        sql = ("FROM memberships m "
+               "LEFT JOIN entries e ON e.directory = m.directory AND e.dn_key = m.member_key "
+               "WHERE m.directory = ? AND e.id IS NULL")
+        count = self.db.execute("SELECT COUNT(*) " + sql, (directory,)).fetchone()[0]
+        groups = self._group_dns(directory) if count else {}
+        examples = [{"group_id": r[0], "group": groups.get(r[0], ""), "member": r[1]}
+                    for r in self.db.execute("SELECT m.group_id, m.member_dn " + sql +
+                                             " ORDER BY m.group_id, m.member_key LIMIT ?",
+                                             (directory, limit))]
+        return {"count": count, "examples": examples}
+
+    def member_loops(self, directory: str, limit: int = 20) -> list[list[dict]]:
+        """Cycles of group nesting (A in B in A), each as the groups ``[{"id", "dn"}]`` around it.
+
+        Why report: nested evaluation by a consumer must not loop, and a cycle is
+        usually a mistake in the directory; the groups still sync as they are.
+        """
+        edges: dict[str, list[str]] = {}
+        names: dict[str, str] = {}
+        groups = self._group_dns(directory)
+        for gid, mid in self.db.execute(
+                "SELECT m.group_id, e.id FROM memberships m "
+                "JOIN entries e ON e.directory = m.directory AND e.dn_key = m.member_key "
+                "WHERE m.directory = ? AND e.kind = 'group'", (directory,)):
+            edges.setdefault(gid, []).append(mid)
+            names[gid], names[mid] = groups.get(gid, ""), groups.get(mid, "")
+        loops, done, seen_cycles = [], set(), set()
+        for start in sorted(edges):
+            if start in done:
+                continue
+            stack, path, on_path = [(start, iter(edges.get(start, ())))], [start], {start}
+            while stack and len(loops) < limit:
+                node, children = stack[-1]
+                child = next(children, None)
+                if child is None:
+                    stack.pop()
+                    path.pop()
+                    on_path.discard(node)
+                    done.add(node)
+                elif child in on_path:
+                    cycle = path[path.index(child):]
+                    marker = frozenset(cycle)
+                    if marker not in seen_cycles:
+                        seen_cycles.add(marker)
+                        loops.append([{"id": g, "dn": names[g]} for g in cycle])
+                elif child not in done:
+                    stack.append((child, iter(edges.get(child, ()))))
+                    path.append(child)
+                    on_path.add(child)
+        return loops
+
+    def problems(self, directory: str, limit: int = 20) -> dict:
+        """Entries whose data could not be carried as is, with what and why."""
+        sql = "FROM entries WHERE directory = ? AND problems IS NOT NULL"
+        count = self.db.execute("SELECT COUNT(*) " + sql, (directory,)).fetchone()[0]
+        items = []
+        for rid, edn, raw in self.db.execute("SELECT id, dn, problems " + sql +
+                                             " ORDER BY dn_key LIMIT ?", (directory, limit)):
+            for p in json.loads(raw):
+                items.append({"id": rid, "dn": edn, "code": str(p.get("code")),
+                              "message": str(p.get("message")), "attribute": p.get("attribute")})
+        return {"entries": count, "items": items}
+
     def export_csv(self, directory: str, out: Path) -> dict:
         """Write the snapshot as CSV (format: :func:`csv_columns`), atomically."""
         rows = list(self.entries(directory))
         fields = sorted({f for r in rows for f in r["attributes"]})
-        member_of: dict[str, list[str]] = {}
-        for r in rows:
-            if r["kind"] == "group":
-                for dn in r["members"] or []:
-                    member_of.setdefault(dn.lower(), []).append(r["dn"])
+        base64_fields = {f for r in rows for f, enc in (r["encodings"] or {}).items()
+                         if enc == "base64"}
+        member_of = self._member_of_all(directory)
         out = Path(out)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # personal data
             with open(fd, "w", newline="", encoding="utf-8") as fh:
                 writer = csv.writer(fh)
-                writer.writerow(csv_columns(fields))
+                writer.writerow(csv_columns(fields, base64_fields))
                 for r in rows:
                     writer.writerow(
                         [r["kind"], r["id"], r["dn"]]
                         + [_cell(r["attributes"].get(f)) for f in fields]
                         + [_cell(r["disabled"]),
-                           _cell(sorted(member_of.get(r["dn"].lower(), []))),
+                           _cell(sorted(member_of.get(r["id"], []), key=_sort_key)),
                            _cell(r["members"] if r["kind"] == "group" else None)])
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -477,9 +713,16 @@ class IdentityStore:
                 "groups": len(rows) - users, "fields": fields}
 
 
-def csv_columns(fields: Iterable[str]) -> list[str]:
-    """``kind,id,dn,<mapped attribute fields, sorted>,disabled,member_of,members``."""
-    return ["kind", "id", "dn", *sorted(fields), "disabled", "member_of", "members"]
+def _sort_key(dn: str) -> str:
+    return dn_key(dn)[0]
+
+
+def csv_columns(fields: Iterable[str], base64_fields: Iterable[str] = ()) -> list[str]:
+    """``kind,id,dn,<mapped attribute fields, sorted>,disabled,member_of,members``; a field
+    whose values are base64 (binary attributes) is headed ``<field>;base64``."""
+    binary = set(base64_fields)
+    return ["kind", "id", "dn", *(f"{f};base64" if f in binary else f for f in sorted(fields)),
+            "disabled", "member_of", "members"]
 
 
 def _cell(value) -> str:
@@ -499,4 +742,10 @@ def _decode(row: sqlite3.Row) -> dict:
             "members": json.loads(row["members"]) if row["members"] else None,
             "disabled": None if disabled is None else bool(disabled),
             "password_hashes": json.loads(row["password_hashes"])
-            if row["password_hashes"] else None}
+            if row["password_hashes"] else None,
+            "encodings": _json_column(row, "encodings"), "problems": _json_column(row, "problems")}
+
+
+def _json_column(row: sqlite3.Row, name: str):
+    """A JSON column that files older than SCHEMA_VERSION 1 lack (read during the migration)."""
+    return json.loads(row[name]) if name in row.keys() and row[name] else None

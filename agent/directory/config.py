@@ -15,6 +15,7 @@ from ldap3.core.exceptions import LDAPInvalidFilterError
 from ldap3.operation.search import parse_filter
 
 from .errors import ConfigError, DirectoryError
+from .values import Syntaxes
 
 KINDS = ("openldap", "ad")
 TLS_MODES = ("ldaps", "starttls", "plain")
@@ -65,6 +66,8 @@ class DirectoryConfig:
     sync_password_hashes: bool
     connect_timeout: float
     receive_timeout: int
+    #: which attributes are binary (schema + `binary_attributes`); filled on first connect
+    syntaxes: Syntaxes = field(default_factory=Syntaxes, compare=False, repr=False)
 
 
 def _require(raw: dict, key: str, kind=str):
@@ -123,7 +126,7 @@ KNOWN_KEYS = {
     "name", "id", "kind", "servers", "tls", "allow_plain", "ca_file", "ca_pem", "bind_dn", "bind_password",
     "base_dns", "user_filter", "group_filter", "attribute_mapping", "login_attribute", "member_attribute",
     "user_container", "page_size", "sync_password_hashes", "connect_timeout", "receive_timeout",
-    "schedule", "cluster",
+    "schedule", "cluster", "binary_attributes",
 }
 
 
@@ -187,4 +190,14 @@ def load_config(raw: dict) -> DirectoryConfig:
         page_size=page_size, sync_password_hashes=bool(raw.get("sync_password_hashes", False)),
         connect_timeout=float(raw.get("connect_timeout", 5)),
         receive_timeout=max(1, int(raw.get("receive_timeout", 5))),
+        syntaxes=Syntaxes(_binary_attributes(raw)),
     )
+
+
+def _binary_attributes(raw: dict) -> tuple[str, ...]:
+    """Attributes to carry as base64 whatever the schema says (a server that hides its schema)."""
+    given = raw.get("binary_attributes", [])
+    if not isinstance(given, list) or not all(isinstance(a, str) and a for a in given):
+        raise ConfigError("'binary_attributes' must be a list of attribute names whose values "
+                          "are bytes (sent home as base64)")
+    return tuple(given)

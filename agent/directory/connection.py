@@ -184,6 +184,8 @@ class Pool:
                 failures.append(exc)
                 continue
             self.current = idx
+            if user is None and strategy == ldap3.SYNC and not self.config.syntaxes.tried:
+                self.config.syntaxes.load(conn)  # once per directory: which attributes are binary
             return conn
         raise _worst(failures, self.config)
 

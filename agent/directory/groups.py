@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from ldap3.utils.conv import escape_filter_chars
 
+from tether import dn as dnmeaning
+
 from .config import DirectoryConfig
 from .connection import check_result
 from .mapping import search_attributes, to_record
@@ -35,6 +37,14 @@ def _groups_with_member(config: DirectoryConfig, conn, dns: list[str], chain: bo
     return out
 
 
+def _key(dn: str) -> str:
+    """Groups are the same when their DNs mean the same (a broken DN: its spelling)."""
+    try:
+        return dnmeaning.key(dn)
+    except dnmeaning.DNError:
+        return dn.lower()
+
+
 def groups_of(config: DirectoryConfig, conn, dn: str) -> list[dict]:
     """Every group `dn` belongs to, directly or through nested groups, sorted by DN."""
     if config.kind == "ad":
@@ -46,8 +56,8 @@ def groups_of(config: DirectoryConfig, conn, dn: str) -> list[dict]:
         nxt = []
         for i in range(0, len(frontier), 50):
             for g in _groups_with_member(config, conn, frontier[i:i + 50], chain=False):
-                if g["dn"].lower() not in seen:
-                    seen[g["dn"].lower()] = g
+                if _key(g["dn"]) not in seen:
+                    seen[_key(g["dn"])] = g
                     nxt.append(g["dn"])
         frontier = nxt
     return sorted(seen.values(), key=lambda g: g["dn"].lower())

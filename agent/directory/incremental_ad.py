@@ -16,6 +16,9 @@ from typing import Iterator
 
 import ldap3
 from ldap3.utils.conv import escape_filter_chars
+from ldap3.utils.dn import escape_rdn
+
+from tether import dn as dnmeaning
 
 from . import cursor as cursors
 from .chunking import chunked
@@ -101,9 +104,11 @@ def _changed_live(session, config, usn: int, nc: str) -> list[tuple[int, dict]]:
 
 def _tombstone_rdn(dn: str) -> str:
     """'CN=frank\\0ADEL:<guid>,CN=Deleted Objects,...' -> 'frank' (Samba has no msDS-LastKnownRDN)."""
-    first = dn.split(",", 1)[0]
-    value = first.split("=", 1)[1] if "=" in first else first
-    return value.split("\\0ADEL:", 1)[0].split("\nDEL:", 1)[0]
+    try:
+        value = dnmeaning.rdn_value(dn)  # unescaped: a comma in the name stays in it
+    except dnmeaning.DNError:
+        value = dn.split(",", 1)[0].split("=", 1)[-1]
+    return value.split("\nDEL:", 1)[0].split("\\0ADEL:", 1)[0]
 
 
 def _deleted(session, config, usn: int, nc: str) -> list[tuple[int, dict]]:
@@ -120,7 +125,7 @@ def _deleted(session, config, usn: int, nc: str) -> list[tuple[int, dict]]:
         rec_id = to_record(config, "user", e["dn"], {"objectGUID": raw["objectGUID"]})["id"]
         rdn = (raw.get("msDS-LastKnownRDN") or [b""])[0].decode() or _tombstone_rdn(e["dn"])
         parent = (raw.get("lastKnownParent") or [b""])[0].decode()
-        dn = f"CN={rdn},{parent}" if rdn and parent else e["dn"]
+        dn = f"CN={escape_rdn(rdn)},{parent}" if rdn and parent else e["dn"]
         out.append((_usn(raw), {"op": "delete", "id": rec_id, "dn": dn}))
     return out
 

@@ -16,6 +16,8 @@ from typing import Iterator
 
 import ldap3
 
+from tether import dn as dnmeaning
+
 from . import cursor as cursors
 from .chunking import chunked
 from .config import DirectoryConfig
@@ -60,10 +62,8 @@ def _check_honoured(conn, csn: str | None) -> None:
 
 
 def _in_scope(config: DirectoryConfig, dn: str | None) -> bool:
-    if not dn:
-        return False
-    low = dn.lower()
-    return any(low == b.lower() or low.endswith("," + b.lower()) for b in config.base_dns)
+    """`dn` at or below a synced base, compared by meaning (tether.dn), not by spelling."""
+    return bool(dn) and any(dnmeaning.within(dn, b) for b in config.base_dns)
 
 
 def _log_records(session: PoolSession, config: DirectoryConfig, csn: str | None) -> list[dict]:
@@ -128,7 +128,7 @@ def _stream(config: DirectoryConfig, session: PoolSession, csn: str | None, chun
         for entry_id, rec in last.items():
             if entry_id in current:
                 out = current[entry_id]
-                if entry_id in renamed and renamed[entry_id].lower() != out["dn"].lower():
+                if entry_id in renamed and not dnmeaning.same(renamed[entry_id], out["dn"]):
                     out["old_dn"] = renamed[entry_id]
                 records.append(out)
             else:

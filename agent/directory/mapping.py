@@ -8,10 +8,10 @@ never by DN, so renames and moves are updates, not delete + add.
 
 from __future__ import annotations
 
-import re
 import uuid
 
 from .config import DirectoryConfig
+from . import values as values_mod
 from .errors import DirectoryError
 
 ID_ATTRIBUTE = {"openldap": "entryUUID", "ad": "objectGUID"}
@@ -46,7 +46,21 @@ def entry_id(config: DirectoryConfig, raw: dict) -> str:
 
 
 def _text(values: list) -> list[str]:
-    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
+    """Values of attributes that are text by definition (objectClass, DNs, flags).
+
+    Lossless: bytes that are not UTF-8 become RFC 4514 hex escapes (``\\ff``), so a
+    broken DN value reaches home as it was and home reports it (tether.dn refuses it).
+    """
+    out = []
+    for v in values:
+        if not isinstance(v, bytes):
+            out.append(str(v))
+            continue
+        try:
+            out.append(v.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append("".join(chr(b) if b < 0x80 else f"\\{b:02x}" for b in v))
+    return out
 
 
 def _get(raw: dict, name: str) -> list:
@@ -59,15 +73,33 @@ def _get(raw: dict, name: str) -> list:
     return []
 
 
+def _attribute(config: DirectoryConfig, field: str, attr: str, values: list, record: dict):
+    """One mapped attribute's value(s), encoded as the schema says; problems go on the record."""
+    encoded, encoding, bad = values_mod.encode(values, config.syntaxes.encoding(attr))
+    if encoding != "text":
+        record.setdefault("encodings", {})[field] = encoding
+    if bad:
+        record.setdefault("problems", []).append({
+            "code": "binary_in_text", "attribute": attr,
+            "message": f"{attr} is text in the schema but {len(bad)} value(s) are not UTF-8; "
+                       f"kept as base64 in field {field!r} (fix the value, or list {attr} in "
+                       "binary_attributes if it really holds bytes)"})
+    return encoded[0] if len(encoded) == 1 else (encoded or None)
+
+
 def to_record(config: DirectoryConfig, kind: str, dn: str, raw: dict) -> dict:
-    """A plain `upsert` record for one user or group entry (raw ldap3 attributes)."""
+    """A plain `upsert` record for one user or group entry (raw ldap3 attributes).
+
+    Optional keys: ``encodings`` {field: base64|uuid|sid} for fields that are not
+    plain text, ``problems`` [{code, message, attribute}] for values that could
+    not be carried as the mapping says (home shows them in ``directory status``).
+    """
     mapping = config.user_mapping if kind == "user" else config.group_mapping
+    record = {"op": "upsert", "kind": kind, "id": entry_id(config, raw), "dn": dn}
     attributes = {}
     for field, attr in mapping.items():
-        values = _text(_get(raw, attr))
-        attributes[field] = values[0] if len(values) == 1 else (values or None)
-    record = {"op": "upsert", "kind": kind, "id": entry_id(config, raw), "dn": dn,
-              "attributes": attributes}
+        attributes[field] = _attribute(config, field, attr, _get(raw, attr), record)
+    record["attributes"] = attributes
     if kind == "group":
         record["members"] = _text(_get(raw, config.member_attribute))
     else:
@@ -95,30 +127,16 @@ def classify(config: DirectoryConfig, raw: dict) -> str | None:
     return None
 
 
-_NAME = re.compile(r"NAME\s+(?:'([^']+)'|\(([^)]*)\))")
-
-
-def schema_attribute_names(conn) -> set[str]:
-    """All attribute type names (lower case) the server's subschema defines."""
-    conn.search("", "(objectClass=*)", search_scope="BASE", attributes=["subschemaSubentry"])
-    entry = conn.response[0]["raw_attributes"] if conn.response else {}
-    sub = _text(_get(entry, "subschemaSubentry"))
-    if not sub:
-        return set()
-    conn.search(sub[0], "(objectClass=*)", search_scope="BASE", attributes=["attributeTypes"])
-    names: set[str] = set()
-    for resp in conn.response or []:
-        for definition in _text(_get(resp.get("raw_attributes", {}), "attributeTypes")):
-            m = _NAME.search(definition)
-            if m:
-                for n in (m.group(1) or m.group(2)).replace("'", " ").split():
-                    names.add(n.lower())
-    return names
+def schema_attribute_names(config: DirectoryConfig, conn) -> set[str]:
+    """All attribute type names (lower case) the server's subschema defines (empty: unreadable)."""
+    if not config.syntaxes.loaded:
+        config.syntaxes.load(conn)
+    return set(config.syntaxes.names)
 
 
 def check_mapping(config: DirectoryConfig, conn) -> None:
     """Fail clearly when the mapping names an attribute the directory does not have."""
-    known = schema_attribute_names(conn)
+    known = schema_attribute_names(config, conn)
     if not known:
         return  # schema not readable: the server will tell us per search
     for kind, mapping in (("user", config.user_mapping), ("group", config.group_mapping)):

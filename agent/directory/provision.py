@@ -13,6 +13,8 @@ from ldap3.core import exceptions as lx
 from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import escape_rdn, parse_dn
 
+from tether import dn as dnmeaning
+
 from .auth import ADMIN_LOCK, find_user
 from .config import DirectoryConfig
 from .connection import DOWN_ERRORS, Pool
@@ -145,7 +147,7 @@ def rename_user(config, conn, order):
     container = order.get("new_container")
     conn.modify_dn(dn, new_rdn, new_superior=container)
     _require_ok(conn, "rename")
-    parent = container or dn.split(",", 1)[1]
+    parent = container or dnmeaning.split_rdn(dn)[1]  # never split inside an escaped comma
     return f"{new_rdn},{parent}"
 
 

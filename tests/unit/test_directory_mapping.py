@@ -69,3 +69,4 @@ def test_ppolicy_response_decoding():
 
 def test_tombstone_rdn():
     assert _tombstone_rdn("CN=frank\\0ADEL:dffecc0d-5b6d,CN=Deleted Objects,DC=x") == "frank"
+    assert _tombstone_rdn("CN=Smith\\, John\\0ADEL:dffecc0d-5b6d,CN=Deleted Objects,DC=x") == "Smith, John"

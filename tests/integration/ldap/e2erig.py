@@ -30,6 +30,8 @@ import time
 import uuid
 from pathlib import Path
 
+from tether import dn as dnmeaning
+
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
@@ -255,6 +257,13 @@ def _cell(values: list[str]) -> str:
     return CSV_MULTI.join(values)
 
 
+def _dn_key(dn: str) -> str:
+    try:
+        return dnmeaning.key(dn)
+    except dnmeaning.DNError:
+        return "!" + dn.lower()
+
+
 def ldap_rows(conn, base: str, user_filter: str, group_filter: str, mapping: dict,
               id_attr: str = "entryUUID", member_attr: str = "member", ad: bool = False) -> list[dict]:
     """What home's export CSV must hold, built from a plain ldap3 search of the directory.
@@ -284,10 +293,10 @@ def ldap_rows(conn, base: str, user_filter: str, group_filter: str, mapping: dic
                 record["disabled"] = bool(int(_text(get["useraccountcontrol"])[0]) & 0x2)
             records.append(record)
     fields = sorted({f for m in mapping.values() for f in m})
-    member_of: dict[str, list[str]] = {}
+    member_of: dict[str, list[str]] = {}  # by DN meaning (issue 12), not by spelling
     for r in records:
         for dn in r["members"] or []:
-            member_of.setdefault(dn.lower(), []).append(r["dn"])
+            member_of.setdefault(_dn_key(dn), []).append(r["dn"])
     records.sort(key=lambda r: (r["kind"] != "user", r["dn"].encode()))
     rows = []
     for r in records:
@@ -295,7 +304,7 @@ def ldap_rows(conn, base: str, user_filter: str, group_filter: str, mapping: dic
         for f in fields:
             row[f] = _cell(r["attributes"].get(f, []))
         row["disabled"] = "" if r["disabled"] is None else ("true" if r["disabled"] else "false")
-        row["member_of"] = _cell(sorted(member_of.get(r["dn"].lower(), [])))
+        row["member_of"] = _cell(sorted(member_of.get(_dn_key(r["dn"]), []), key=_dn_key))
         row["members"] = _cell(r["members"]) if r["kind"] == "group" else ""
         rows.append(row)
     return rows

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Home's identity store: cost of DN meaning and the membership relation (issue 12).
+
+Applies one full sync of N users plus one group listing all of them (500
+records a batch, as the agent's chunks arrive) to the store of this tree, and
+the same stream to the store as it was before issue 12 (the module at commit
+BASELINE, loaded from git), in the same process. Prints records/s for both,
+their ratio, the time to apply a one-member change of the big group, and the
+export time; writes bench/results/identity_store.json.
+Options: --users N (default 100,000), --baseline COMMIT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "identity_store.json"
+BASELINE = "a9cca5f"
+
+
+def load_baseline(commit: str, tmp: Path):
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:home/identity.py"],
+                            check=True, capture_output=True, text=True).stdout
+    path = tmp / "identity_baseline.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("identity_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["identity_baseline"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def stream(n: int) -> tuple[list[list[dict]], list[str]]:
+    dns = [f"cn=User\\2C {i:06d},ou=People,dc=example,dc=org" for i in range(n)]
+    members = [f"CN=user\\, {i:06d},OU=people,DC=Example,DC=org" for i in range(n)]
+    records = [{"op": "upsert", "kind": "user", "id": f"u{i}", "dn": d,
+                "attributes": {"username": f"u{i}", "mail": f"u{i}@example.org"}}
+               for i, d in enumerate(dns)]
+    records.append({"op": "upsert", "kind": "group", "id": "big", "dn": "cn=big,dc=example,dc=org",
+                    "attributes": {"name": "big"}, "members": members})
+    msgs = [[{"type": "begin", "mode": "full", "directory": "d"}]]
+    for k, i in enumerate(range(0, len(records), 500), 1):
+        msgs.append([{"type": "chunk", "seq": k, "changes": records[i:i + 500]}])
+    msgs.append([{"type": "end", "mode": "full", "cursor": "c", "count": len(records)}])
+    return msgs, members
+
+
+def run(module, tmp: Path, name: str, batches, members) -> dict:
+    store = module.IdentityStore(tmp / f"{name}.db")
+    seq = 0
+    t0 = time.perf_counter()
+    for batch in batches:
+        entries = []
+        for message in batch:
+            seq += 1
+            entries.append({"seq": seq, "message": message})
+        store.apply_batch("d", "i1", entries)
+    full = time.perf_counter() - t0
+    change = {"type": "chunk", "seq": 1, "changes": [{
+        "op": "upsert", "kind": "group", "id": "big", "dn": "cn=big,dc=example,dc=org",
+        "attributes": {"name": "big"}, "members": members + ["cn=new,dc=example,dc=org"]}]}
+    t0 = time.perf_counter()
+    store.apply_batch("d", "i1", [{"seq": seq + 1, "message": change}])
+    one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    store.export_csv("d", tmp / f"{name}.csv")
+    export = time.perf_counter() - t0
+    store.close()
+    return {"full_sync_s": round(full, 2), "records_per_s": round((len(members) + 1) / full),
+            "one_member_change_s": round(one, 3), "export_s": round(export, 2)}
+
+
+def member_of_rows(path: Path) -> int:
+    """Users whose member_of is filled (the spellings differ: the baseline matched none)."""
+    import csv
+    csv.field_size_limit(1 << 30)  # the big group's members cell
+    with open(path, newline="", encoding="utf-8") as fh:
+        return sum(1 for row in csv.DictReader(fh) if row["member_of"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--baseline", default=BASELINE)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from tether.home import identity
+    batches, members = stream(args.users)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = run(load_baseline(args.baseline, tmp), tmp, "baseline", batches, members)
+        now = run(identity, tmp, "now", batches, members)
+        base["rows_with_member_of"] = member_of_rows(tmp / "baseline.csv")
+        now["rows_with_member_of"] = member_of_rows(tmp / "now.csv")
+    result = {"users": args.users, "baseline_commit": args.baseline, "baseline": base, "now": now,
+              "ratio_records_per_s": round(now["records_per_s"] / base["records_per_s"], 2)}
+    print(json.dumps(result, indent=2))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
