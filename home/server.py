@@ -78,7 +78,8 @@ class HomeServer:
 
     def __init__(self, paths: StatePaths, listen: Listen, *,
                  hello_timeout: float = HELLO_TIMEOUT,
-                 max_sockets: int = MAX_SOCKETS_PER_AGENT) -> None:
+                 max_sockets: int = MAX_SOCKETS_PER_AGENT,
+                 api_listen: Listen | None = None, api_issuer: str | None = None) -> None:
         self.paths = paths.require_initialized()
         self.listen = listen
         self.hello_timeout = hello_timeout
@@ -90,6 +91,8 @@ class HomeServer:
         self.ssl = tlsconf.server_context(paths.ca_cert, paths.server_cert, paths.server_key)
         self.bound: list[tuple] = []
         self._stop = asyncio.Event()
+        #: The HTTPS API (issue 15), only with --api-listen (needs the `home` extra).
+        self.api_listen, self.api_issuer, self.api = api_listen, api_issuer, None
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`), then close cleanly."""
@@ -112,6 +115,12 @@ class HomeServer:
         async with server:
             self.bound = [s.getsockname()[:2] for s in server.sockets]
             ctl = await control.start(self.paths.control_socket, self._control)
+            if self.api_listen is not None:
+                from tether.home.api import service  # the `home` extra: only with --api-listen
+
+                self.api = await service.start(self.paths, self.api_listen.host,
+                                               self.api_listen.port, self._api_backend(),
+                                               issuer=self.api_issuer)
             event(log, logging.INFO, "listening", addresses=self.addresses(),
                   state=str(self.paths.root), subprotocol=p.SUBPROTOCOL)
             try:
@@ -119,6 +128,8 @@ class HomeServer:
             finally:
                 ctl.close()
                 self.paths.control_socket.unlink(missing_ok=True)
+                if self.api is not None:
+                    await self.api.stop()
                 event(log, logging.INFO, "stopping", sockets=len(self.hub.peers))
                 server.close()
                 await server.wait_closed()
@@ -177,6 +188,7 @@ class HomeServer:
         cmd = request["cmd"]
         if cmd == "live":
             return {"ok": True, "addresses": self.addresses(), "pid": os.getpid(),
+                    "api_address": self.api.address() if self.api else None,
                     "tls_refusals": dict(tlsconf.REFUSALS), **self.hub.live()}
         if cmd == "config-changed":
             pushed = await self.hub.push_config_to_connector(str(request.get("connector")))
@@ -220,6 +232,25 @@ class HomeServer:
         except HomeError as exc:
             return {"ok": False, "code": exc.code.value, "error": exc.detail}
         return {"ok": True, "result": result}
+
+    def _api_backend(self):
+        """What the HTTPS API may ask of this server: the directory commands (the same
+        routing as the control socket's), the status document, readiness."""
+        from tether.home.api.app import Backend
+        from tether.home.api.statuspage import collect
+
+        def ready() -> tuple[bool, str]:
+            if not self.bound:
+                return False, "the agents' listener is not bound yet"
+            return True, f"{len(self.hub.peers)} agent socket(s)"
+        return Backend(
+            authenticate=lambda d, u, pw: self._directory_command(
+                "authenticate", {"directory": d, "username": u, "password": pw}),
+            provision=lambda d, order: self._directory_command(
+                "provision", {"directory": d, "order": order}),
+            status=lambda: collect(self.store, self.identity,
+                                   {"addresses": self.addresses(), **self.hub.live()}),
+            ready=ready, identity=self.identity)
 
 
 DIRECTORY_COMMANDS = frozenset({"authenticate", "search", "provision"})
