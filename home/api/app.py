@@ -53,17 +53,22 @@ FAILED_OUTCOMES = frozenset({"wrong_password", "unknown_user", "locked"})
 
 @dataclass
 class Limits:
-    """Throttles of the API (:class:`~tether.home.ratelimit.RateLimit` buckets).
+    """Throttles of the authenticate endpoint and of every client
+    (:class:`~tether.home.ratelimit.RateLimit` buckets).
 
-    per_user: attempts per (directory, user name), successes included, so a
-    client cannot run an account into its directory's lockout threshold
-    (typically 5-10 failures) or guess its password: 10 at once, then one
-    every 6 s. per_client_failures: wrong passwords and unknown users per
-    client (guessing across many names). per_client: every call per client.
+    user_failures: failed attempts (wrong password, unknown user, locked) per
+    (directory, user name): 3 at once, then one per 10 minutes, below the
+    usual lockout thresholds (5-10 failures), so a client cannot lock an
+    account nor guess its password; once spent, the user name answers 429
+    (also for the right password) until a token returns. Only one attempt per
+    user name is in flight at a time, so parallel requests cannot overrun
+    the budget before their failures are counted. client_failures: failures
+    per client across names (guessing many accounts). per_client: every call.
     """
 
-    per_user: RateLimit = field(default_factory=lambda: RateLimit(1 / 6, 10, max_keys=100_000))
-    per_client_failures: RateLimit = field(default_factory=lambda: RateLimit(5, 200))
+    user_failures: RateLimit = field(default_factory=lambda: RateLimit(1 / 600, 3,
+                                                                       max_keys=100_000))
+    client_failures: RateLimit = field(default_factory=lambda: RateLimit(5, 200))
     per_client: RateLimit = field(default_factory=lambda: RateLimit(5000, 5000))
 
 
@@ -110,6 +115,7 @@ class Api:
                  limits: Limits | None = None, metrics: api_metrics.Metrics | None = None) -> None:
         self.backend, self.store, self.tokens = backend, store, tokens
         self.limits = limits or Limits()
+        self._in_flight: set[str] = set()  # user names with an attempt under way
         self.metrics = metrics or api_metrics.Metrics(backend.status)
 
     def app(self) -> Guard:
@@ -230,14 +236,21 @@ class Api:
                                f"non-empty strings, at most {MAX_USERNAME} and {MAX_PASSWORD} "
                                "characters (an empty password would be an anonymous bind)")
         user_key = f"{directory}\0{username.casefold()}"
-        if self.limits.per_client_failures.retry_after(found.client) > 0:
+        if self.limits.client_failures.retry_after(found.client) > 0:
             return self._throttled(request, username, "this client had too many failed "
-                                   "authentications; wait", self.limits.per_client_failures
+                                   "authentications; wait", self.limits.client_failures
                                    .retry_after(found.client))
-        if not self.limits.per_user.allow(user_key):
-            return self._throttled(request, username, "too many attempts for this user name; "
-                                   "wait", self.limits.per_user.retry_after(user_key))
-        reply = await self.backend.authenticate(directory, username, password)
+        if user_key in self._in_flight:
+            return self._throttled(request, username, "an attempt for this user name is in "
+                                   "progress; retry in", 1)
+        if self.limits.user_failures.retry_after(user_key) > 0:
+            return self._throttled(request, username, "too many failed attempts for this user "
+                                   "name; wait", self.limits.user_failures.retry_after(user_key))
+        self._in_flight.add(user_key)
+        try:
+            reply = await self.backend.authenticate(directory, username, password)
+        finally:
+            self._in_flight.discard(user_key)
         del password
         if not reply.get("ok"):
             code = reply.get("code") or "failed"
@@ -248,7 +261,8 @@ class Api:
         result = reply["result"]
         outcome = str(result.get("outcome") or ("success" if result.get("ok") else "error"))
         if outcome in FAILED_OUTCOMES:
-            self.limits.per_client_failures.allow(found.client)
+            self.limits.client_failures.allow(found.client)
+            self.limits.user_failures.allow(user_key)
         _note(request, "authenticate", outcome, detail=f"user={username}")
         return JSONResponse({"outcome": outcome, "dn": result.get("dn"),
                              "groups": result.get("groups") or []})
