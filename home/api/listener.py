@@ -137,6 +137,10 @@ class ApiListener:
             raise ListenError(f"cannot listen on {self.host}:{self.port} for the API: "
                               f"{exc.strerror or exc}; choose another --api-listen or stop what "
                               "uses that port") from None
+        # asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and
+        # create_server's have proto 0: without this, every response waits ~40 ms for
+        # the client's delayed ACK (Nagle). Accepted sockets inherit it from the listener.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.bound = self.sock.getsockname()[:2]
         return self.bound
 
