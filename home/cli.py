@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--api-listen", metavar="HOST:PORT",
+                   help="also serve the HTTPS API (OAuth2, authenticate, SCIM, metrics, status "
+                   "page) here; default off; needs the `home` extra (pip install 'tether[home]')")
+    p.add_argument("--api-issuer", metavar="URL",
+                   help="the API's public https:// base URL (OAuth2 issuer and token audience; "
+                   "default https://<first name of api.crt>:<port>)")
 
     p = sub.add_parser("status", parents=[common], help="connectors, images, instances")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -118,7 +124,36 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("instance_id")
     i.add_argument("--reason", default="instance reset by operator")
     _directory_parsers(sub, common)
+    _api_parsers(sub, common)
     return parser
+
+
+def _api_parsers(sub, common) -> None:
+    """api-client, audit (issue 15)."""
+    from tether.home.apistore import SCOPES
+
+    p = sub.add_parser("api-client", parents=[common], help="clients of the HTTPS API")
+    asub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = asub.add_parser("create", parents=[common], help="create a client; prints its secret "
+                        "once (OAuth2 client credentials: client_id = NAME)")
+    a.add_argument("name")
+    a.add_argument("--scope", action="append", required=True, choices=SCOPES,
+                   help="repeatable: " + ", ".join(SCOPES))
+    a = asub.add_parser("list", parents=[common], help="clients, scopes, long-lived tokens")
+    a.add_argument("--tokens", action="store_true", help="also list each long-lived token")
+    a = asub.add_parser("revoke", parents=[common], help="revoke a client (and all its tokens) "
+                        "or one long-lived token; takes effect at once")
+    a.add_argument("name", nargs="?")
+    a.add_argument("--token", dest="token_id", help="revoke only this token id")
+    a = asub.add_parser("token", parents=[common], help="make a long-lived bearer token for "
+                        "a client (for identity providers that take a static secret); printed once")
+    a.add_argument("name")
+
+    p = sub.add_parser("audit", parents=[common], help="the API's audit log (who, what, when, "
+                       "outcome); works with home stopped")
+    p.add_argument("--client", help="only this client's calls")
+    p.add_argument("--limit", type=int, default=100, help="newest N rows (default 100)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
 EXPORT_HELP = ("CSV, one row per user and group of the synced snapshot: columns kind (user|group), "
@@ -219,6 +254,8 @@ def _run(args: argparse.Namespace) -> int:
         return _status(paths, args.json)
     elif cmd in ("cluster", "authenticate", "provision", "export", "directory"):
         return _directory_command(paths, args)
+    elif cmd in ("api-client", "audit"):
+        return _api_command(paths, args)
     elif cmd == "config" and action == "set":
         doc = admin.set_config(paths, args.connector, args.file)
         stored = f"{doc['connector']} configuration version {doc['version']}"
@@ -279,11 +316,72 @@ def _serve(paths, args) -> int:
             or min(args.max_sockets_per_agent, args.max_image_sockets,
                    args.max_image_sockets_per_image) < 1:
         raise ValueError("the --*-timeout options must be > 0 and the --max-* options >= 1")
+    api_listen = server.parse_listen(args.api_listen) if args.api_listen else None
+    if api_listen is not None:
+        try:
+            import tether.home.api.service  # noqa: F401  (fail before binding anything)
+        except ImportError as exc:
+            raise ValueError(f"--api-listen needs the `home` extra ({exc.name} is missing); "
+                             "install it with pip install 'tether[home]'") from None
     server.serve(paths, listen, hello_timeout=args.hello_timeout,
                  max_sockets=args.max_sockets_per_agent, enroll_timeout=args.enroll_timeout,
                  max_image_sockets=args.max_image_sockets,
                  max_image_sockets_per_image=args.max_image_sockets_per_image,
-                 handshake_timeout=args.handshake_timeout)
+                 handshake_timeout=args.handshake_timeout, api_listen=api_listen,
+                 api_issuer=args.api_issuer)
+    return 0
+
+
+def _api_command(paths, args) -> int:
+    import time
+
+    from tether.home.apistore import ApiStore
+
+    paths.require_initialized()
+    store = ApiStore(paths.api_db)
+    try:
+        if args.command == "audit":
+            if args.limit < 1:
+                raise ValueError("--limit must be at least 1")
+            for row in store.audit_rows(limit=args.limit, client=args.client):
+                if args.json:
+                    print(json.dumps(row, sort_keys=True))
+                    continue
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["at"]))
+                print(f"{stamp} client={row['client'] or '-'} cred={row['credential'] or '-'} "
+                      f"peer={row['peer'] or '-'} {row['method']} {row['path']} op={row['op']} "
+                      f"status={row['status']} outcome={row['outcome']}"
+                      + (f" detail={json.dumps(row['detail'])}" if row["detail"] else ""))
+        elif args.action == "create":
+            secret = store.create_client(args.name, args.scope)
+            print(f"client_id: {args.name}\nclient_secret: {secret}\nscopes: "
+                  f"{' '.join(sorted(set(args.scope)))}")
+            print("the secret is shown only now; home keeps a hash of it", file=sys.stderr)
+        elif args.action == "list":
+            for row in store.clients():
+                state = "revoked" if row["revoked_at"] else "active"
+                print(f"{row['name']}\t{state}\tscopes={','.join(row['scopes'])}\t"
+                      f"tokens={row['tokens']}")
+                if args.tokens:
+                    for tok in store.tokens(row["name"]):
+                        print(f"  token {tok['token_id']}\t"
+                              f"{'revoked' if tok['revoked_at'] else 'active'}")
+        elif args.action == "revoke":
+            if args.token_id:
+                client = store.revoke_token(args.token_id)
+                print(f"revoked token {args.token_id} of {client}")
+            elif args.name:
+                n = store.revoke_client(args.name)
+                print(f"revoked client {args.name} and {n} token(s)")
+            else:
+                raise ValueError("give the client NAME, or --token ID")
+        else:
+            token_id, token = store.create_token(args.name)
+            print(token)
+            print(f"token {token_id} for {args.name}: shown only now; revoke it with "
+                  f"`tether-home api-client revoke --token {token_id}`", file=sys.stderr)
+    finally:
+        store.close()
     return 0
 
 

@@ -62,6 +62,25 @@ class StatePaths:
     def control_socket(self) -> Path:
         return self.root / "control.sock"
 
+    @property
+    def api_db(self) -> Path:
+        """API clients, their token hashes and the audit log (issue 15)."""
+        return self.root / "api.sqlite3"
+
+    @property
+    def api_cert(self) -> Path:
+        """The HTTPS API's certificate (replace it and api.key with a public CA's)."""
+        return self.root / "api.crt"
+
+    @property
+    def api_key(self) -> Path:
+        return self.root / "api.key"
+
+    @property
+    def api_signing_key(self) -> Path:
+        """Signs the API's JWT access tokens (RFC 9068); made on first use."""
+        return self.root / "api-jwt.key"
+
     def require_initialized(self) -> StatePaths:
         """Fail with the command to run when ``init`` has not been done here."""
         missing = [p.name for p in (self.db, self.ca_key, self.ca_cert, self.server_key,

@@ -129,7 +129,8 @@ class HomeServer:
                  enroll_timeout: float = ENROLL_SECONDS,
                  max_image_sockets: int = MAX_IMAGE_SOCKETS,
                  max_image_sockets_per_image: int = MAX_IMAGE_SOCKETS_PER_IMAGE,
-                 handshake_timeout: float = HANDSHAKE_SECONDS) -> None:
+                 handshake_timeout: float = HANDSHAKE_SECONDS,
+                 api_listen: Listen | None = None, api_issuer: str | None = None) -> None:
         self.paths = paths.require_initialized()
         self.listen = listen
         self.hello_timeout = hello_timeout
@@ -164,6 +165,8 @@ class HomeServer:
         self.hub = Hub(self.store, authority, config_key, self.identity)
         self.bound: list[tuple] = []
         self._stop = asyncio.Event()
+        #: The HTTPS API (issue 15), only with --api-listen (needs the `home` extra).
+        self.api_listen, self.api_issuer, self.api = api_listen, api_issuer, None
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`), then close cleanly."""
@@ -189,6 +192,12 @@ class HomeServer:
         async with server:
             self.bound = [s.getsockname()[:2] for s in server.sockets]
             ctl = await control.start(self.paths.control_socket, self._control)
+            if self.api_listen is not None:
+                from tether.home.api import service  # the `home` extra: only with --api-listen
+
+                self.api = await service.start(self.paths, self.api_listen.host,
+                                               self.api_listen.port, self._api_backend(),
+                                               issuer=self.api_issuer)
             event(log, logging.INFO, "listening", addresses=self.addresses(),
                   state=str(self.paths.root), subprotocol=p.SUBPROTOCOL)
             try:
@@ -196,6 +205,8 @@ class HomeServer:
             finally:
                 ctl.close()
                 self.paths.control_socket.unlink(missing_ok=True)
+                if self.api is not None:
+                    await self.api.stop()
                 event(log, logging.INFO, "stopping", sockets=len(self.hub.peers))
                 server.close()
                 await server.wait_closed()
@@ -304,6 +315,7 @@ class HomeServer:
         cmd = request["cmd"]
         if cmd == "live":
             return {"ok": True, "addresses": self.addresses(), "pid": os.getpid(),
+                    "api_address": self.api.address() if self.api else None,
                     "tls_refusals": dict(tlsconf.REFUSALS),
                     "handshake_timeouts": dict(self.handshake_timeouts),
                     "image_sockets": sum(self.image_sockets.values()),
@@ -350,6 +362,25 @@ class HomeServer:
         except HomeError as exc:
             return {"ok": False, "code": exc.code.value, "error": exc.detail}
         return {"ok": True, "result": result}
+
+    def _api_backend(self):
+        """What the HTTPS API may ask of this server: the directory commands (the same
+        routing as the control socket's), the status document, readiness."""
+        from tether.home.api.app import Backend
+        from tether.home.api.statuspage import collect
+
+        def ready() -> tuple[bool, str]:
+            if not self.bound:
+                return False, "the agents' listener is not bound yet"
+            return True, f"{len(self.hub.peers)} agent socket(s)"
+        return Backend(
+            authenticate=lambda d, u, pw: self._directory_command(
+                "authenticate", {"directory": d, "username": u, "password": pw}),
+            provision=lambda d, order: self._directory_command(
+                "provision", {"directory": d, "order": order}),
+            status=lambda: collect(self.store, self.identity,
+                                   {"addresses": self.addresses(), **self.hub.live()}),
+            ready=ready, identity=self.identity)
 
 
 DIRECTORY_COMMANDS = frozenset({"authenticate", "search", "provision"})
