@@ -30,7 +30,7 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
 	@echo "deps: python venv in $(VENV)"
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	@$(VPY) -m pip install -q --upgrade pip
-	@$(VPY) -m pip install -q -e '.[build,test]'
+	@$(VPY) -m pip install -q -e '.[build,test,home]'
 	@mkdir -p $(STAMPS) && touch $@
 
 # make image [NAME=] [HOME_STATE=dir | CREDENTIAL=bundle.json] [HOME_URL="wss://a/ wss://b/"]

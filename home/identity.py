@@ -65,6 +65,20 @@ CREATE TABLE IF NOT EXISTS directory_errors (
     directory TEXT PRIMARY KEY, instance_id TEXT, code TEXT NOT NULL, message TEXT NOT NULL,
     hint TEXT, server TEXT, at REAL, received_at REAL NOT NULL
 );
+-- lookups of home's SCIM API (home/api/scim.py): userName / displayName eq as identity
+-- providers send them, DN -> id for group members; case-insensitive like SCIM's caseExact=false.
+CREATE INDEX IF NOT EXISTS entries_username ON entries
+    (directory, kind, lower(json_extract(attributes, '$.username')));
+CREATE INDEX IF NOT EXISTS entries_name ON entries
+    (directory, kind, lower(json_extract(attributes, '$.name')));
+CREATE INDEX IF NOT EXISTS entries_dn ON entries (directory, lower(dn));
+-- SCIM externalId: the provisioning client's own id for an entry (RFC 7643 §3.1). The
+-- directory has no place for it, so home keeps it beside the entry.
+CREATE TABLE IF NOT EXISTS external_ids (
+    directory TEXT NOT NULL, id TEXT NOT NULL, external_id TEXT NOT NULL,
+    PRIMARY KEY (directory, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS external_ids_value ON external_ids (directory, external_id);
 CREATE TABLE IF NOT EXISTS applied (
     directory TEXT NOT NULL, instance_id TEXT NOT NULL,
     applied_through INTEGER NOT NULL, updated_at REAL NOT NULL,
@@ -382,6 +396,97 @@ class IdentityStore:
         row = self.db.execute("SELECT * FROM entries WHERE directory = ? AND id = ?",
                               (directory, rid)).fetchone()
         return _decode(row) if row else None
+
+    # ------------------------------------------------------------ SCIM lookups
+
+    #: record fields that have an index for case-insensitive equality
+    INDEXED_FIELDS = ("username", "name")
+
+    def find_by_field(self, directory: str, kind: str, field: str, value: str) -> list[dict]:
+        """Records whose ``field`` equals ``value`` ignoring case (indexed)."""
+        if field not in self.INDEXED_FIELDS:
+            raise ValueError(f"no index on {field!r}; indexed: {', '.join(self.INDEXED_FIELDS)}")
+        rows = self.db.execute(
+            f"SELECT * FROM entries WHERE directory = ? AND kind = ? AND "
+            f"lower(json_extract(attributes, '$.{field}')) = lower(?) ORDER BY id",
+            (directory, kind, value))
+        return [_decode(r) for r in rows]
+
+    def by_dns(self, directory: str, dns: Iterable[str]) -> dict[str, dict]:
+        """``{lower(dn): record}`` for the entries with those DNs (indexed)."""
+        out: dict[str, dict] = {}
+        wanted = sorted({d.lower() for d in dns if d})
+        for start in range(0, len(wanted), 500):
+            part = wanted[start:start + 500]
+            rows = self.db.execute(
+                f"SELECT * FROM entries WHERE directory = ? AND lower(dn) IN "
+                f"({','.join('?' * len(part))})", (directory, *part))
+            for row in rows:
+                out[row["dn"].lower()] = _decode(row)
+        return out
+
+    def count_kind(self, directory: str, kind: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM entries WHERE directory = ? AND kind = ?",
+                               (directory, kind)).fetchone()[0]
+
+    def page(self, directory: str, kind: str, offset: int, limit: int) -> list[dict]:
+        """Records of one kind in id order, ``limit`` from ``offset`` (0-based)."""
+        rows = self.db.execute("SELECT * FROM entries WHERE directory = ? AND kind = ? "
+                               "ORDER BY id LIMIT ? OFFSET ?", (directory, kind, limit, offset))
+        return [_decode(r) for r in rows]
+
+    def after(self, directory: str, kind: str, after_id: str, limit: int) -> list[dict]:
+        """Records of one kind with id above ``after_id``, in id order (a resumable scan)."""
+        rows = self.db.execute("SELECT * FROM entries WHERE directory = ? AND kind = ? AND id > ? "
+                               "ORDER BY id LIMIT ?", (directory, kind, after_id, limit))
+        return [_decode(r) for r in rows]
+
+    def external_ids(self, directory: str, ids: Iterable[str]) -> dict[str, str]:
+        wanted = list(dict.fromkeys(ids))
+        out: dict[str, str] = {}
+        for start in range(0, len(wanted), 500):
+            part = wanted[start:start + 500]
+            out.update(self.db.execute(
+                f"SELECT id, external_id FROM external_ids WHERE directory = ? AND id IN "
+                f"({','.join('?' * len(part))})", (directory, *part)).fetchall())
+        return out
+
+    def by_external_id(self, directory: str, kind: str, external_id: str) -> list[dict]:
+        rows = self.db.execute(
+            "SELECT e.* FROM external_ids x JOIN entries e ON e.directory = x.directory AND "
+            "e.id = x.id WHERE x.directory = ? AND x.external_id = ? AND e.kind = ? ORDER BY e.id",
+            (directory, external_id, kind))
+        return [_decode(r) for r in rows]
+
+    def set_external_id(self, directory: str, rid: str, external_id: str | None) -> None:
+        with self._tx():
+            if external_id is None:
+                self.db.execute("DELETE FROM external_ids WHERE directory = ? AND id = ?",
+                                (directory, rid))
+            else:
+                self.db.execute("INSERT OR REPLACE INTO external_ids VALUES (?, ?, ?)",
+                                (directory, rid, external_id))
+
+    def put_provisioned(self, directory: str, record: dict) -> None:
+        """Store the state a provisioning order read back (an ``upsert`` record).
+
+        Also into an open full snapshot: its swap must not drop an entry written
+        after its pages were read. Whole states, so the sync bringing the same
+        change later rewrites the same row."""
+        row = _row(directory, record)
+        with self._tx():
+            self.db.execute(_UPSERT["entries"], row)
+            if self.db.execute("SELECT 1 FROM staging WHERE directory = ? LIMIT 1",
+                               (directory,)).fetchone():
+                self.db.execute(_UPSERT["staging"], row)
+
+    def drop_provisioned(self, directory: str, rid: str) -> None:
+        """Forget an entry a provisioning order deleted (and its externalId)."""
+        with self._tx():
+            for table in ("entries", "staging"):
+                self.db.execute(_DELETE[table], (directory, rid))
+            self.db.execute("DELETE FROM external_ids WHERE directory = ? AND id = ?",
+                            (directory, rid))
 
     def export_csv(self, directory: str, out: Path) -> dict:
         """Write the snapshot as CSV (format: :func:`csv_columns`), atomically."""
