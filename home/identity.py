@@ -407,7 +407,7 @@ class IdentityStore:
         if field not in self.INDEXED_FIELDS:
             raise ValueError(f"no index on {field!r}; indexed: {', '.join(self.INDEXED_FIELDS)}")
         rows = self.db.execute(
-            f"SELECT * FROM entries WHERE directory = ? AND kind = ? AND "
+            f"SELECT * FROM entries INDEXED BY entries_{field} WHERE directory = ? AND kind = ? AND "
             f"lower(json_extract(attributes, '$.{field}')) = lower(?) ORDER BY id",
             (directory, kind, value))
         return [_decode(r) for r in rows]
@@ -419,7 +419,7 @@ class IdentityStore:
         for start in range(0, len(wanted), 500):
             part = wanted[start:start + 500]
             rows = self.db.execute(
-                f"SELECT * FROM entries WHERE directory = ? AND lower(dn) IN "
+                f"SELECT * FROM entries INDEXED BY entries_dn WHERE directory = ? AND lower(dn) IN "
                 f"({','.join('?' * len(part))})", (directory, *part))
             for row in rows:
                 out[row["dn"].lower()] = _decode(row)
@@ -453,9 +453,9 @@ class IdentityStore:
 
     def by_external_id(self, directory: str, kind: str, external_id: str) -> list[dict]:
         rows = self.db.execute(
-            "SELECT e.* FROM external_ids x JOIN entries e ON e.directory = x.directory AND "
-            "e.id = x.id WHERE x.directory = ? AND x.external_id = ? AND e.kind = ? ORDER BY e.id",
-            (directory, external_id, kind))
+            "SELECT * FROM entries WHERE directory = ? AND id IN (SELECT id FROM external_ids "
+            "WHERE directory = ? AND external_id = ?) AND kind = ? ORDER BY id",
+            (directory, directory, external_id, kind))
         return [_decode(r) for r in rows]
 
     def set_external_id(self, directory: str, rid: str, external_id: str | None) -> None:
