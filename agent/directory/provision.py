@@ -294,24 +294,13 @@ def delete_group(config, conn, order):
 
 
 def read_back(config: DirectoryConfig, conn, dn: str, kind: str) -> dict | None:
-    """The entry at ``dn`` as a sync record (None when it cannot be read).
-
-    OpenLDAP users also get ``disabled`` from ppolicy's administrative lock, which
-    the sync does not read (it is an operational attribute)."""
+    """The entry at ``dn`` as a sync record (None when it cannot be read)."""
     attrs = search_attributes(config, kind)
-    if kind == "user" and config.kind == "openldap":
-        attrs = [*attrs, "pwdAccountLockedTime"]
     conn.search(dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=attrs)
     hits = [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
     if (conn.result or {}).get("result", 0) != 0 or not hits:
         return None
-    raw = hits[0]["raw_attributes"]
-    record = to_record(config, kind, hits[0]["dn"], raw)
-    if kind == "user" and config.kind == "openldap":
-        locked = [v.decode() if isinstance(v, bytes) else str(v)
-                  for v in raw.get("pwdAccountLockedTime") or []]
-        record["disabled"] = ADMIN_LOCK in locked
-    return record
+    return to_record(config, kind, hits[0]["dn"], hits[0]["raw_attributes"])
 
 
 #: op -> kind of the entry whose DN the op returns (read back on request)

@@ -6,6 +6,7 @@ import pytest
 
 from ldapfix_helpers import AD_BASE, ad_user
 from ldapfix_slapd import SUFFIX
+from tether.agent.directory import DirectoryService
 from tether.agent.directory.auth import authenticate
 from tether.agent.directory.config import load_config
 from tether.agent.directory.provision import provision
@@ -49,9 +50,12 @@ def test_openldap_user_read_back_and_unmapped_fields(ldap_raw):
                            "skip_unmapped": True, "read_back": True})
     assert r["status"] == "done" and r["ignored"] == ["department"], r
     assert r["entry"]["attributes"] == {"username": "rb1", "name": "Read Back", "email": "rb1@example.com"}
-    assert r["entry"]["disabled"] is False
+    assert "disabled" not in r["entry"]  # no ppolicy lock: enabled
     r = provision(config, {"id": "r2", "op": "disable_user", "username": "rb1", "read_back": True})
     assert r["entry"]["disabled"] is True
+    records = [c for m in DirectoryService(ldap_raw).full_sync() if m["type"] == "chunk"
+               for c in m["changes"] if c.get("dn") == r["dn"]]
+    assert records[0]["disabled"] is True  # the sync carries the lock too
     r = provision(config, {"id": "r3", "op": "update_user", "username": "rb1", "read_back": True,
                            "attributes": {"email": ""}, "skip_unmapped": True})
     assert r["status"] == "done" and r["entry"]["attributes"]["email"] is None, r

@@ -112,6 +112,8 @@ def test_openldap_users_and_groups_through_scim(seeded_ldap, test_ca, tmp_path):
         assert off.status_code == 200, off.text
         assert off.json()["active"] is False
         assert home.svc.authenticate("scim1", "Scim-pass-1")["outcome"] == "disabled"
+        home.sync()  # the change feed carries the lock: still inactive afterwards
+        assert home.one("GET", f"/Users/{user['id']}").json()["active"] is False
         on = home.one("PATCH", f"/Users/{user['id']}", **_patch({"op": "replace", "path": "active", "value": True}))
         assert on.json()["active"] is True
         assert home.svc.authenticate("scim1", "Scim-pass-1")["outcome"] == "success"
