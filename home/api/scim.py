@@ -52,6 +52,7 @@ MAX_BODY = 1 << 20            # bytes of one request body
 MAX_RESULTS = 200             # resources in one list response (ServiceProviderConfig filter)
 DEFAULT_COUNT = 100
 MAX_FILTER = 4096             # characters of a filter
+MAX_MEMBER_CHANGES = 1000     # member orders one request may cause
 SCAN_CHUNK = 2000             # records matched between two yields to the event loop
 RETRY_AFTER = "5"
 UserModel = User[EnterpriseUser]
@@ -235,7 +236,9 @@ class ScimService:
 
     async def _body(self, request: Request) -> dict:
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+        if declared is not None and not declared.isdigit():
+            raise ScimError(400, "Content-Length is not a number", "invalidSyntax")
+        if declared is not None and int(declared) > MAX_BODY:
             raise ScimError(413, f"request body above {MAX_BODY} bytes; send fewer members or "
                                  "attributes per request")
         data = bytearray()
@@ -311,13 +314,13 @@ class ScimService:
     def _dump(kind: str, resource: dict, params: ResponseParameters | None,
               ctx: Context = Context.RESOURCE_QUERY_RESPONSE) -> dict:
         model = UserModel if kind == "user" else Group
-        for _ in range(4):  # a value the directory holds but SCIM refuses (a bad e-mail) is left out
+        while True:  # a value the directory holds but SCIM refuses (a bad e-mail) is left out
             try:
                 obj = model.model_validate(resource)
                 break
             except ValidationError as exc:
-                bad = {str(e["loc"][0]) for e in exc.errors() if e.get("loc")}
-                if not bad or not bad & set(resource):
+                bad = {str(e["loc"][0]) for e in exc.errors() if e.get("loc")} & set(resource)
+                if not bad or bad & {"id", "userName", "displayName", "schemas"}:
                     raise
                 resource = {k: v for k, v in resource.items() if k not in bad}
         return obj.model_dump(scim_ctx=ctx, response_parameters=params)
@@ -482,6 +485,10 @@ class ScimService:
         if view.lookup("group", "displayname", group.display_name):
             raise ScimError(409, f"a group named {group.display_name!r} exists in directory "
                                  f"{view.directory!r}", "uniqueness")
+        if len(group.members or []) > MAX_MEMBER_CHANGES:
+            raise ScimError(400, f"{len(group.members)} members in one request; create the group "
+                                 f"with at most {MAX_MEMBER_CHANGES} and add the rest with PATCH",
+                            "invalidValue")
         members = self._member_dns(view, scim_map.group_member_ids(group))
         result = await self._order(view, {"op": "create_group", "group": group.display_name,
                                           "members": members})
@@ -538,6 +545,9 @@ class ScimService:
         dn = view.dn_of(rid)
         before = set(scim_map.group_member_ids(current))
         after = set(scim_map.group_member_ids(wanted))
+        if len(after ^ before) > MAX_MEMBER_CHANGES:
+            raise ScimError(400, f"{len(after ^ before)} member changes in one request; send at "
+                                 f"most {MAX_MEMBER_CHANGES} per request", "invalidValue")
         added = self._member_dns(view, sorted(after - before))
         removed = self._member_dns(view, sorted(before - after))
         for member in added:

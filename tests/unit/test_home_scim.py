@@ -208,6 +208,11 @@ def test_bad_input_gets_scim_errors_and_writes_nothing(rig):
                                       "displayName": "Staff"}}),
         ("DELETE", "/Users/no-such-id", {}),
         ("PUT", "/Groups/no-such-id", {"json": {}}),
+        ("PATCH", "/Groups/g-staff", {"json": {
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "add", "path": "members",
+                            "value": [{"value": f"m{i}"} for i in range(1001)]}]}}),
+        ("POST", "/Users", {"content": b"{}", "headers": {**headers, "content-length": "x"}}),
     ]
     got = rig.run(*calls)
     assert "not JSON" in scim_error(got[0], 400, "invalidSyntax")
@@ -222,6 +227,8 @@ def test_bad_input_gets_scim_errors_and_writes_nothing(rig):
     scim_error(got[9], 409, "uniqueness")
     scim_error(got[10], 404)
     scim_error(got[11], 404)
+    assert "at most 1000" in scim_error(got[12], 400, "invalidValue")
+    assert "Content-Length" in scim_error(got[13], 400, "invalidSyntax")
     assert rig.orders == [] and rig.store.counts("corp") == before
     # unknown directory, unknown resource
     assert "no directory 'other'" in scim_error(asyncio.run(_get_other(rig)), 404)
