@@ -311,19 +311,23 @@ class ScimService:
         return out
 
     @staticmethod
-    def _dump(kind: str, resource: dict, params: ResponseParameters | None,
-              ctx: Context = Context.RESOURCE_QUERY_RESPONSE) -> dict:
+    def _model(kind: str, resource: dict):
+        """The scim2-models object of a rendered resource; a value the directory holds
+        but SCIM refuses (an e-mail that is no address) is left out."""
         model = UserModel if kind == "user" else Group
-        while True:  # a value the directory holds but SCIM refuses (a bad e-mail) is left out
+        while True:
             try:
-                obj = model.model_validate(resource)
-                break
+                return model.model_validate(resource)
             except ValidationError as exc:
                 bad = {str(e["loc"][0]) for e in exc.errors() if e.get("loc")} & set(resource)
                 if not bad or bad & {"id", "userName", "displayName", "schemas"}:
                     raise
                 resource = {k: v for k, v in resource.items() if k not in bad}
-        return obj.model_dump(scim_ctx=ctx, response_parameters=params)
+
+    @classmethod
+    def _dump(cls, kind: str, resource: dict, params: ResponseParameters | None,
+              ctx: Context = Context.RESOURCE_QUERY_RESPONSE) -> dict:
+        return cls._model(kind, resource).model_dump(scim_ctx=ctx, response_parameters=params)
 
     async def _list(self, request: Request, view: DirectoryView, kind: str) -> Response:
         model = UserModel if kind == "user" else Group
@@ -408,8 +412,7 @@ class ScimService:
         if request.method == "DELETE":
             return await self._delete(view, kind, rid)
         body = await self._body(request)
-        current = model.model_validate(
-            (await self._current(request, view, kind, rid)))
+        current = self._model(kind, await self._current(request, view, kind, rid))
         if request.method == "PUT":
             try:
                 wanted = model.model_validate(body, scim_ctx=Context.RESOURCE_REPLACEMENT_REQUEST)
@@ -524,6 +527,10 @@ class ScimService:
             raise ScimError(400, "changing userName is not supported: it names the directory "
                                  "entry; create a new user instead", "mutability")
         before, after = scim_map.user_fields(current), scim_map.user_fields(wanted)
+        formatted = (wanted.name.formatted if wanted.name else None,
+                     current.name.formatted if current.name else None)
+        if wanted.display_name == current.display_name and formatted[0] != formatted[1]:
+            after["name"] = formatted[0]  # displayName and name.formatted are one field
         changed = {k: (v if v is not None else "") for k, v in after.items() if before.get(k) != v}
         if changed:
             await self._order(view, {"op": "update_user", "dn": dn, "attributes": changed,

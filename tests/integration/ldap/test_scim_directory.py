@@ -124,6 +124,11 @@ def test_openldap_users_and_groups_through_scim(seeded_ldap, test_ca, tmp_path):
         assert mail.status_code == 200, mail.text
         assert mail.json()["emails"][0]["value"] == "s1@example.com"
         assert home.svc.authenticate("scim1", "Scim-pass-2")["outcome"] == "success"
+        renamed = home.one("PATCH", f"/Users/{user['id']}", **_patch(
+            {"op": "replace", "path": "name.formatted", "value": "Scim Uno"}))
+        assert renamed.json()["displayName"] == "Scim Uno", renamed.text
+        admin.search(f"uid=scim1,ou=people,{SUFFIX}", "(objectClass=*)", attributes=["cn"])
+        assert admin.entries[0].cn.value == "Scim Uno"
 
         # groups: create with a member, add and remove members, delete
         u003 = home.one("GET", "/Users", params={"filter": 'userName eq "u003"'}).json()["Resources"][0]
