@@ -129,6 +129,13 @@ def test_openldap_users_and_groups_through_scim(seeded_ldap, test_ca, tmp_path):
         assert renamed.json()["displayName"] == "Scim Uno", renamed.text
         admin.search(f"uid=scim1,ou=people,{SUFFIX}", "(objectClass=*)", attributes=["cn"])
         assert admin.entries[0].cn.value == "Scim Uno"
+        put = home.one("PUT", f"/Users/{user['id']}", json={
+            "schemas": [USER_URN], "userName": "scim1", "externalId": "okta-1", "displayName": "Scim Put",
+            "emails": [{"value": "put@example.com", "primary": True}]})
+        assert put.status_code == 200, put.text
+        assert (put.json()["displayName"], put.json()["emails"][0]["value"], put.json()["active"]) == (
+            "Scim Put", "put@example.com", True)
+        assert home.svc.authenticate("scim1", "Scim-pass-2")["outcome"] == "success"
 
         # groups: create with a member, add and remove members, delete
         u003 = home.one("GET", "/Users", params={"filter": 'userName eq "u003"'}).json()["Resources"][0]
@@ -150,7 +157,7 @@ def test_openldap_users_and_groups_through_scim(seeded_ldap, test_ca, tmp_path):
         # the change feed brings the same states: nothing moves, nothing doubles
         home.sync()
         assert home.one("GET", f"/Groups/{group['id']}").json()["members"][0]["value"] == u003["id"]
-        assert home.one("GET", f"/Users/{user['id']}").json()["emails"][0]["value"] == "s1@example.com"
+        assert home.one("GET", f"/Users/{user['id']}").json()["emails"][0]["value"] == "put@example.com"
         assert home.one("GET", "/Users", params={"filter": 'userName eq "scim1"'}).json()["totalResults"] == 1
 
         assert home.one("DELETE", f"/Groups/{group['id']}").status_code == 204
