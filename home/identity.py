@@ -92,6 +92,20 @@ CREATE TABLE IF NOT EXISTS staging_memberships (
     member_dn TEXT NOT NULL, PRIMARY KEY (directory, group_id, member_key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS memberships_member ON memberships (directory, member_key);
+
+-- lookups of home's SCIM API (home/api/scim.py): userName / displayName eq as identity
+-- providers send them; case-insensitive like SCIM's caseExact=false.
+CREATE INDEX IF NOT EXISTS entries_username ON entries
+    (directory, kind, lower(json_extract(attributes, '$.username')));
+CREATE INDEX IF NOT EXISTS entries_name ON entries
+    (directory, kind, lower(json_extract(attributes, '$.name')));
+-- SCIM externalId: the provisioning client's own id for an entry (RFC 7643 §3.1). The
+-- directory has no place for it, so home keeps it beside the entry.
+CREATE TABLE IF NOT EXISTS external_ids (
+    directory TEXT NOT NULL, id TEXT NOT NULL, external_id TEXT NOT NULL,
+    PRIMARY KEY (directory, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS external_ids_value ON external_ids (directory, external_id);
 CREATE TABLE IF NOT EXISTS applied (
     directory TEXT NOT NULL, instance_id TEXT NOT NULL,
     applied_through INTEGER NOT NULL, updated_at REAL NOT NULL,
@@ -681,6 +695,99 @@ class IdentityStore:
                 items.append({"id": rid, "dn": edn, "code": str(p.get("code")),
                               "message": str(p.get("message")), "attribute": p.get("attribute")})
         return {"entries": count, "items": items}
+
+    # ------------------------------------------------------------ SCIM lookups
+
+    #: record fields that have an index for case-insensitive equality
+    INDEXED_FIELDS = ("username", "name")
+
+    def find_by_field(self, directory: str, kind: str, field: str, value: str) -> list[dict]:
+        """Records whose ``field`` equals ``value`` ignoring case (indexed)."""
+        if field not in self.INDEXED_FIELDS:
+            raise ValueError(f"no index on {field!r}; indexed: {', '.join(self.INDEXED_FIELDS)}")
+        rows = self.db.execute(
+            f"SELECT * FROM entries INDEXED BY entries_{field} WHERE directory = ? AND kind = ? AND "
+            f"lower(json_extract(attributes, '$.{field}')) = lower(?) ORDER BY id",
+            (directory, kind, value))
+        return [_decode(r) for r in rows]
+
+    def member_entries(self, directory: str, group_id: str) -> list[dict]:
+        """A group's members that name an entry of the snapshot, as ``{id, kind, name}``
+        (``name``: a group's name or a user's username), through the membership relation,
+        so DNs match by meaning (:mod:`tether.dn`)."""
+        return [{"id": r[0], "kind": r[1], "name": r[2]} for r in self.db.execute(
+            "SELECT e.id, e.kind, COALESCE(json_extract(e.attributes, '$.name'), "
+            "json_extract(e.attributes, '$.username')) FROM memberships m "
+            "JOIN entries e ON e.directory = m.directory AND e.dn_key = m.member_key "
+            "WHERE m.directory = ? AND m.group_id = ? ORDER BY m.member_key",
+            (directory, group_id))]
+
+    def count_kind(self, directory: str, kind: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM entries WHERE directory = ? AND kind = ?",
+                               (directory, kind)).fetchone()[0]
+
+    def page(self, directory: str, kind: str, offset: int, limit: int) -> list[dict]:
+        """Records of one kind in id order, ``limit`` from ``offset`` (0-based)."""
+        rows = self.db.execute("SELECT * FROM entries WHERE directory = ? AND kind = ? "
+                               "ORDER BY id LIMIT ? OFFSET ?", (directory, kind, limit, offset))
+        return [_decode(r) for r in rows]
+
+    def after(self, directory: str, kind: str, after_id: str, limit: int) -> list[dict]:
+        """Records of one kind with id above ``after_id``, in id order (a resumable scan)."""
+        rows = self.db.execute("SELECT * FROM entries WHERE directory = ? AND kind = ? AND id > ? "
+                               "ORDER BY id LIMIT ?", (directory, kind, after_id, limit))
+        return [_decode(r) for r in rows]
+
+    def external_ids(self, directory: str, ids: Iterable[str]) -> dict[str, str]:
+        wanted = list(dict.fromkeys(ids))
+        out: dict[str, str] = {}
+        for start in range(0, len(wanted), 500):
+            part = wanted[start:start + 500]
+            out.update(self.db.execute(
+                f"SELECT id, external_id FROM external_ids WHERE directory = ? AND id IN "
+                f"({','.join('?' * len(part))})", (directory, *part)).fetchall())
+        return out
+
+    def by_external_id(self, directory: str, kind: str, external_id: str) -> list[dict]:
+        rows = self.db.execute(
+            "SELECT * FROM entries WHERE directory = ? AND id IN (SELECT id FROM external_ids "
+            "WHERE directory = ? AND external_id = ?) AND kind = ? ORDER BY id",
+            (directory, directory, external_id, kind))
+        return [_decode(r) for r in rows]
+
+    def set_external_id(self, directory: str, rid: str, external_id: str | None) -> None:
+        with self._tx():
+            if external_id is None:
+                self.db.execute("DELETE FROM external_ids WHERE directory = ? AND id = ?",
+                                (directory, rid))
+            else:
+                self.db.execute("INSERT OR REPLACE INTO external_ids VALUES (?, ?, ?)",
+                                (directory, rid, external_id))
+
+    def put_provisioned(self, directory: str, record: dict) -> None:
+        """Store the state a provisioning order read back (an ``upsert`` record).
+
+        Also into an open full snapshot: its swap must not drop an entry written
+        after its pages were read. Whole states, written as the sync writes them
+        (memberships included), so the sync bringing the same change later rewrites
+        the same rows."""
+        record = {**record, "op": "upsert"}
+        with self._tx():
+            self._records(directory, "entries", [record])
+            if self._staging_open(directory):
+                self._records(directory, "staging", [record])
+
+    def drop_provisioned(self, directory: str, rid: str) -> None:
+        """Forget an entry a provisioning order deleted (and its externalId)."""
+        with self._tx():
+            for table in ("entries", "staging"):
+                self._records(directory, table, [{"op": "delete", "id": rid}])
+            self.db.execute("DELETE FROM external_ids WHERE directory = ? AND id = ?",
+                            (directory, rid))
+
+    def _staging_open(self, directory: str) -> bool:
+        return self.db.execute("SELECT 1 FROM staging WHERE directory = ? LIMIT 1",
+                               (directory,)).fetchone() is not None
 
     def export_csv(self, directory: str, out: Path) -> dict:
         """Write the snapshot as CSV (format: :func:`csv_columns`), atomically."""

@@ -21,9 +21,9 @@ from .config import DirectoryConfig
 from .connection import DOWN_ERRORS, Pool, check_result
 from .errors import DirectoryError
 from .groups import groups_of
+from .mapping import ADMIN_LOCK  # noqa: F401 (provision.py imports it from here)
 
 PPOLICY_OID = "1.3.6.1.4.1.42.2.27.8.5.1"
-ADMIN_LOCK = "000001010000Z"
 AD_CODES = {"52e": "wrong_password", "525": "unknown_user", "530": "disabled", "531": "disabled",
             "533": "disabled", "775": "locked", "532": "expired", "701": "expired", "773": "expired"}
 OUTCOMES = ("success", "wrong_password", "disabled", "locked", "expired", "unknown_user")

@@ -62,6 +62,7 @@ class DirectoryConfig:
     login_attribute: str
     member_attribute: str
     user_container: str | None
+    group_container: str | None
     page_size: int
     sync_password_hashes: bool
     connect_timeout: float
@@ -125,8 +126,8 @@ def _mapping(raw: dict, kind: str, which: str) -> dict:
 KNOWN_KEYS = {
     "name", "id", "kind", "servers", "tls", "allow_plain", "ca_file", "ca_pem", "bind_dn", "bind_password",
     "base_dns", "user_filter", "group_filter", "attribute_mapping", "login_attribute", "member_attribute",
-    "user_container", "page_size", "sync_password_hashes", "connect_timeout", "receive_timeout",
-    "schedule", "cluster", "binary_attributes",
+    "user_container", "group_container", "page_size", "sync_password_hashes", "connect_timeout",
+    "receive_timeout", "schedule", "cluster", "binary_attributes",
 }
 
 
@@ -187,6 +188,7 @@ def load_config(raw: dict) -> DirectoryConfig:
         login_attribute=raw.get("login_attribute", user_mapping.get("username", "uid")),
         member_attribute=raw.get("member_attribute", "member"),
         user_container=raw.get("user_container"),
+        group_container=raw.get("group_container"),
         page_size=page_size, sync_password_hashes=bool(raw.get("sync_password_hashes", False)),
         connect_timeout=float(raw.get("connect_timeout", 5)),
         receive_timeout=max(1, int(raw.get("receive_timeout", 5))),

@@ -15,6 +15,9 @@ from . import values as values_mod
 from .errors import DirectoryError
 
 ID_ATTRIBUTE = {"openldap": "entryUUID", "ad": "objectGUID"}
+#: OpenLDAP ppolicy's administrative lock (a pwdAccountLockedTime that never expires):
+#: what `disable_user` writes, so a synced OpenLDAP user is `disabled` when it holds it
+ADMIN_LOCK = "000001010000Z"
 
 
 def id_attribute(config: DirectoryConfig) -> str:
@@ -29,6 +32,8 @@ def search_attributes(config: DirectoryConfig, kind: str) -> list[str]:
         attrs.add(config.member_attribute)
     elif config.kind == "ad":
         attrs.add("userAccountControl")
+    else:
+        attrs.add("pwdAccountLockedTime")  # operational: returned only when asked for
     if kind == "user" and config.sync_password_hashes:
         attrs.add("userPassword")
     return sorted(attrs)
@@ -106,6 +111,10 @@ def to_record(config: DirectoryConfig, kind: str, dn: str, raw: dict) -> dict:
         uac = _get(raw, "userAccountControl")
         if uac:
             record["disabled"] = bool(int(_text(uac)[0]) & 0x2)
+        elif config.kind == "openldap":
+            lock = _text(_get(raw, "pwdAccountLockedTime"))
+            if lock:  # no lock: no "disabled" key, as before (home reads None as enabled)
+                record["disabled"] = ADMIN_LOCK in lock
         if config.sync_password_hashes:
             record["password_hashes"] = _text(_get(raw, "userPassword"))
     return record

@@ -4,7 +4,14 @@ Why every order returns a result instead of raising: home records the outcome
 of each order id (done / failed with the server's own reason). A write whose
 connection dropped after sending is reported with `outcome_unknown`, so home
 never blindly retries a write on another connector.
+
+Why an order may ask for ``read_back``: a SCIM client (home's API) must answer
+with the entry's id and state right after the write, before the change feed
+brings it home; the agent reads the entry back on the same connection and adds
+it to the result as ``entry``, a record of the very shape the sync sends
+(:func:`mapping.to_record`), so home can store it as it stores synced records.
 """
+
 
 from __future__ import annotations
 
@@ -19,9 +26,12 @@ from .auth import ADMIN_LOCK, find_user
 from .config import DirectoryConfig
 from .connection import DOWN_ERRORS, Pool
 from .errors import DirectoryError
+from .mapping import search_attributes, to_record
 
 UAC_DISABLED = 0x2
 UAC_NORMAL = 0x200
+#: AD groupType of a global security group (the default of "New Group" in AD tools)
+AD_GLOBAL_SECURITY_GROUP = -2147483646
 
 
 class OrderError(Exception):
@@ -37,14 +47,28 @@ def _failed(order: dict, reason: str, code: str = "operation_failed", **extra) -
             "reason": reason, **extra}
 
 
-def _ldap_attrs(config: DirectoryConfig, fields: dict) -> dict:
+def _ldap_attrs(config: DirectoryConfig, fields: dict, skip_unmapped: bool = False,
+               ignored: list | None = None) -> dict:
+    """Map user fields to attributes. ``skip_unmapped`` (SCIM clients send every field
+    they know, the directory maps only some) drops unknown fields into ``ignored``."""
     out = {}
     for field, value in (fields or {}).items():
         attr = config.user_mapping.get(field, None)
         if attr is None:
+            if skip_unmapped:
+                if ignored is not None:
+                    ignored.append(field)
+                continue
             raise OrderError(f"unknown user field {field!r}; known: {', '.join(sorted(config.user_mapping))}")
+        if value is None or value == [] or value == "":
+            continue  # nothing to write at creation
         out[attr] = value
     return out
+
+
+def _attrs_of(config: DirectoryConfig, order: dict) -> dict:
+    ignored = order.setdefault("_ignored", [])
+    return _ldap_attrs(config, order.get("attributes"), bool(order.get("skip_unmapped")), ignored)
 
 
 def _user_dn(config: DirectoryConfig, conn, order: dict) -> str:
@@ -98,7 +122,7 @@ def create_user(config, conn, order):
     username = order.get("username") or ""
     if not username:
         raise OrderError("create_user needs 'username'")
-    attrs = _ldap_attrs(config, order.get("attributes"))
+    attrs = _attrs_of(config, order)
     container = order.get("container") or config.user_container
     if not container:
         raise OrderError("create_user needs 'container' (or 'user_container' in the directory config)")
@@ -128,14 +152,29 @@ def create_user(config, conn, order):
 
 def update_user(config, conn, order):
     dn = _user_dn(config, conn, order)
-    changes = {attr: [(ldap3.MODIFY_REPLACE, [] if value is None else
+    ignored = order.setdefault("_ignored", [])
+    changes = {attr: [(ldap3.MODIFY_REPLACE, [] if value is None or value == "" else
                        (value if isinstance(value, list) else [value]))]
-               for attr, value in _ldap_attrs(config, order.get("attributes")).items()}
+               for attr, value in _update_attrs(config, order, ignored).items()}
     if not changes:
         raise OrderError("update_user needs 'attributes'")
     conn.modify(dn, changes)
     _require_ok(conn, "update")
     return dn
+
+
+def _update_attrs(config, order, ignored: list) -> dict:
+    """Like :func:`_ldap_attrs` but keeps empty values: an update clears them."""
+    out = {}
+    for field, value in (order.get("attributes") or {}).items():
+        attr = config.user_mapping.get(field)
+        if attr is None:
+            if order.get("skip_unmapped"):
+                ignored.append(field)
+                continue
+            raise OrderError(f"unknown user field {field!r}; known: {', '.join(sorted(config.user_mapping))}")
+        out[attr] = value
+    return out
 
 
 def rename_user(config, conn, order):
@@ -215,7 +254,84 @@ def change_member(config, conn, order, add: bool):
     return group, None
 
 
+def create_group(config, conn, order):
+    """A group named ``group`` in ``container`` (or ``group_container``, else
+    ``user_container``) with ``members`` (DNs). OpenLDAP's groupOfNames must hold
+    a member: an empty group gets the empty DN, which every reader ignores."""
+    name = order.get("group") or ""
+    if not name:
+        raise OrderError("create_group needs 'group' (the group's name)")
+    members = order.get("members") or []
+    if not isinstance(members, list) or not all(isinstance(m, str) and m for m in members):
+        raise OrderError("create_group 'members' must be a list of member DNs")
+    container = order.get("container") or config.group_container or config.user_container
+    if not container:
+        raise OrderError("create_group needs 'container' (or 'group_container' in the directory config)")
+    name_attr = config.group_mapping.get("name", "cn")
+    if config.kind == "ad":
+        dn = f"CN={escape_rdn(name)},{container}"
+        attrs = {"sAMAccountName": name, "groupType": str(AD_GLOBAL_SECURITY_GROUP)}
+        if name_attr not in ("sAMAccountName", "cn"):
+            attrs[name_attr] = name
+        if members:
+            attrs[config.member_attribute] = members
+        conn.add(dn, ["top", "group"], attrs)
+    else:
+        dn = f"cn={escape_rdn(name)},{container}"
+        attrs = {"cn": name, config.member_attribute: members or [""]}
+        if name_attr != "cn":
+            attrs[name_attr] = name
+        object_class = "groupOfUniqueNames" if config.member_attribute.lower() == "uniquemember" \
+            else "groupOfNames"
+        conn.add(dn, order.get("object_classes") or [object_class], attrs)
+    _require_ok(conn, "create group")
+    return dn
+
+
+def delete_group(config, conn, order):
+    dn = _group_dn(config, conn, order)
+    conn.delete(dn)
+    _require_ok(conn, "delete group")
+    return dn
+
+
+def read_back(config: DirectoryConfig, conn, dn: str, kind: str) -> dict | None:
+    """The entry at ``dn`` as a sync record (None when it cannot be read)."""
+    attrs = search_attributes(config, kind)
+    conn.search(dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=attrs)
+    hits = [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
+    if (conn.result or {}).get("result", 0) != 0 or not hits:
+        return None
+    return to_record(config, kind, hits[0]["dn"], hits[0]["raw_attributes"])
+
+
+#: op -> kind of the entry whose DN the op returns (read back on request)
+_READ_BACK_KIND = {"create_user": "user", "update_user": "user", "rename_user": "user",
+                   "move_user": "user", "disable_user": "user", "enable_user": "user",
+                   "set_password": "user", "add_member": "group", "remove_member": "group",
+                   "create_group": "group"}
+
+
 def _run(config, conn, order) -> dict:
+    order = {**order, "_ignored": []}  # the fields skip_unmapped dropped (the caller's dict stays)
+    result = _carry_out(config, conn, order)
+    ignored = order.pop("_ignored")
+    if ignored:
+        result["ignored"] = sorted(set(ignored))
+    kind = _READ_BACK_KIND.get(order.get("op"))
+    if order.get("read_back") and kind and result.get("dn"):
+        try:
+            entry = read_back(config, conn, result["dn"], kind)
+        except (lx.LDAPException, DirectoryError):
+            entry = None
+        if entry is None:
+            result["read_back_failed"] = True
+        else:
+            result["entry"] = entry
+    return result
+
+
+def _carry_out(config, conn, order) -> dict:
     op = order.get("op")
     if op == "create_user":
         return _done(order, dn=create_user(config, conn, order))
@@ -232,8 +348,13 @@ def _run(config, conn, order) -> dict:
     if op in ("add_member", "remove_member"):
         group, note = change_member(config, conn, order, op == "add_member")
         return _done(order, dn=group, **({"note": note} if note else {}))
+    if op == "create_group":
+        return _done(order, dn=create_group(config, conn, order))
+    if op == "delete_group":
+        return _done(order, dn=delete_group(config, conn, order))
     raise OrderError(f"unknown provisioning op {op!r}; one of create_user, update_user, rename_user, "
-                     "move_user, disable_user, enable_user, delete_user, set_password, add_member, remove_member")
+                     "move_user, disable_user, enable_user, delete_user, set_password, add_member, "
+                     "remove_member, create_group, delete_group")
 
 
 def provision(config: DirectoryConfig, order: dict, pool: Pool | None = None) -> dict:
