@@ -34,6 +34,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import BaseRoute, Mount, Route
 
 from tether.home.api import metrics as api_metrics
+from tether.home.api import scim
 from tether.home.api import statuspage
 from tether.home.api.tokens import Caller, Refusal, Tokens
 from tether.home.apistore import SCOPES, ApiStore
@@ -134,11 +135,7 @@ class Api:
         return Guard(Starlette(routes=routes), self.store, self.metrics)
 
     def scim_mount(self) -> list[BaseRoute]:
-        """SCIM 2.0 under /scim/v2/{directory} when :mod:`tether.home.api.scim` is there."""
-        try:
-            from tether.home.api import scim
-        except ImportError:
-            return []
+        """SCIM 2.0 (:mod:`tether.home.api.scim`) under /scim/v2/{directory}."""
         return [Mount("/scim/v2/{directory}",
                       routes=scim.scim_routes(identity=self.backend.identity,
                                               provision=self.backend.provision,

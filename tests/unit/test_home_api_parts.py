@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import sys
+import asyncio
 import tomllib
-import types
 from pathlib import Path
 
+import httpx
 import pytest
-from starlette.responses import PlainTextResponse
-from starlette.routing import Mount, Route
-from starlette.testclient import TestClient
+from starlette.routing import Mount
 
 from tether.home.api.app import Api, Backend
 from tether.home.api.tokens import Tokens, load_signing_key
 from tether.home.apistore import ApiStore, ApiStoreError
+from tether.home.identity import IdentityStore
 from tether.image import wheelhouse
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -41,7 +40,7 @@ def test_store_keeps_hashes_and_revokes(tmp_path):
     assert secret.encode() not in raw and token.split(".")[1].encode() not in raw
     assert store.verify_client("okta", secret) and not store.verify_client("okta", secret + "x")
     assert store.verify_token(token)["token_id"] == token_id
-    assert store.verify_token(token[:-1] + "A") is None
+    assert store.verify_token(token[:-1] + ("B" if token.endswith("A") else "A")) is None
     with pytest.raises(ApiStoreError, match="exists already"):
         store.create_client("okta", ["authenticate"])
     with pytest.raises(ApiStoreError, match="scope"):
@@ -54,46 +53,38 @@ def _api(tmp_path) -> tuple[Api, str]:
     store = ApiStore(tmp_path / "api.sqlite3")
     store.create_client("scim", ["directory:read"])
     _, token = store.create_token("scim")
+    identity = IdentityStore(tmp_path / "identity.db")
+    identity.apply_batch("corp", "inst-1", [
+        {"seq": 1, "message": {"type": "begin", "mode": "full"}},
+        {"seq": 2, "message": {"type": "chunk", "changes": [
+            {"op": "upsert", "kind": "user", "id": "u1", "dn": "uid=ann,ou=people,dc=corp",
+             "attributes": {"username": "ann"}}]}},
+        {"seq": 3, "message": {"type": "end", "cursor": "c1"}}])
 
     async def nothing(*args):
         return {"ok": False, "code": "unavailable", "error": "no agent"}
     backend = Backend(authenticate=nothing, provision=nothing,
                       status=lambda: {"connectors": [], "directories": []},
-                      ready=lambda: (True, "test"), identity=object())
+                      ready=lambda: (True, "test"), identity=identity)
     tokens = Tokens(store, load_signing_key(tmp_path / "k.pem"), "https://testserver")
     return Api(backend, store, tokens), token
 
 
-def test_scim_is_mounted_with_home_authorize(tmp_path, monkeypatch):
-    """When tether.home.api.scim exists its routes live under /scim/v2/{directory},
-    with home's token check as ``authorize``."""
-    seen = {}
-
-    def scim_routes(*, identity, provision, authorize):
-        seen.update(identity=identity, provision=provision)
-
-        async def users(request):
-            refused = await authorize(request, "directory:read")
-            if refused is not None:
-                return refused
-            return PlainTextResponse(f"users of {request.path_params['directory']}")
-        return [Route("/Users", users)]
-    module = types.ModuleType("tether.home.api.scim")
-    module.scim_routes = scim_routes
-    monkeypatch.setitem(sys.modules, "tether.home.api.scim", module)
+def test_scim_is_mounted_with_home_authorize(tmp_path):
+    """SCIM lives under /scim/v2/{directory}, behind home's token check."""
     api, token = _api(tmp_path)
     assert isinstance(api.scim_mount()[0], Mount)
-    client = TestClient(api.app(), base_url="https://testserver")
-    ok = client.get("/scim/v2/corp/Users", headers={"Authorization": f"Bearer {token}"})
-    assert ok.status_code == 200 and ok.text == "users of corp"
-    refused = client.get("/scim/v2/corp/Users")
+    bearer = {"Authorization": f"Bearer {token}"}
+
+    async def go():  # in this thread: the identity store is used by home's loop only
+        transport = httpx.ASGITransport(app=api.app())
+        async with httpx.AsyncClient(transport=transport, base_url="https://testserver") as c:
+            return (await c.get("/scim/v2/corp/Users", headers=bearer),
+                    await c.get("/scim/v2/corp/Users"),
+                    await c.get("/scim/v2/other/Users", headers=bearer))
+    ok, refused, unknown = asyncio.run(go())
+    assert ok.status_code == 200
+    assert [r["userName"] for r in ok.json()["Resources"]] == ["ann"]
     assert refused.status_code == 401
     assert refused.json()["schemas"] == ["urn:ietf:params:scim:api:messages:2.0:Error"]
-    assert seen["provision"] is api.backend.provision
-
-
-def test_without_scim_module_nothing_is_mounted(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tether.home.api.scim", None)  # import fails
-    api, _ = _api(tmp_path)
-    assert api.scim_mount() == []
-    assert TestClient(api.app()).get("/scim/v2/corp/Users").status_code == 404
+    assert unknown.status_code == 404

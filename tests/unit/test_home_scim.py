@@ -163,9 +163,12 @@ def test_paging_and_attributes(rig):
 def test_groups_members_are_entry_ids(rig):
     staff = rig.get("/Groups/g-staff").json()
     assert staff["displayName"] == "staff"
-    assert [(m["value"], m["type"]) for m in staff["members"]] == [
-        ("id-001", "User"), ("id-002", "User"), ("g-admins", "Group")]  # unsynced DN left out
-    assert staff["members"][0]["$ref"].endswith("/scim/v2/corp/Users/id-001")
+    # member DNs match entries by meaning ("UID=u001" is u001); an unsynced DN is left out
+    assert sorted((m["value"], m["type"]) for m in staff["members"]) == [
+        ("g-admins", "Group"), ("id-001", "User"), ("id-002", "User")]
+    refs = {m["value"]: m["$ref"] for m in staff["members"]}
+    assert refs["id-001"].endswith("/scim/v2/corp/Users/id-001")
+    assert refs["g-admins"].endswith("/scim/v2/corp/Groups/g-admins")
     r = rig.get("/Groups", params={"excludedAttributes": "members"})
     assert all("members" not in g for g in r.json()["Resources"])
     assert rig.get("/Groups/id-001").status_code == 404  # a user's id is no group
