@@ -30,7 +30,10 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
 	@echo "deps: python venv in $(VENV)"
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	@$(VPY) -m pip install -q --upgrade pip
-	@$(VPY) -m pip install -q -e '.[build,test,home]'
+	@echo "deps: installing the project and its Python packages (log: $(STAMPS)/pip.log)"
+	@mkdir -p $(STAMPS)
+	@$(VPY) -m pip install -q -e '.[build,test,home]' > $(STAMPS)/pip.log 2>&1 \
+		|| { tail -n 25 $(STAMPS)/pip.log; echo "deps: pip failed; the whole log is $(STAMPS)/pip.log"; exit 1; }
 	@mkdir -p $(STAMPS) && touch $@
 
 # make image [NAME=] [HOME_STATE=dir | CREDENTIAL=bundle.json] [HOME_URL="wss://a/ wss://b/"]
