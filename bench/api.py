@@ -7,6 +7,9 @@ serving the directory. Measured, each with per-second rate and p50/p99:
 
 - direct ldap3 bind on a new LDAPS connection per login (what a naive IdP does);
 - direct rebind on one kept LDAPS connection (the floor of an LDAP password check);
+- the agent's own engine without home (``AuthPool``: user look-up, bind, nested
+  groups) with 1 and --concurrency threads: the ceiling of any login through an
+  agent on this machine, since every API login does that work;
 - ``POST /v1/directories/<d>/authenticate`` through the API (TLS, keep-alive, a
   long-lived bearer token): home -> agent over its WebSocket -> user look-up,
   bind, nested groups; with 1 and --concurrency clients in flight;
@@ -39,6 +42,8 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 from ldapfix_ca import make_ca  # noqa: E402
 from ldapfix_slapd import SUFFIX, SVC_DN, SVC_PW, create_slapd, ssha  # noqa: E402
+from tether.agent.directory.auth import AuthPool  # noqa: E402
+from tether.agent.directory.config import load_config  # noqa: E402
 from tether.agent.directory.connection import tune_socket  # noqa: E402
 
 PW = "bench-pw"
@@ -95,6 +100,29 @@ def direct(server, ca, names: list[str]) -> dict:
             lat.append(time.perf_counter() - t)
         out[label] = figures(len(names), time.perf_counter() - t0, lat)
     kept.unbind()
+    return out
+
+
+def engine(raw: dict, names: list[str], threads: int) -> dict:
+    """Logins through the agent's AuthPool in `threads` threads, no home, no WebSocket."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = AuthPool(load_config(raw), size=threads)
+    outcomes: dict[str, int] = {}
+
+    def one(name: str) -> float:
+        t = time.perf_counter()
+        outcome = pool.authenticate(name, PW)["outcome"]
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        return time.perf_counter() - t
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(one, names[:threads * 4]))  # connect every Authenticator first
+        outcomes.clear()
+        t0 = time.perf_counter()
+        lat = list(ex.map(one, names))
+        out = figures(len(names), time.perf_counter() - t0, lat)
+    pool.close()
+    out["outcomes"] = outcomes
     return out
 
 
@@ -170,7 +198,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--users", type=int, default=5000)
     ap.add_argument("--auth", type=int, default=2000, help="authentications per measurement")
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32],
+                    help="requests in flight through the API (1 is always measured)")
+    ap.add_argument("--auth-connections", type=int, default=None,
+                    help="the directory's auth_connections (default: the agent's default)")
+    ap.add_argument("--hold", type=float, default=0,
+                    help="seconds to wait before the API runs (to attach a profiler)")
     ap.add_argument("--tokens", type=int, default=1000)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "api.json"))
     args = ap.parse_args()
@@ -192,13 +225,21 @@ def main() -> int:
         for label in ("direct_new_connection", "direct_rebind"):
             r = result[label]
             print(f"  {label:24s} {r['per_s']:8.1f}/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms")
+        raw = {"name": "bench", "kind": "openldap", "servers": [f"localhost:{server.tls_port}"],
+               "tls": "ldaps", "ca_file": str(ca.ca_file), "bind_dn": SVC_DN,
+               "bind_password": SVC_PW, "base_dns": [SUFFIX], "page_size": 1000}
+        if args.auth_connections:
+            raw["auth_connections"] = args.auth_connections
+        pool_size = load_config(raw).auth_connections
+        for threads in sorted({1, pool_size}):
+            r = engine(raw, names, threads)
+            result[f"engine_threads_{threads}"] = r
+            print(f"  agent engine, {threads:2d} threads  {r['per_s']:8.1f}/s  p50 {r['p50_ms']} ms  "
+                  f"p99 {r['p99_ms']} ms  {r['outcomes']}", flush=True)
         home = HomeProcess.start(tmp / "home", connector="c-a",
                                  serve_args=("--api-listen", "127.0.0.1:0", "--log-level", "INFO"))
         rig = Rig(home, ("c-a",))
         rig.agent("c-a")
-        raw = {"name": "bench", "kind": "openldap", "servers": [f"localhost:{server.tls_port}"],
-               "tls": "ldaps", "ca_file": str(ca.ca_file), "bind_dn": SVC_DN,
-               "bind_password": SVC_PW, "base_dns": [SUFFIX], "page_size": 1000}
         rig.configure({"directories": [directory_entry("bench", raw)]})
         wait_for(lambda: (rig.directory_status("bench") or {}).get("users") == args.users, 600,
                  "home's store to hold every user")
@@ -208,7 +249,11 @@ def main() -> int:
         token = rig.cli("api-client", "token", "bench").stdout.strip()
         ctx = ssl.create_default_context(cafile=str(home.ca_cert))
         asyncio.run(through_api(port, ctx, token, names[:200], 1))  # warm-up
-        for conc in sorted({1, args.concurrency}):
+        if args.hold:
+            print(f"  home pid {home.proc.pid}; holding {args.hold} s", flush=True)
+            time.sleep(args.hold)
+        levels = sorted({1, *args.concurrency})
+        for conc in levels:
             # fresh names per run: a user name takes one attempt at a time
             r = asyncio.run(through_api(port, ctx, token, names, conc))
             result[f"api_concurrency_{conc}"] = r
@@ -218,7 +263,10 @@ def main() -> int:
         result["token_issuance"] = r
         print(f"  token issuance (client credentials, JWT) {r['per_s']:8.1f}/s  p50 {r['p50_ms']} ms  "
               f"p99 {r['p99_ms']} ms", flush=True)
-        best = max(result[f"api_concurrency_{c}"]["per_s"] for c in {1, args.concurrency})
+        best = max(result[f"api_concurrency_{c}"]["per_s"] for c in levels)
+        best_engine = max(result[f"engine_threads_{t}"]["per_s"] for t in {1, pool_size})
+        result["auth_connections"] = pool_size
+        result["ratio_api_best_to_engine_best"] = round(best / best_engine, 2)
         result["ratio_api_best_to_direct_new_connection"] = round(
             best / result["direct_new_connection"]["per_s"], 2)
         result["ratio_api_best_to_direct_rebind"] = round(best / result["direct_rebind"]["per_s"], 2)

@@ -259,10 +259,10 @@ class Bridge:
 
     async def authenticate(self, directory: ManagedDirectory, body: dict) -> dict:
         """Bind as the user; `groups` are DNs (the protocol's contract), nested ones included."""
-        def bind() -> dict:
-            with directory.auth_lock:
-                return directory.service.authenticate(body["username"], body["password"])
-        result = await asyncio.to_thread(bind)
+        # the directory's AuthPool checks several logins at once, each in one of its threads
+        result = await asyncio.get_running_loop().run_in_executor(
+            directory.auth_threads(), directory.service.authenticate, body["username"],
+            body["password"])
         reply = {"ok": result["outcome"] == "success", "outcome": result["outcome"],
                  "dn": result.get("dn"), "groups": [g["dn"] for g in result.get("groups", [])],
                  "server": result.get("server")}
