@@ -3,7 +3,8 @@
 One real ``tether-home serve --api-listen 127.0.0.1:0``, one real enrolled
 ``tether-agent run`` serving directory ``corp`` from the session's real slapd
 (seed data: u000..u019, nested groups), clients made with ``tether-home
-api-client``. Requests go over real TLS (httpx, home's CA as the only anchor);
+api-client``; SCIM goes through the same listener (and, in the last test, to the
+session's Samba AD DC through its own home and agent). Requests go over real TLS (httpx, home's CA as the only anchor);
 the status page is loaded in a real headless Chromium. No timing asserts.
 
 The shared slapd locks an account after 5 failures (ppolicy): wrong passwords
@@ -21,6 +22,7 @@ import shutil
 import socket
 import ssl
 import time
+import uuid
 
 import httpx
 import ldap3
@@ -31,7 +33,8 @@ from joserfc.jwk import ECKey
 
 from e2erig import GROUPS_F, OPENLDAP_MAPPING, USERS_F, Rig, directory_entry, ldap_rows, wait_for
 from homeproc import HomeProcess
-from ldapfix_helpers import admin_connection, slapd_config
+from ldapfix_helpers import (AD_BASE, ad_admin_connection, ad_config, admin_connection,
+                             slapd_config)
 from ldapfix_slapd import SUFFIX
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
@@ -534,3 +537,69 @@ async def _flood(api: Api, n: int) -> list[int]:
         finally:
             writer.close()
     return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+def test_scim_over_https_on_samba_ad(samba, test_ca, tmp_path):
+    """Samba AD DC behind a real agent and home, driven through the HTTPS API only:
+    SCIM create -> the account exists in AD and logs in; PATCH active=false (as Entra ID
+    sends it) sets ACCOUNTDISABLE in AD and the login says disabled; group membership by
+    PATCH shows in the login's groups."""
+    name = f"sw{uuid.uuid4().hex[:6]}"
+    home = HomeProcess.start(tmp_path / "home", connector="c-ad",
+                             serve_args=("--api-listen", "127.0.0.1:0"))
+    rig = Rig(home, ("c-ad",))
+    admin = ad_admin_connection(test_ca)
+    api = None
+    try:
+        rig.agent("c-ad")
+        rig.configure({"directories": [directory_entry("ad", ad_config(test_ca))]})
+        wait_for(lambda: (rig.directory_status("ad") or {}).get("leader"), 120,
+                 "an agent to lead directory ad")
+        api = Api(rig)
+        secret = api.client("entra", "directory:read", "directory:write", "authenticate")
+        token = api.jwt("entra", secret).json()["access_token"]
+        created = api.scim(token, "POST", "/Users", directory="ad", json={
+            "schemas": [USER_URN], "userName": name, "displayName": f"Scim {name}",
+            "externalId": f"entra-{name}", "password": "Scim-Pass-1!",
+            "emails": [{"value": f"{name}@example.com", "primary": True}]})
+        assert created.status_code == 201, created.text
+        user = created.json()
+        dn = f"CN=Scim {name},CN=Users,{AD_BASE}"
+        admin.search(dn, "(objectClass=user)", attributes=["userAccountControl", "sAMAccountName"])
+        assert str(admin.entries[0].sAMAccountName) == name
+        login = api.auth(token, name, "Scim-Pass-1!", directory="ad").json()
+        assert login["outcome"] == "success" and login["dn"].lower() == dn.lower(), login
+        found = api.scim(token, "GET", "/Users", directory="ad",
+                         params={"filter": f'externalId eq "entra-{name}"'}).json()
+        assert [r["id"] for r in found["Resources"]] == [user["id"]]
+
+        off = api.scim(token, "PATCH", f"/Users/{user['id']}", directory="ad", json={
+            "schemas": [PATCH_URN], "Operations": [{"op": "Replace", "path": "active",
+                                                    "value": "False"}]})
+        assert off.status_code == 200 and off.json()["active"] is False, off.text
+        admin.search(dn, "(objectClass=user)", attributes=["userAccountControl"])
+        assert int(admin.entries[0].userAccountControl.value) & 0x2  # ACCOUNTDISABLE
+        assert api.auth(token, name, "Scim-Pass-1!", directory="ad").json()["outcome"] == "disabled"
+        on = api.scim(token, "PATCH", f"/Users/{user['id']}", directory="ad", json={
+            "schemas": [PATCH_URN], "Operations": [{"op": "replace", "value": {"active": True}}]})
+        assert on.status_code == 200 and on.json()["active"] is True, on.text
+
+        group = api.scim(token, "POST", "/Groups", directory="ad",
+                         json={"schemas": [GROUP_URN], "displayName": f"{name}-g"})
+        assert group.status_code == 201, group.text
+        gid = group.json()["id"]
+        added = api.scim(token, "PATCH", f"/Groups/{gid}", directory="ad", json={
+            "schemas": [PATCH_URN], "Operations": [{"op": "add", "path": "members",
+                                                    "value": [{"value": user["id"]}]}]})
+        assert added.status_code == 200, added.text
+        groups = api.auth(token, name, "Scim-Pass-1!", directory="ad").json()["groups"]
+        assert f"cn={name}-g,cn=users,{AD_BASE}".lower() in [g.lower() for g in groups], groups
+        assert api.scim(token, "DELETE", f"/Groups/{gid}", directory="ad").status_code == 204
+        assert api.scim(token, "DELETE", f"/Users/{user['id']}", directory="ad").status_code == 204
+        assert api.auth(token, name, "Scim-Pass-1!", directory="ad").json()["outcome"] == \
+            "unknown_user"
+    finally:
+        admin.unbind()
+        if api is not None:
+            api.http.close()
+        rig.stop()
