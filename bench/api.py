@@ -12,7 +12,8 @@ serving the directory. Measured, each with per-second rate and p50/p99:
   agent on this machine, since every API login does that work;
 - ``POST /v1/directories/<d>/authenticate`` through the API (TLS, keep-alive, a
   long-lived bearer token): home -> agent over its WebSocket -> user look-up,
-  bind, nested groups; with 1 and --concurrency clients in flight;
+  bind, nested groups; with 1 and --concurrency clients in flight; and the same
+  with ``"groups": false`` (user look-up and bind only: the password check);
 - ``POST /oauth2/token`` (client credentials, RFC 9068 JWT) issuance.
 
 The HTTP client is a minimal keep-alive HTTP/1.1 client on asyncio streams, so
@@ -103,7 +104,7 @@ def direct(server, ca, names: list[str]) -> dict:
     return out
 
 
-def engine(raw: dict, names: list[str], threads: int) -> dict:
+def engine(raw: dict, names: list[str], threads: int, groups: bool = True) -> dict:
     """Logins through the agent's AuthPool in `threads` threads, no home, no WebSocket."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -112,7 +113,7 @@ def engine(raw: dict, names: list[str], threads: int) -> dict:
 
     def one(name: str) -> float:
         t = time.perf_counter()
-        outcome = pool.authenticate(name, PW)["outcome"]
+        outcome = pool.authenticate(name, PW, with_groups=groups)["outcome"]
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         return time.perf_counter() - t
     with ThreadPoolExecutor(threads) as ex:
@@ -152,7 +153,8 @@ class Http:
         self.writer.close()
 
 
-async def through_api(port: int, ctx, token: str, names: list[str], concurrency: int) -> dict:
+async def through_api(port: int, ctx, token: str, names: list[str], concurrency: int,
+                      groups: bool = True) -> dict:
     conns = [await Http.open(port, ctx) for _ in range(concurrency)]
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     queue = list(enumerate(names))
@@ -162,7 +164,8 @@ async def through_api(port: int, ctx, token: str, names: list[str], concurrency:
     async def worker(conn: Http) -> None:
         while queue:
             _, name = queue.pop()
-            body = json.dumps({"username": name, "password": PW}).encode()
+            body = json.dumps({"username": name, "password": PW,
+                               **({} if groups else {"groups": False})}).encode()
             t = time.perf_counter()
             status, data = await conn.post("/v1/directories/bench/authenticate", body, headers)
             lat.append(time.perf_counter() - t)
@@ -231,11 +234,12 @@ def main() -> int:
         if args.auth_connections:
             raw["auth_connections"] = args.auth_connections
         pool_size = load_config(raw).auth_connections
-        for threads in sorted({1, pool_size}):
-            r = engine(raw, names, threads)
-            result[f"engine_threads_{threads}"] = r
-            print(f"  agent engine, {threads:2d} threads  {r['per_s']:8.1f}/s  p50 {r['p50_ms']} ms  "
-                  f"p99 {r['p99_ms']} ms  {r['outcomes']}", flush=True)
+        for groups, tag in ((True, ""), (False, "_password_only")):
+            for threads in sorted({1, pool_size}):
+                r = engine(raw, names, threads, groups)
+                result[f"engine{tag}_threads_{threads}"] = r
+                print(f"  agent engine{tag}, {threads:2d} threads  {r['per_s']:8.1f}/s  p50 "
+                      f"{r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['outcomes']}", flush=True)
         home = HomeProcess.start(tmp / "home", connector="c-a",
                                  serve_args=("--api-listen", "127.0.0.1:0", "--log-level", "INFO"))
         rig = Rig(home, ("c-a",))
@@ -253,12 +257,13 @@ def main() -> int:
             print(f"  home pid {home.proc.pid}; holding {args.hold} s", flush=True)
             time.sleep(args.hold)
         levels = sorted({1, *args.concurrency})
-        for conc in levels:
-            # fresh names per run: a user name takes one attempt at a time
-            r = asyncio.run(through_api(port, ctx, token, names, conc))
-            result[f"api_concurrency_{conc}"] = r
-            print(f"  API authenticate, {conc:2d} in flight {r['per_s']:8.1f}/s  p50 {r['p50_ms']} ms  "
-                  f"p99 {r['p99_ms']} ms  {r['outcomes']}", flush=True)
+        for groups, tag in ((True, ""), (False, "_password_only")):
+            for conc in levels:
+                # distinct names within a run: a user name takes one attempt at a time
+                r = asyncio.run(through_api(port, ctx, token, names, conc, groups))
+                result[f"api{tag}_concurrency_{conc}"] = r
+                print(f"  API authenticate{tag}, {conc:2d} in flight {r['per_s']:8.1f}/s  p50 "
+                      f"{r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['outcomes']}", flush=True)
         r = asyncio.run(tokens(port, ctx, "bench", secret, args.tokens))
         result["token_issuance"] = r
         print(f"  token issuance (client credentials, JWT) {r['per_s']:8.1f}/s  p50 {r['p50_ms']} ms  "
@@ -267,6 +272,12 @@ def main() -> int:
         best_engine = max(result[f"engine_threads_{t}"]["per_s"] for t in {1, pool_size})
         result["auth_connections"] = pool_size
         result["ratio_api_best_to_engine_best"] = round(best / best_engine, 2)
+        best_po = max(result[f"api_password_only_concurrency_{c}"]["per_s"] for c in levels)
+        best_engine_po = max(result[f"engine_password_only_threads_{t}"]["per_s"]
+                             for t in {1, pool_size})
+        result["ratio_api_password_only_best_to_engine_best"] = round(best_po / best_engine_po, 2)
+        result["ratio_api_password_only_best_to_direct_rebind"] = round(
+            best_po / result["direct_rebind"]["per_s"], 2)
         result["ratio_api_best_to_direct_new_connection"] = round(
             best / result["direct_new_connection"]["per_s"], 2)
         result["ratio_api_best_to_direct_rebind"] = round(best / result["direct_rebind"]["per_s"], 2)

@@ -393,8 +393,10 @@ class DirectoryRouter:
         return [pe for iid in order for pe in instances[iid]]
 
     async def authenticate(self, directory: str, username: str, password: str,
-                           timeout: float = 30.0) -> dict:
+                           timeout: float = 30.0, groups: bool = True) -> dict:
         body = {"directory": directory, "username": username, "password": password}
+        if not groups:
+            body["groups"] = False  # only when asked: the default needs no newer agent
         response = await self.hub.request(None, p.Op.AUTHENTICATE, body, timeout,
                                           peers=self.candidates(directory))
         return response.body

@@ -77,8 +77,9 @@ class Limits:
 class Backend:
     """What the API may ask of the running home (handed in by the server)."""
 
-    #: ``authenticate`` through home's directory routing: the control socket's reply.
-    authenticate: Callable[[str, str, str], Awaitable[dict]]
+    #: ``authenticate(directory, username, password, groups=True)`` through home's
+    #: directory routing: the control socket's reply.
+    authenticate: Callable[..., Awaitable[dict]]
     #: ``provision`` likewise (for SCIM).
     provision: Callable[[str, dict], Awaitable[dict]]
     #: The status document (:func:`tether.home.api.statuspage.collect`).
@@ -225,13 +226,16 @@ class Api:
             doc = None
         username = doc.get("username") if isinstance(doc, dict) else None
         password = doc.get("password") if isinstance(doc, dict) else None
+        groups = doc.get("groups", True) if isinstance(doc, dict) else True
         if not isinstance(username, str) or not isinstance(password, str) or not username \
-                or not password or len(username) > MAX_USERNAME or len(password) > MAX_PASSWORD:
+                or not password or len(username) > MAX_USERNAME or len(password) > MAX_PASSWORD \
+                or not isinstance(groups, bool):
             _note(request, "authenticate", "bad_request")
             return _json_error(400, "invalid_request",
                                'send JSON {"username": "...", "password": "..."}: both '
                                f"non-empty strings, at most {MAX_USERNAME} and {MAX_PASSWORD} "
-                               "characters (an empty password would be an anonymous bind)")
+                               "characters (an empty password would be an anonymous bind), "
+                               'and optionally "groups": false for the password check only')
         user_key = f"{directory}\0{username.casefold()}"
         if self.limits.client_failures.retry_after(found.client) > 0:
             return self._throttled(request, username, "this client had too many failed "
@@ -245,7 +249,11 @@ class Api:
                                    "name; wait", self.limits.user_failures.retry_after(user_key))
         self._in_flight.add(user_key)
         try:
-            reply = await self.backend.authenticate(directory, username, password)
+            if groups:
+                reply = await self.backend.authenticate(directory, username, password)
+            else:
+                reply = await self.backend.authenticate(directory, username, password,
+                                                        groups=False)
         finally:
             self._in_flight.discard(user_key)
         del password
@@ -261,8 +269,10 @@ class Api:
             self.limits.client_failures.allow(found.client)
             self.limits.user_failures.allow(user_key)
         _note(request, "authenticate", outcome, detail=f"user={username}")
-        return JSONResponse({"outcome": outcome, "dn": result.get("dn"),
-                             "groups": result.get("groups") or []})
+        answer = {"outcome": outcome, "dn": result.get("dn")}
+        if groups:
+            answer["groups"] = result.get("groups") or []
+        return JSONResponse(answer)
 
     def _throttled(self, request: Request, username: str, text: str, wait: float) -> Response:
         seconds = max(1, int(wait + 0.999))

@@ -208,6 +208,10 @@ def test_authenticate_endpoint(api):
     doc = ok.json()
     assert doc["outcome"] == "success" and doc["dn"] == f"uid=u000,{PEOPLE}"
     assert set(doc["groups"]) == {f"cn={g},{GROUPS}" for g in ("staff", "admins", "nested", "outer")}
+    only = api.http.post("/v1/directories/corp/authenticate",
+                         json={"username": "u000", "password": "pw000", "groups": False},
+                         headers={"Authorization": f"Bearer {token}"})
+    assert only.json() == {"outcome": "success", "dn": f"uid=u000,{PEOPLE}"}  # no look-up
     assert api.auth(token, "u018", "not-the-password").json()["outcome"] == "wrong_password"
     assert api.auth(token, "nobody-at-all", "pw").json()["outcome"] == "unknown_user"
     assert api.auth(token, "expired1", "pw-expired").json()["outcome"] == "expired"
@@ -215,7 +219,7 @@ def test_authenticate_endpoint(api):
     unknown_dir = api.auth(token, "u000", "pw000", directory="nowhere")
     assert unknown_dir.status_code == 404 and unknown_dir.json()["error"] == "not_found"
     for body in ('{"username": "u000"}', '{"username": "u000", "password": ""}', "not json",
-                 '["u000", "pw000"]'):
+                 '["u000", "pw000"]', '{"username": "u000", "password": "pw000", "groups": 0}'):
         bad = api.http.post("/v1/directories/corp/authenticate", content=body,
                             headers={"Authorization": f"Bearer {token}"})
         assert bad.status_code == 400 and bad.json()["error"] == "invalid_request", body
@@ -241,8 +245,8 @@ def test_authenticate_endpoint(api):
     assert api.http.post("/v1/directories/corp/authenticate",
                          json={"username": "u000", "password": "pw000"}).status_code == 401
     rows = api.audit("idp")
-    assert [r["outcome"] for r in rows if r["op"] == "authenticate"][:4] == [
-        "success", "wrong_password", "unknown_user", "expired"]
+    assert [r["outcome"] for r in rows if r["op"] == "authenticate"][:5] == [
+        "success", "success", "wrong_password", "unknown_user", "expired"]
     assert any(r["outcome"] == "throttled" for r in rows)
     everything = json.dumps(api.audit()) + api.rig.home.log_text() + api.agent.log()
     for password in ("pw000", "not-the-password", "guess4", "wrong-7", "pw-expired"):
