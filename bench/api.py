@@ -74,6 +74,28 @@ def figures(count: int, seconds: float, latencies: list[float]) -> dict:
             "p50_ms": round(pct(latencies, 50) * 1e3, 2), "p99_ms": round(pct(latencies, 99) * 1e3, 2)}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process used so far (/proc/<pid>/stat, clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU milliseconds per login of each process on the path, over one measurement.
+
+    Why: on a 2-core machine shared by client, home, agent and slapd, the rate is
+    bounded by the CPU all of them need per login; this says who needs what.
+    """
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.start = {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+    def per_login_ms(self, count: int) -> dict:
+        return {name: round((cpu_seconds(pid) - self.start[name]) * 1e3 / count, 3)
+                for name, pid in self.pids.items()}
+
+
 def direct(server, ca, names: list[str]) -> dict:
     tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(ca.ca_file))
     srv = ldap3.Server("localhost", port=server.tls_port, use_ssl=True, tls=tls, get_info=ldap3.NONE)
@@ -224,7 +246,9 @@ def main() -> int:
         names = [f"user{(i * 7919) % args.users:06d}" for i in range(args.auth)]
         print(f"api bench: {args.users} users in slapd; direct binds x{args.auth} ...", flush=True)
         result = {"users": args.users, "cpus": os.cpu_count(), "load_average_at_start": load_at_start}
+        meter = CpuMeter({"client": os.getpid(), "slapd": server.proc.pid})
         result.update(direct(server, ca, names))
+        result["direct_cpu_ms_per_bind_both_runs"] = meter.per_login_ms(2 * len(names))
         for label in ("direct_new_connection", "direct_rebind"):
             r = result[label]
             print(f"  {label:24s} {r['per_s']:8.1f}/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms")
@@ -236,14 +260,17 @@ def main() -> int:
         pool_size = load_config(raw).auth_connections
         for groups, tag in ((True, ""), (False, "_password_only")):
             for threads in sorted({1, pool_size}):
+                meter = CpuMeter({"engine": os.getpid(), "slapd": server.proc.pid})
                 r = engine(raw, names, threads, groups)
+                r["cpu_ms_per_login"] = meter.per_login_ms(len(names))
                 result[f"engine{tag}_threads_{threads}"] = r
                 print(f"  agent engine{tag}, {threads:2d} threads  {r['per_s']:8.1f}/s  p50 "
-                      f"{r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['outcomes']}", flush=True)
+                      f"{r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['outcomes']}  cpu ms/login "
+                      f"{r['cpu_ms_per_login']}", flush=True)
         home = HomeProcess.start(tmp / "home", connector="c-a",
                                  serve_args=("--api-listen", "127.0.0.1:0", "--log-level", "INFO"))
         rig = Rig(home, ("c-a",))
-        rig.agent("c-a")
+        agent = rig.agent("c-a")
         rig.configure({"directories": [directory_entry("bench", raw)]})
         wait_for(lambda: (rig.directory_status("bench") or {}).get("users") == args.users, 600,
                  "home's store to hold every user")
@@ -257,13 +284,18 @@ def main() -> int:
             print(f"  home pid {home.proc.pid}; holding {args.hold} s", flush=True)
             time.sleep(args.hold)
         levels = sorted({1, *args.concurrency})
+        pids = {"client": os.getpid(), "home": home.proc.pid, "agent": agent.proc.pid,
+                "slapd": server.proc.pid}
         for groups, tag in ((True, ""), (False, "_password_only")):
             for conc in levels:
                 # distinct names within a run: a user name takes one attempt at a time
+                meter = CpuMeter(pids)
                 r = asyncio.run(through_api(port, ctx, token, names, conc, groups))
+                r["cpu_ms_per_login"] = meter.per_login_ms(len(names))
                 result[f"api{tag}_concurrency_{conc}"] = r
                 print(f"  API authenticate{tag}, {conc:2d} in flight {r['per_s']:8.1f}/s  p50 "
-                      f"{r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['outcomes']}", flush=True)
+                      f"{r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['outcomes']}  cpu ms/login "
+                      f"{r['cpu_ms_per_login']}", flush=True)
         r = asyncio.run(tokens(port, ctx, "bench", secret, args.tokens))
         result["token_issuance"] = r
         print(f"  token issuance (client credentials, JWT) {r['per_s']:8.1f}/s  p50 {r['p50_ms']} ms  "
