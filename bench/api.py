@@ -7,9 +7,13 @@ serving the directory. Measured, each with per-second rate and p50/p99:
 
 - direct ldap3 bind on a new LDAPS connection per login (what a naive IdP does);
 - direct rebind on one kept LDAPS connection (the floor of an LDAP password check);
+- the agent's own engine without home (``AuthPool``: user look-up, bind, nested
+  groups) with 1 and --concurrency threads: the ceiling of any login through an
+  agent on this machine, since every API login does that work;
 - ``POST /v1/directories/<d>/authenticate`` through the API (TLS, keep-alive, a
   long-lived bearer token): home -> agent over its WebSocket -> user look-up,
-  bind, nested groups; with 1 and --concurrency clients in flight;
+  bind, nested groups; with 1 and --concurrency clients in flight; and the same
+  with ``"groups": false`` (user look-up and bind only: the password check);
 - ``POST /oauth2/token`` (client credentials, RFC 9068 JWT) issuance.
 
 The HTTP client is a minimal keep-alive HTTP/1.1 client on asyncio streams, so
@@ -39,6 +43,8 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 from ldapfix_ca import make_ca  # noqa: E402
 from ldapfix_slapd import SUFFIX, SVC_DN, SVC_PW, create_slapd, ssha  # noqa: E402
+from tether.agent.directory.auth import AuthPool  # noqa: E402
+from tether.agent.directory.config import load_config  # noqa: E402
 from tether.agent.directory.connection import tune_socket  # noqa: E402
 
 PW = "bench-pw"
@@ -66,6 +72,28 @@ def pct(values: list[float], p: float) -> float:
 def figures(count: int, seconds: float, latencies: list[float]) -> dict:
     return {"count": count, "per_s": round(count / seconds, 1),
             "p50_ms": round(pct(latencies, 50) * 1e3, 2), "p99_ms": round(pct(latencies, 99) * 1e3, 2)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process used so far (/proc/<pid>/stat, clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU milliseconds per login of each process on the path, over one measurement.
+
+    Why: on a 2-core machine shared by client, home, agent and slapd, the rate is
+    bounded by the CPU all of them need per login; this says who needs what.
+    """
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.start = {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+    def per_login_ms(self, count: int) -> dict:
+        return {name: round((cpu_seconds(pid) - self.start[name]) * 1e3 / count, 3)
+                for name, pid in self.pids.items()}
 
 
 def direct(server, ca, names: list[str]) -> dict:
@@ -98,6 +126,29 @@ def direct(server, ca, names: list[str]) -> dict:
     return out
 
 
+def engine(raw: dict, names: list[str], threads: int, groups: bool = True) -> dict:
+    """Logins through the agent's AuthPool in `threads` threads, no home, no WebSocket."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = AuthPool(load_config(raw), size=threads)
+    outcomes: dict[str, int] = {}
+
+    def one(name: str) -> float:
+        t = time.perf_counter()
+        outcome = pool.authenticate(name, PW, with_groups=groups)["outcome"]
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        return time.perf_counter() - t
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(one, names[:threads * 4]))  # connect every Authenticator first
+        outcomes.clear()
+        t0 = time.perf_counter()
+        lat = list(ex.map(one, names))
+        out = figures(len(names), time.perf_counter() - t0, lat)
+    pool.close()
+    out["outcomes"] = outcomes
+    return out
+
+
 class Http:
     """One keep-alive HTTP/1.1 connection over TLS (just enough for this bench)."""
 
@@ -124,7 +175,8 @@ class Http:
         self.writer.close()
 
 
-async def through_api(port: int, ctx, token: str, names: list[str], concurrency: int) -> dict:
+async def through_api(port: int, ctx, token: str, names: list[str], concurrency: int,
+                      groups: bool = True) -> dict:
     conns = [await Http.open(port, ctx) for _ in range(concurrency)]
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     queue = list(enumerate(names))
@@ -134,7 +186,8 @@ async def through_api(port: int, ctx, token: str, names: list[str], concurrency:
     async def worker(conn: Http) -> None:
         while queue:
             _, name = queue.pop()
-            body = json.dumps({"username": name, "password": PW}).encode()
+            body = json.dumps({"username": name, "password": PW,
+                               **({} if groups else {"groups": False})}).encode()
             t = time.perf_counter()
             status, data = await conn.post("/v1/directories/bench/authenticate", body, headers)
             lat.append(time.perf_counter() - t)
@@ -170,7 +223,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--users", type=int, default=5000)
     ap.add_argument("--auth", type=int, default=2000, help="authentications per measurement")
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32],
+                    help="requests in flight through the API (1 is always measured)")
+    ap.add_argument("--auth-connections", type=int, default=None,
+                    help="the directory's auth_connections (default: the agent's default)")
+    ap.add_argument("--hold", type=float, default=0,
+                    help="seconds to wait before the API runs (to attach a profiler)")
     ap.add_argument("--tokens", type=int, default=1000)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "api.json"))
     args = ap.parse_args()
@@ -188,17 +246,31 @@ def main() -> int:
         names = [f"user{(i * 7919) % args.users:06d}" for i in range(args.auth)]
         print(f"api bench: {args.users} users in slapd; direct binds x{args.auth} ...", flush=True)
         result = {"users": args.users, "cpus": os.cpu_count(), "load_average_at_start": load_at_start}
+        meter = CpuMeter({"client": os.getpid(), "slapd": server.proc.pid})
         result.update(direct(server, ca, names))
+        result["direct_cpu_ms_per_bind_both_runs"] = meter.per_login_ms(2 * len(names))
         for label in ("direct_new_connection", "direct_rebind"):
             r = result[label]
             print(f"  {label:24s} {r['per_s']:8.1f}/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms")
-        home = HomeProcess.start(tmp / "home", connector="c-a",
-                                 serve_args=("--api-listen", "127.0.0.1:0", "--log-level", "INFO"))
-        rig = Rig(home, ("c-a",))
-        rig.agent("c-a")
         raw = {"name": "bench", "kind": "openldap", "servers": [f"localhost:{server.tls_port}"],
                "tls": "ldaps", "ca_file": str(ca.ca_file), "bind_dn": SVC_DN,
                "bind_password": SVC_PW, "base_dns": [SUFFIX], "page_size": 1000}
+        if args.auth_connections:
+            raw["auth_connections"] = args.auth_connections
+        pool_size = load_config(raw).auth_connections
+        for groups, tag in ((True, ""), (False, "_password_only")):
+            for threads in sorted({1, pool_size}):
+                meter = CpuMeter({"engine": os.getpid(), "slapd": server.proc.pid})
+                r = engine(raw, names, threads, groups)
+                r["cpu_ms_per_login"] = meter.per_login_ms(len(names))
+                result[f"engine{tag}_threads_{threads}"] = r
+                print(f"  agent engine{tag}, {threads:2d} threads  {r['per_s']:8.1f}/s  p50 "
+                      f"{r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['outcomes']}  cpu ms/login "
+                      f"{r['cpu_ms_per_login']}", flush=True)
+        home = HomeProcess.start(tmp / "home", connector="c-a",
+                                 serve_args=("--api-listen", "127.0.0.1:0", "--log-level", "INFO"))
+        rig = Rig(home, ("c-a",))
+        agent = rig.agent("c-a")
         rig.configure({"directories": [directory_entry("bench", raw)]})
         wait_for(lambda: (rig.directory_status("bench") or {}).get("users") == args.users, 600,
                  "home's store to hold every user")
@@ -208,17 +280,36 @@ def main() -> int:
         token = rig.cli("api-client", "token", "bench").stdout.strip()
         ctx = ssl.create_default_context(cafile=str(home.ca_cert))
         asyncio.run(through_api(port, ctx, token, names[:200], 1))  # warm-up
-        for conc in sorted({1, args.concurrency}):
-            # fresh names per run: a user name takes one attempt at a time
-            r = asyncio.run(through_api(port, ctx, token, names, conc))
-            result[f"api_concurrency_{conc}"] = r
-            print(f"  API authenticate, {conc:2d} in flight {r['per_s']:8.1f}/s  p50 {r['p50_ms']} ms  "
-                  f"p99 {r['p99_ms']} ms  {r['outcomes']}", flush=True)
+        if args.hold:
+            print(f"  home pid {home.proc.pid}; holding {args.hold} s", flush=True)
+            time.sleep(args.hold)
+        levels = sorted({1, *args.concurrency})
+        pids = {"client": os.getpid(), "home": home.proc.pid, "agent": agent.proc.pid,
+                "slapd": server.proc.pid}
+        for groups, tag in ((True, ""), (False, "_password_only")):
+            for conc in levels:
+                # distinct names within a run: a user name takes one attempt at a time
+                meter = CpuMeter(pids)
+                r = asyncio.run(through_api(port, ctx, token, names, conc, groups))
+                r["cpu_ms_per_login"] = meter.per_login_ms(len(names))
+                result[f"api{tag}_concurrency_{conc}"] = r
+                print(f"  API authenticate{tag}, {conc:2d} in flight {r['per_s']:8.1f}/s  p50 "
+                      f"{r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['outcomes']}  cpu ms/login "
+                      f"{r['cpu_ms_per_login']}", flush=True)
         r = asyncio.run(tokens(port, ctx, "bench", secret, args.tokens))
         result["token_issuance"] = r
         print(f"  token issuance (client credentials, JWT) {r['per_s']:8.1f}/s  p50 {r['p50_ms']} ms  "
               f"p99 {r['p99_ms']} ms", flush=True)
-        best = max(result[f"api_concurrency_{c}"]["per_s"] for c in {1, args.concurrency})
+        best = max(result[f"api_concurrency_{c}"]["per_s"] for c in levels)
+        best_engine = max(result[f"engine_threads_{t}"]["per_s"] for t in {1, pool_size})
+        result["auth_connections"] = pool_size
+        result["ratio_api_best_to_engine_best"] = round(best / best_engine, 2)
+        best_po = max(result[f"api_password_only_concurrency_{c}"]["per_s"] for c in levels)
+        best_engine_po = max(result[f"engine_password_only_threads_{t}"]["per_s"]
+                             for t in {1, pool_size})
+        result["ratio_api_password_only_best_to_engine_best"] = round(best_po / best_engine_po, 2)
+        result["ratio_api_password_only_best_to_direct_rebind"] = round(
+            best_po / result["direct_rebind"]["per_s"], 2)
         result["ratio_api_best_to_direct_new_connection"] = round(
             best / result["direct_new_connection"]["per_s"], 2)
         result["ratio_api_best_to_direct_rebind"] = round(best / result["direct_rebind"]["per_s"], 2)

@@ -145,6 +145,7 @@ class DirectoryRouter:
         #: directory -> last sync request outcome, for ``directory status``
         self.last_sync: dict[str, dict] = {}
         self._serving: dict[str, list[str]] | None = None
+        self._policies: dict[str, dict] = {}
         self._rotation: dict[str, itertools.count] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -161,9 +162,21 @@ class DirectoryRouter:
     def refresh(self) -> None:
         """Forget cached configuration (after ``config set`` / ``cluster set``)."""
         self._serving = None
+        self._policies = {}
 
     def policy(self, directory: str) -> dict:
-        return directory_policy(self.store, self.serving().get(directory, []))
+        """The directory's cluster policy, cached like :meth:`serving`.
+
+        Why cached: every authenticate and search asks for it (twice), and reading
+        it costs two queries of home.sqlite3 on the event loop; it changes only
+        through ``config set`` / ``cluster set`` / ``connector set --cluster``,
+        which all end in :meth:`refresh`.
+        """
+        found = self._policies.get(directory)
+        if found is None:
+            found = directory_policy(self.store, self.serving().get(directory, []))
+            self._policies[directory] = found
+        return found
 
     def _instances(self, directory: str) -> dict[str, list[AgentPeer]]:
         """Connected instances serving ``directory`` -> their open sockets (non-draining
@@ -380,8 +393,10 @@ class DirectoryRouter:
         return [pe for iid in order for pe in instances[iid]]
 
     async def authenticate(self, directory: str, username: str, password: str,
-                           timeout: float = 30.0) -> dict:
+                           timeout: float = 30.0, groups: bool = True) -> dict:
         body = {"directory": directory, "username": username, "password": password}
+        if not groups:
+            body["groups"] = False  # only when asked: the default needs no newer agent
         response = await self.hub.request(None, p.Op.AUTHENTICATE, body, timeout,
                                           peers=self.candidates(directory))
         return response.body

@@ -348,7 +348,10 @@ class HomeServer:
                 username, password = request.get("username"), request.get("password")
                 if not isinstance(username, str) or not isinstance(password, str):
                     raise HomeError(p.ErrorCode.BAD_TYPE, "username and password are strings")
-                result = await router.authenticate(directory, username, password)
+                groups = request.get("groups", True)
+                if not isinstance(groups, bool):
+                    raise HomeError(p.ErrorCode.BAD_TYPE, "groups is true or false")
+                result = await router.authenticate(directory, username, password, groups=groups)
             elif cmd == "search":
                 limit = request.get("limit")
                 result = await router.search(directory, str(request.get("kind", "user")),
@@ -374,8 +377,9 @@ class HomeServer:
                 return False, "the agents' listener is not bound yet"
             return True, f"{len(self.hub.peers)} agent socket(s)"
         return Backend(
-            authenticate=lambda d, u, pw: self._directory_command(
-                "authenticate", {"directory": d, "username": u, "password": pw}),
+            authenticate=lambda d, u, pw, groups=True: self._directory_command(
+                "authenticate", {"directory": d, "username": u, "password": pw,
+                                 "groups": groups}),
             provision=lambda d, order: self._directory_command(
                 "provision", {"directory": d, "order": order}),
             status=lambda: collect(self.store, self.identity,

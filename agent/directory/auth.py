@@ -14,6 +14,7 @@ error (52e, 533, 775, 532, 701, 773) tells which.
 from __future__ import annotations
 
 import re
+import threading
 
 from ldap3.utils.conv import escape_filter_chars
 
@@ -123,6 +124,74 @@ class Authenticator:
                 except Exception:
                     pass
         self.service = self.binder = None
+
+
+class AuthPool:
+    """At most `size` Authenticators, each used by one thread at a time.
+
+    Why a pool: one Authenticator serves one login at a time (search, bind,
+    group look-up are round trips on its two connections), so a directory
+    behind a single one answers logins one after the other however many
+    arrive; the server handles many binds at once. Why bounded (config
+    `auth_connections`): every Authenticator holds two connections to the
+    directory, and an identity provider's burst must not open hundreds.
+
+    Authenticators are made when first needed and kept; one whose call raised
+    anything but a directory answer is closed (its connections may be half way
+    through an exchange) and reconnects on its next use. A caller beyond
+    `size` waits for a free one. Outcomes are the Authenticator's, unchanged.
+    """
+
+    def __init__(self, config: DirectoryConfig, pool: Pool | None = None, size: int | None = None):
+        self.config = config
+        self.pool = pool or Pool(config)
+        self.size = size or config.auth_connections
+        self._free = threading.BoundedSemaphore(self.size)
+        self._lock = threading.Lock()
+        self._idle: list[Authenticator] = []
+        self._made = 0
+        self._closed = False
+
+    def authenticate(self, username: str, password: str, with_groups: bool = True) -> dict:
+        with self._free:
+            auth = self._take()
+            ok = False
+            try:
+                result = auth.authenticate(username, password, with_groups)
+                ok = True
+                return result
+            except DirectoryError:
+                ok = True  # an answer (server down, ambiguous login...): the connections are sound
+                raise      # or already closed by the Authenticator
+            finally:
+                self._give(auth, keep=ok)
+
+    def _take(self) -> Authenticator:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            self._made += 1
+        return Authenticator(self.config, self.pool)
+
+    def _give(self, auth: Authenticator, keep: bool) -> None:
+        with self._lock:
+            if keep and not self._closed:
+                self._idle.append(auth)
+                return
+        auth.close()
+
+    def stats(self) -> dict:
+        """Authenticators made so far and idle now (for tests and the agent's status)."""
+        with self._lock:
+            return {"size": self.size, "made": self._made, "idle": len(self._idle)}
+
+    def close(self) -> None:
+        """Close the idle Authenticators; ones in use are closed when their call returns."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for auth in idle:
+            auth.close()
 
 
 def authenticate(config: DirectoryConfig, username: str, password: str, pool: Pool | None = None,

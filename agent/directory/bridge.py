@@ -258,14 +258,21 @@ class Bridge:
         return {"entries": len(found["results"]), "truncated": bool(found["truncated"])}
 
     async def authenticate(self, directory: ManagedDirectory, body: dict) -> dict:
-        """Bind as the user; `groups` are DNs (the protocol's contract), nested ones included."""
-        def bind() -> dict:
-            with directory.auth_lock:
-                return directory.service.authenticate(body["username"], body["password"])
-        result = await asyncio.to_thread(bind)
+        """Bind as the user; `groups` are DNs (the protocol's contract), nested ones included.
+
+        `groups: false` skips the group look-up: on OpenLDAP that is one search per
+        nesting level, more than half of a login's directory work, which a caller that
+        only checks the password should not pay for.
+        """
+        # the directory's AuthPool checks several logins at once, each in one of its threads
+        with_groups = body.get("groups") is not False
+        result = await asyncio.get_running_loop().run_in_executor(
+            directory.auth_threads(), directory.service.authenticate, body["username"],
+            body["password"], with_groups)
         reply = {"ok": result["outcome"] == "success", "outcome": result["outcome"],
-                 "dn": result.get("dn"), "groups": [g["dn"] for g in result.get("groups", [])],
-                 "server": result.get("server")}
+                 "dn": result.get("dn"), "server": result.get("server")}
+        if with_groups:
+            reply["groups"] = [g["dn"] for g in result.get("groups", [])]
         if result.get("reason"):
             reply["reason"] = result["reason"]
         return reply

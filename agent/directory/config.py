@@ -20,6 +20,10 @@ from .values import Syntaxes
 KINDS = ("openldap", "ad")
 TLS_MODES = ("ldaps", "starttls", "plain")
 DEFAULT_PORTS = {"ldaps": 636, "starttls": 389, "plain": 389}
+#: Logins a directory checks at once (auth.AuthPool): enough to keep a directory server
+#: busy on a small appliance; each holds two connections, so the bound caps those too.
+DEFAULT_AUTH_CONNECTIONS = 4
+MAX_AUTH_CONNECTIONS = 32
 DEFAULT_MAPPING = {
     "openldap": {"user": {"username": "uid", "name": "cn", "email": "mail"},
                  "group": {"name": "cn"}},
@@ -67,6 +71,8 @@ class DirectoryConfig:
     sync_password_hashes: bool
     connect_timeout: float
     receive_timeout: int
+    #: most logins checked at once (each holds two connections): auth.AuthPool
+    auth_connections: int = DEFAULT_AUTH_CONNECTIONS
     #: which attributes are binary (schema + `binary_attributes`); filled on first connect
     syntaxes: Syntaxes = field(default_factory=Syntaxes, compare=False, repr=False)
 
@@ -127,7 +133,7 @@ KNOWN_KEYS = {
     "name", "id", "kind", "servers", "tls", "allow_plain", "ca_file", "ca_pem", "bind_dn", "bind_password",
     "base_dns", "user_filter", "group_filter", "attribute_mapping", "login_attribute", "member_attribute",
     "user_container", "group_container", "page_size", "sync_password_hashes", "connect_timeout",
-    "receive_timeout", "schedule", "cluster", "binary_attributes",
+    "receive_timeout", "schedule", "cluster", "binary_attributes", "auth_connections",
 }
 
 
@@ -178,6 +184,12 @@ def load_config(raw: dict) -> DirectoryConfig:
     page_size = raw.get("page_size", 500)
     if not isinstance(page_size, int) or not 1 <= page_size <= 10000:
         raise ConfigError("'page_size' must be an integer between 1 and 10000")
+    auth_connections = raw.get("auth_connections", DEFAULT_AUTH_CONNECTIONS)
+    if not isinstance(auth_connections, int) or isinstance(auth_connections, bool) \
+            or not 1 <= auth_connections <= MAX_AUTH_CONNECTIONS:
+        raise ConfigError(f"'auth_connections' must be an integer between 1 and "
+                          f"{MAX_AUTH_CONNECTIONS} (logins checked at once; default "
+                          f"{DEFAULT_AUTH_CONNECTIONS})")
     return DirectoryConfig(
         name=str(raw.get("name", "directory")), kind=kind, servers=_servers(raw, tls), tls=tls,
         ca_file=ca_file, ca_pem=ca_pem, bind_dn=_require(raw, "bind_dn"), bind_password=_require(raw, "bind_password"),
@@ -192,6 +204,7 @@ def load_config(raw: dict) -> DirectoryConfig:
         page_size=page_size, sync_password_hashes=bool(raw.get("sync_password_hashes", False)),
         connect_timeout=float(raw.get("connect_timeout", 5)),
         receive_timeout=max(1, int(raw.get("receive_timeout", 5))),
+        auth_connections=auth_connections,
         syntaxes=Syntaxes(_binary_attributes(raw)),
     )
 

@@ -20,6 +20,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tether import protocol as p
@@ -244,7 +245,7 @@ class ManagedDirectory:
         self.id, self.raw, self.root, self.spool = ident, raw, root, spool
         self.cursor = CursorFile(root / "cursor")
         self.follower: BridgeFollower | None = None
-        self.auth_lock = threading.Lock()  # the engine's Authenticator is not thread-safe
+        self._auth_threads: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()  # follow/stop/close come from several worker threads
         self.retired = False
         self.service: DirectoryService | None = None
@@ -321,11 +322,31 @@ class ManagedDirectory:
         """The records' shape changed (mapping, filters, base DNs): the next sync is full."""
         self.cursor.path.unlink(missing_ok=True)
 
+    def auth_threads(self) -> ThreadPoolExecutor:
+        """The threads that check this directory's logins: as many as its AuthPool holds.
+
+        Why its own executor: logins block in ldap3; on asyncio's default executor
+        (a handful of threads on a small appliance, shared with syncs and
+        provisioning) they would wait behind one another and behind a full sync,
+        and a pool wider than that executor would never be used.
+        """
+        with self._lock:
+            if self.retired:
+                raise DirectoryError("config", f"directory {self.id!r} was reconfigured meanwhile; "
+                                     "send the request again")
+            if self._auth_threads is None:
+                size = self.service.config.auth_connections if self.service else 1
+                self._auth_threads = ThreadPoolExecutor(max_workers=size,
+                                                        thread_name_prefix=f"auth-{self.id}")
+            return self._auth_threads
+
     def close(self) -> None:
         """Stop following and release connections; the state on disk stays."""
         with self._lock:
             self.retired = True
             self._stop_following()
+            if self._auth_threads is not None:
+                self._auth_threads.shutdown(wait=False)  # logins under way finish on their own
             if self.service is not None:
                 self.service.close()
 

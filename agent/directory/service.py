@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from . import lookup, sync as syncing
-from .auth import Authenticator
+from .auth import AuthPool
 from .config import load_config
 from .connection import Pool
 from .notify import Notifier
@@ -25,7 +25,7 @@ class DirectoryService:
     def __init__(self, raw_config: dict):
         self.config = load_config(raw_config)
         self.pool = Pool(self.config)
-        self._auth = Authenticator(self.config, self.pool)
+        self._auth = AuthPool(self.config, self.pool)
 
     @property
     def name(self) -> str:

@@ -77,8 +77,9 @@ class Limits:
 class Backend:
     """What the API may ask of the running home (handed in by the server)."""
 
-    #: ``authenticate`` through home's directory routing: the control socket's reply.
-    authenticate: Callable[[str, str, str], Awaitable[dict]]
+    #: ``authenticate(directory, username, password, groups=True)`` through home's
+    #: directory routing: the control socket's reply.
+    authenticate: Callable[..., Awaitable[dict]]
     #: ``provision`` likewise (for SCIM).
     provision: Callable[[str, dict], Awaitable[dict]]
     #: The status document (:func:`tether.home.api.statuspage.collect`).
@@ -225,13 +226,16 @@ class Api:
             doc = None
         username = doc.get("username") if isinstance(doc, dict) else None
         password = doc.get("password") if isinstance(doc, dict) else None
+        groups = doc.get("groups", True) if isinstance(doc, dict) else True
         if not isinstance(username, str) or not isinstance(password, str) or not username \
-                or not password or len(username) > MAX_USERNAME or len(password) > MAX_PASSWORD:
+                or not password or len(username) > MAX_USERNAME or len(password) > MAX_PASSWORD \
+                or not isinstance(groups, bool):
             _note(request, "authenticate", "bad_request")
             return _json_error(400, "invalid_request",
                                'send JSON {"username": "...", "password": "..."}: both '
                                f"non-empty strings, at most {MAX_USERNAME} and {MAX_PASSWORD} "
-                               "characters (an empty password would be an anonymous bind)")
+                               "characters (an empty password would be an anonymous bind), "
+                               'and optionally "groups": false for the password check only')
         user_key = f"{directory}\0{username.casefold()}"
         if self.limits.client_failures.retry_after(found.client) > 0:
             return self._throttled(request, username, "this client had too many failed "
@@ -245,7 +249,11 @@ class Api:
                                    "name; wait", self.limits.user_failures.retry_after(user_key))
         self._in_flight.add(user_key)
         try:
-            reply = await self.backend.authenticate(directory, username, password)
+            if groups:
+                reply = await self.backend.authenticate(directory, username, password)
+            else:
+                reply = await self.backend.authenticate(directory, username, password,
+                                                        groups=False)
         finally:
             self._in_flight.discard(user_key)
         del password
@@ -261,8 +269,10 @@ class Api:
             self.limits.client_failures.allow(found.client)
             self.limits.user_failures.allow(user_key)
         _note(request, "authenticate", outcome, detail=f"user={username}")
-        return JSONResponse({"outcome": outcome, "dn": result.get("dn"),
-                             "groups": result.get("groups") or []})
+        answer = {"outcome": outcome, "dn": result.get("dn")}
+        if groups:
+            answer["groups"] = result.get("groups") or []
+        return JSONResponse(answer)
 
     def _throttled(self, request: Request, username: str, text: str, wait: float) -> Response:
         seconds = max(1, int(wait + 0.999))
@@ -353,47 +363,78 @@ class Guard:
         started = time.perf_counter()
         scope.setdefault("state", {})
         sent = {"status": 0}
-        length = _content_length(scope)
-        if length is not None and length > self.max_body:
-            await self._too_large(scope, send, sent)
-            return
-        received = 0
-        deadline = time.monotonic() + self.body_seconds
+        try:
+            limit = self.limit(scope)
+            length = _content_length(scope)
+            if length is not None and length > limit:
+                await self._too_large(scope, send, sent, limit)
+                return
+            try:
+                body = await self._read_body(receive, limit)
+            except BodyTooLarge:
+                await self._too_large(scope, send, sent, limit)
+                return
+            except BodyTimeout:
+                scope["state"]["outcome"] = "body_timeout"
+                await _refuse(scope, send, 408, "the request body did not arrive within "
+                              f"{self.body_seconds:.0f} s of its head; send it at once", sent)
+                return
+            if body is None:
+                scope["state"]["outcome"] = "client_gone"
+                sent["status"] = 499  # nginx's "client closed request": only for the record
+                return
+            replay = [{"type": "http.request", "body": body, "more_body": False}]
 
-        async def bounded_receive():
-            nonlocal received
+            async def replay_receive():
+                return replay.pop() if replay else await receive()
+
+            async def watched_send(message):
+                if message["type"] == "http.response.start":
+                    sent["status"] = message["status"]
+                await send(message)
+
+            await self.app(scope, replay_receive, watched_send)
+        finally:
+            self._record(scope, sent["status"] or 500, time.perf_counter() - started)
+
+    async def _read_body(self, receive, limit: int) -> bytes | None:
+        """The whole body, read before the app runs; None if the client went away.
+
+        Why before: a limit or deadline enforced while the app reads would surface
+        as an exception inside Starlette, whose error middleware answers 500 before
+        anyone can answer 413 or 408. Bodies are small (64 KiB, SCIM 1 MiB), so
+        holding one is cheap.
+        """
+        deadline = time.monotonic() + self.body_seconds
+        chunks: list[bytes] = []
+        received = 0
+        while True:
             left = deadline - time.monotonic()
             try:
                 async with asyncio.timeout(max(left, 0.001)):
                     message = await receive()
             except TimeoutError:
                 raise BodyTimeout() from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise BodyTooLarge()
-            return message
+            if message["type"] != "http.request":
+                return None
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                raise BodyTooLarge()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-        async def watched_send(message):
-            if message["type"] == "http.response.start":
-                sent["status"] = message["status"]
-            await send(message)
+    def limit(self, scope) -> int:
+        """Largest body for this path: SCIM documents may be larger (a group's members)."""
+        if scope.get("path", "").startswith("/scim/"):
+            return max(self.max_body, scim.MAX_BODY)
+        return self.max_body
 
-        try:
-            await self.app(scope, bounded_receive, watched_send)
-        except BodyTooLarge:
-            if not sent["status"]:
-                await self._too_large(scope, send, sent)
-        except BodyTimeout:
-            if not sent["status"]:
-                scope["state"]["outcome"] = "body_timeout"
-                await _plain(send, 408, "the request body did not arrive in time\n", sent)
-        finally:
-            self._record(scope, sent["status"] or 500, time.perf_counter() - started)
-
-    async def _too_large(self, scope, send, sent) -> None:
+    async def _too_large(self, scope, send, sent, limit: int) -> None:
         scope["state"]["outcome"] = "too_large"
-        await _plain(send, 413, f"request body above {self.max_body} bytes\n", sent)
+        await _refuse(scope, send, 413, f"request body above {limit} bytes; send less "
+                      "per request", sent)
 
     def _record(self, scope, status: int, seconds: float) -> None:
         state = scope.get("state", {})
@@ -424,9 +465,23 @@ def _content_length(scope) -> int | None:
     return None
 
 
-async def _plain(send, status: int, text: str, sent: dict) -> None:
+async def _refuse(scope, send, status: int, text: str, sent: dict) -> None:
+    """A refusal before the app answered, in the error format of the path's protocol.
+
+    Why per path: a SCIM client parses RFC 7644's error schema, an OAuth2 client
+    RFC 6749's ``error``/``error_description``; both get ``Connection: close``,
+    since the unread rest of the body makes the connection unusable.
+    """
+    if scope.get("path", "").startswith("/scim/"):
+        body = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"],
+                "status": str(status), "detail": text}
+        media = b"application/scim+json"
+    else:
+        body = {"error": "invalid_request", "error_description": text}
+        media = b"application/json"
+    data = json.dumps(body).encode()
     sent["status"] = status
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                "headers": [(b"content-type", media), (b"content-length", str(len(data)).encode()),
                             (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": text.encode()})
+    await send({"type": "http.response.body", "body": data})

@@ -22,6 +22,7 @@ def test_defaults_and_normalized_servers(raw):
     c = load_config(raw)
     assert [(s.host, s.port) for s in c.servers] == [("ldap1.example.com", 636), ("ldap2.example.com", 1636)]
     assert c.tls == "ldaps" and c.page_size == 500 and c.login_attribute == "uid"
+    assert c.auth_connections == 4 and load_config({**raw, "auth_connections": 32}).auth_connections == 32
     assert c.user_mapping["email"] == "mail" and not c.sync_password_hashes
     assert "bind_password" not in repr(c)  # the secret never lands in logs
 
@@ -39,6 +40,10 @@ def test_defaults_and_normalized_servers(raw):
     ({"base_dns": []}, "'base_dns'"),
     ({"bind_password": ""}, "'bind_password' is required"),
     ({"page_size": 0}, "'page_size'"),
+    ({"auth_connections": 0}, "'auth_connections' must be an integer between 1 and 32"),
+    ({"auth_connections": 33}, "'auth_connections'"),
+    ({"auth_connections": "4"}, "'auth_connections'"),
+    ({"auth_connections": True}, "'auth_connections'"),
     ({"attribute_mapping": {"user": {"email": 3}}}, "attribute_mapping.user"),
 ])
 def test_bad_values_name_the_key(raw, change, words):

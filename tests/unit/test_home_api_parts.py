@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import tomllib
 from pathlib import Path
 
@@ -88,3 +89,61 @@ def test_scim_is_mounted_with_home_authorize(tmp_path):
     assert refused.status_code == 401
     assert refused.json()["schemas"] == ["urn:ietf:params:scim:api:messages:2.0:Error"]
     assert unknown.status_code == 404
+
+
+def _guard_call(tmp_path, messages, path="/v1/x", headers=(), body_seconds=10.0):
+    """Drive Guard with raw ASGI messages; returns (status, content-type, JSON body, app ran)."""
+    from starlette.responses import JSONResponse as Json
+
+    from tether.home.api import metrics as api_metrics
+    from tether.home.api.app import Guard
+
+    ran = []
+
+    async def app(scope, receive, send):
+        from starlette.requests import Request
+        ran.append(await Request(scope, receive).body())
+        await Json({"ok": True})(scope, receive, send)
+
+    store = ApiStore(tmp_path / "api.sqlite3")
+    guard = Guard(app, store, api_metrics.Metrics(lambda: {}), max_body=100,
+                  body_seconds=body_seconds)
+    out = []
+    pending = list(messages)
+
+    async def receive():
+        if pending:
+            return pending.pop(0)
+        await asyncio.sleep(3600)  # a client that sends nothing more
+
+    async def send(message):
+        out.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers),
+             "client": ("127.0.0.1", 1), "query_string": b""}
+    asyncio.run(guard(scope, receive, send))
+    start = out[0]
+    body = b"".join(m.get("body", b"") for m in out[1:])
+    content_type = dict(start["headers"]).get(b"content-type", b"").decode()
+    rows = store.audit_rows()
+    store.close()
+    return start["status"], content_type, json.loads(body), ran, rows
+
+
+def test_guard_answers_413_and_408_itself_never_500(tmp_path):
+    """A chunked body that outgrows the bound, or one that stops half way, is answered
+    413 / 408 by Guard in the path's error format; the app never sees it."""
+    chunks = [{"type": "http.request", "body": b"x" * 60, "more_body": True},
+              {"type": "http.request", "body": b"x" * 60, "more_body": False}]
+    status, ctype, doc, ran, rows = _guard_call(tmp_path, chunks)
+    assert (status, ctype, doc["error"], ran) == (413, "application/json", "invalid_request", [])
+    assert rows[-1]["outcome"] == "too_large"
+    status, ctype, doc, ran, _ = _guard_call(tmp_path, chunks, path="/scim/v2/corp/Users")
+    assert status == 200 and ran == [b"x" * 120]  # SCIM's own bound (1 MiB) is larger
+    status, ctype, doc, ran, _ = _guard_call(
+        tmp_path, [{"type": "http.request", "body": b"x" * 10, "more_body": True}],
+        path="/scim/v2/corp/Users", body_seconds=0.05)
+    assert (status, ctype, ran) == (408, "application/scim+json", [])
+    assert doc["schemas"] == ["urn:ietf:params:scim:api:messages:2.0:Error"] and doc["status"] == "408"
+    status, _, doc, ran, _ = _guard_call(tmp_path, [{"type": "http.request", "body": b"{}"}])
+    assert status == 200 and ran == [b"{}"]

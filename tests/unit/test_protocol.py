@@ -134,6 +134,20 @@ def test_encode_refuses_what_decode_would():
     assert info.value.code is ErrorCode.BAD_TYPE
 
 
+def test_authenticate_groups_flag_is_a_bool():
+    """`groups: false` (password check only) crosses the wire; anything but a bool does not."""
+    body = {"directory": "corp", "username": "u", "password": "pw"}
+    for value, ok in ((False, True), (True, True), ("no", False), (0, False)):
+        message = p.Message(id="a", kind=Kind.REQUEST, op=Op.AUTHENTICATE, ts=1.0,
+                            body={**body, "groups": value})
+        if ok:
+            assert p.decode(p.encode(message)).body["groups"] is value
+        else:
+            with pytest.raises(ProtocolError) as info:
+                p.encode(message)
+            assert info.value.code is ErrorCode.BAD_TYPE
+
+
 def test_encode_refuses_oversized():
     message = p.Message(id="a", kind=Kind.EVENT, op=Op.HEARTBEAT, ts=1.0,
                         body={"pad": "x" * p.MAX_FRAME_BYTES})

@@ -374,6 +374,9 @@ BODY_FIELDS: dict[tuple[Op, Kind], dict[str, Field]] = {
         "directory": F((str,), True, NAME),
         "username": F((str,), True, PEM),
         "password": F((str,), True, PEM),
+        # false: the password check only, no group look-up (an agent before this field
+        # ignores it and answers with groups)
+        "groups": F((bool,), False),
     },
     (Op.AUTHENTICATE, Kind.RESPONSE): {
         "ok": F((bool,), True),

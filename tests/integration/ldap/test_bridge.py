@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -345,6 +346,51 @@ def test_authenticate_outcomes(ldap_raw, tmp_path):
             assert [(await auth(u, pw))["outcome"] for u, pw in
                     (("u001", "nope"), ("ghost", "pw"), ("expired1", "pw-expired"))] == \
                 ["wrong_password", "unknown_user", "expired"]
+    run(scenario())
+
+
+def test_authenticate_checks_logins_at_once_in_a_bounded_pool(ldap_raw, tmp_path, monkeypatch):
+    """auth_connections=3: three logins bind at the same moment (a barrier of three
+    lets none through otherwise), never a fourth; connections are kept, and a
+    connection the server dropped is replaced without changing the outcome."""
+    import threading
+
+    from tether.agent.directory import auth as auth_mod
+
+    barrier = threading.Barrier(3, timeout=WAIT)
+    inside, peak, guard = [0], [0], threading.Lock()
+    real_bind = auth_mod._bind_as
+
+    def bind_together(*args):
+        with guard:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        try:
+            barrier.wait()  # BrokenBarrierError (the login fails) if logins were serialized
+            return real_bind(*args)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    async def scenario():
+        async with bridged(tmp_path, corp_config(ldap_raw, auth_connections=3)) as (agent, link, bridge):
+            monkeypatch.setattr(auth_mod, "_bind_as", bind_together)
+            users = [f"u{n:03d}" for n in range(6)]
+            replies = await asyncio.gather(*(authenticate(link, bridge, u, f"pw{u[1:]}")
+                                             for u in users))
+            assert [r.body["outcome"] for r in replies] == ["success"] * 6, replies
+            assert [r.body["dn"].split(",")[0] for r in replies] == [f"uid={u}" for u in users]
+            assert peak[0] == 3
+            pool = bridge.directories["corp"].service._auth
+            assert pool.stats() == {"size": 3, "made": 3, "idle": 3}
+            monkeypatch.setattr(auth_mod, "_bind_as", real_bind)
+            for kept in list(pool._idle):  # the server (or a firewall) drops every connection
+                kept.service.socket.shutdown(socket.SHUT_RDWR)
+                kept.binder.socket.shutdown(socket.SHUT_RDWR)
+            again = [(await authenticate(link, bridge, u, p)).body["outcome"] for u, p in
+                     (("u001", "pw001"), ("expired1", "pw-expired"), ("ghost", "pw"))]
+            assert again == ["success", "expired", "unknown_user"]
+            assert pool.stats()["made"] == 3  # reconnected in place, still within the bound
     run(scenario())
 
 
