@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -174,6 +176,67 @@ class DirectoryView:
 
     def forget(self, rid: str) -> None:
         self.identity.drop_provisioned(self.directory, rid)
+
+
+@dataclass
+class _Named:
+    """What a PATCH names explicitly: members added or removed, and ``active``."""
+
+    added: set = field(default_factory=set)
+    removed: set = field(default_factory=set)
+    active: bool = False
+
+
+_MEMBER_FILTER = re.compile(r'^members\[\s*value\s+eq\s+"([^"]*)"\s*\]$', re.IGNORECASE)
+
+
+def _entra_member_removals(body: Any) -> Any:
+    """Entra ID removes members as ``{"op": "Remove", "path": "members", "value":
+    [{"value": id}]}``; RFC 7644 §3.5.2.2 selects what to remove by a filter in the path
+    instead, and scim2-models refuses the value. Rewrite each to the RFC's form."""
+    if not isinstance(body, dict) or not isinstance(body.get("Operations"), list):
+        return body
+    operations = []
+    for op in body["Operations"]:
+        if (isinstance(op, dict) and str(op.get("op", "")).lower() == "remove"
+                and str(op.get("path", "")).lower() == "members"
+                and isinstance(op.get("value"), list) and op["value"]
+                and all(isinstance(m, dict) and isinstance(m.get("value"), str)
+                        and '"' not in m["value"] for m in op["value"])):
+            operations += [{"op": "remove", "path": f'members[value eq "{m["value"]}"]'}
+                           for m in op["value"]]
+        else:
+            operations.append(op)
+    return {**body, "Operations": operations}
+
+
+def _named_in_patch(patch) -> _Named:
+    """Why: home's copy of an entry may trail the directory by one change (a sync record
+    read before an earlier order landed). A PATCH diffed only against that copy could
+    answer 200 without sending the order it asks for, so what it names is always sent."""
+    named = _Named()
+    for op in patch.operations or []:
+        path = str(op.path) if op.path is not None else ""
+        value = op.value
+        if not path and isinstance(value, dict):
+            named.active |= "active" in value
+            members = value.get("members") if op.op.value == "add" else None
+        elif path.lower() == "active":
+            named.active = True
+            members = None
+        elif path.lower() == "members":
+            members = value
+        else:
+            match = _MEMBER_FILTER.match(path)
+            if match and op.op.value == "remove":
+                named.removed.add(match.group(1))
+            members = None
+        ids = {m.get("value") for m in members or [] if isinstance(m, dict)} - {None}
+        if op.op.value == "add":
+            named.added |= ids
+        elif op.op.value == "remove":
+            named.removed |= ids
+    return named
 
 
 # ---------------------------------------------------------------- the service
@@ -412,16 +475,19 @@ class ScimService:
             ctx = Context.RESOURCE_REPLACEMENT_RESPONSE
         else:
             try:
-                patch = PatchOp[model].model_validate(body, scim_ctx=Context.RESOURCE_PATCH_REQUEST)
+                patch = PatchOp[model].model_validate(_entra_member_removals(body),
+                                                      scim_ctx=Context.RESOURCE_PATCH_REQUEST)
             except ValidationError as exc:
                 raise _from_validation(exc, "bad PATCH") from None
             wanted = current.model_copy(deep=True)
             patch.patch(wanted)
             ctx = Context.RESOURCE_PATCH_RESPONSE
+        named = _named_in_patch(patch) if request.method == "PATCH" else _Named()
         if kind == "user":
-            await self._update_user(view, rid, current, wanted, put=request.method == "PUT")
+            await self._update_user(view, rid, current, wanted, put=request.method == "PUT",
+                                    named=named)
         else:
-            await self._update_group(view, rid, current, wanted)
+            await self._update_group(view, rid, current, wanted, named=named)
         return _json(await self._one(request, view, kind, rid, ctx=ctx))
 
     async def _current(self, request: Request, view: DirectoryView, kind: str, rid: str) -> dict:
@@ -512,7 +578,7 @@ class ScimService:
         return dns
 
     async def _update_user(self, view: DirectoryView, rid: str, current, wanted,
-                           put: bool) -> None:
+                           put: bool, named: _Named) -> None:
         dn = view.dn_of(rid)
         if wanted.user_name and wanted.user_name != current.user_name:
             raise ScimError(400, "changing userName is not supported: it names the directory "
@@ -530,13 +596,14 @@ class ScimService:
             await self._order(view, {"op": "set_password", "dn": dn,
                                      "password": wanted.password})
         want_active = wanted.active if wanted.active is not None else (True if put else None)
-        if want_active is not None and want_active != current.active:
+        if want_active is not None and (want_active != current.active or named.active):
             await self._order(view, {"op": "enable_user" if want_active else "disable_user",
                                      "dn": dn})
         if wanted.external_id != current.external_id:
             view.set_external_id(rid, wanted.external_id)
 
-    async def _update_group(self, view: DirectoryView, rid: str, current, wanted) -> None:
+    async def _update_group(self, view: DirectoryView, rid: str, current, wanted,
+                            named: _Named) -> None:
         if wanted.display_name != current.display_name:
             raise ScimError(400, "renaming a group is not supported; create a new group",
                             "mutability")
@@ -546,8 +613,10 @@ class ScimService:
         if len(after ^ before) > MAX_MEMBER_CHANGES:
             raise ScimError(400, f"{len(after ^ before)} member changes in one request; send at "
                                  f"most {MAX_MEMBER_CHANGES} per request", "invalidValue")
-        added = self._member_dns(view, sorted(after - before))
-        removed = self._member_dns(view, sorted(before - after))
+        # members the request names get their order even when home's copy already agrees:
+        # that copy may trail the directory by a change, and the orders are idempotent
+        added = self._member_dns(view, sorted((after - before) | (named.added & after)))
+        removed = self._member_dns(view, sorted((before - after) | (named.removed - after)))
         for member in added:
             await self._order(view, {"op": "add_member", "group_dn": dn, "member_dn": member})
         for member in removed:

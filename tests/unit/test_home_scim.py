@@ -286,3 +286,44 @@ def test_outcome_of_a_provisioning_answer():
         400, "invalidValue", None)
     assert status(failed(server_code=50, reason="insufficientAccessRights"))[0] == 502
     assert status({"ok": True, "result": {"ok": True, "result": {"status": "weird"}}})[0] == 503
+
+
+def test_patch_sends_what_it_names_even_when_homes_copy_agrees(tmp_path):
+    """Home's copy may trail the directory by one change (a sync record read before an
+    earlier order landed): a PATCH that names a member or ``active`` must still send its
+    order, never answer 200 having sent nothing."""
+    rig = Rig(tmp_path)
+    sent = []
+
+    async def provision(directory, order):
+        sent.append(order)
+        return {"ok": True, "result": {"result": {"status": "done"}}}
+    rig.app = Starlette(routes=[Mount("/scim/v2/{directory}", routes=scim_routes(
+        identity=rig.store, provision=provision,
+        authorize=lambda request, scope: _allowed()))])
+    patch = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+    # home's copy: id-003 is not in staff (the directory may say otherwise)
+    okta_remove = {"schemas": [patch], "Operations": [
+        {"op": "remove", "path": 'members[value eq "id-003"]'}]}
+    entra_remove = {"schemas": [patch], "Operations": [
+        {"op": "Remove", "path": "members", "value": [{"value": "id-003"}]}]}
+    # home's copy: id-001 already in staff, id-007 already disabled
+    add_again = {"schemas": [patch], "Operations": [
+        {"op": "add", "path": "members", "value": [{"value": "id-001"}]}]}
+    disable_again = {"schemas": [patch], "Operations": [
+        {"op": "replace", "value": {"active": False}}]}
+    answers = rig.run(("PATCH", "/Groups/g-staff", {"json": okta_remove}),
+                      ("PATCH", "/Groups/g-staff", {"json": entra_remove}),
+                      ("PATCH", "/Groups/g-staff", {"json": add_again}),
+                      ("PATCH", "/Users/id-007", {"json": disable_again}))
+    assert [a.status_code for a in answers] == [200, 200, 200, 200], [a.text for a in answers]
+    assert [(o["op"], o.get("member_dn") or o.get("dn")) for o in sent] == [
+        ("remove_member", "uid=u003,ou=people,dc=x"),
+        ("remove_member", "uid=u003,ou=people,dc=x"),
+        ("add_member", "uid=u001,ou=people,dc=x"),
+        ("disable_user", "uid=u007,ou=people,dc=x")]
+    rig.store.close()
+
+
+async def _allowed():
+    return None
