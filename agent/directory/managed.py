@@ -219,7 +219,8 @@ class BridgeFollower(Follower):
             raise
 
     def _stream_into_spool(self) -> int:
-        stream = self.service.full_sync() if self.full else self.service.sync(self.cursor.load())
+        stream = self.service.full_sync() if self.full else \
+            self.service.sync(self.cursor.load(), remembered=self.members.groups.get)
         count = 0
         for msg, data in spool_entries(self.members.stream(stream)):
             if self._stop.is_set():
