@@ -69,6 +69,9 @@ class DirectoryConfig:
     receive_timeout: int
     #: which attributes are binary (schema + `binary_attributes`); filled on first connect
     syntaxes: Syntaxes = field(default_factory=Syntaxes, compare=False, repr=False)
+    #: AD: read members in pages of this many values (`member;range=0-N`, ranges.py);
+    #: None lets the server decide (Windows AD pages above MaxValRange by itself)
+    member_range_size: int | None = None
 
 
 def _require(raw: dict, key: str, kind=str):
@@ -127,7 +130,7 @@ KNOWN_KEYS = {
     "name", "id", "kind", "servers", "tls", "allow_plain", "ca_file", "ca_pem", "bind_dn", "bind_password",
     "base_dns", "user_filter", "group_filter", "attribute_mapping", "login_attribute", "member_attribute",
     "user_container", "group_container", "page_size", "sync_password_hashes", "connect_timeout",
-    "receive_timeout", "schedule", "cluster", "binary_attributes",
+    "receive_timeout", "schedule", "cluster", "binary_attributes", "member_range_size",
 }
 
 
@@ -193,7 +196,22 @@ def load_config(raw: dict) -> DirectoryConfig:
         connect_timeout=float(raw.get("connect_timeout", 5)),
         receive_timeout=max(1, int(raw.get("receive_timeout", 5))),
         syntaxes=Syntaxes(_binary_attributes(raw)),
+        member_range_size=_range_size(raw, kind),
     )
+
+
+def _range_size(raw: dict, kind: str) -> int | None:
+    """`member_range_size`: AD only (OpenLDAP has no value ranges), 1..100,000 or absent."""
+    size = raw.get("member_range_size")
+    if size is None:
+        return None
+    if kind != "ad":
+        raise ConfigError("'member_range_size' applies to kind 'ad' only (OpenLDAP sends every "
+                          "value at once); remove it")
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 100_000:
+        raise ConfigError("'member_range_size' must be an integer between 1 and 100000 (AD's own "
+                          "page is 1500), or absent to let the server decide")
+    return size
 
 
 def _binary_attributes(raw: dict) -> tuple[str, ...]:

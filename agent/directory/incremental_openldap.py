@@ -148,7 +148,8 @@ def _fetch_current(session: PoolSession, config: DirectoryConfig, ids: list[str]
                         rec = to_record(config, kind, e["dn"], e["raw_attributes"])
                         found.setdefault(rec["id"], rec)
     known = list(members)
-    attrs = [a for a in search_attributes(config, "group") if a.lower() != config.member_attribute.lower()]
+    attrs = [a for a in search_attributes(config, "group")
+             if a.split(";")[0].lower() != config.member_attribute.lower()]
     for i in range(0, len(known), BATCH):
         ors = "(|" + "".join(f"(entryUUID={x})" for x in known[i:i + BATCH]) + ")"
         for base in config.base_dns:

@@ -7,6 +7,7 @@ limit below it is the `size_limit` error.
 
 from __future__ import annotations
 
+from . import ranges
 from .config import DirectoryConfig, check_filter
 from .connection import Pool, check_result
 from .errors import DirectoryError
@@ -32,6 +33,9 @@ def search(config: DirectoryConfig, kind: str, extra_filter: str | None = None, 
             conn.search(base, flt, attributes=search_attributes(config, kind), size_limit=limit - len(results) + 1)
             res = conn.result or {}
             entries = [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
+            for e in entries[:limit - len(results)]:
+                if ranges.is_ranged(e):
+                    ranges.complete(conn, e, config.member_range_size)
             if res.get("result") == 4 and len(results) + len(entries) <= limit:
                 check_result(conn, f"search of {kind}s")  # the server's own limit: an error
             elif res.get("result") not in (0, 4, 32):

@@ -162,3 +162,34 @@ def test_a_malformed_delta_refuses_the_batch(store):
     apply(store, stream("full", [group(members(3))]), 1)
     with pytest.raises(IdentityError):
         apply(store, [chunk([{**p.member_delta(group(members(3)), 3, [], []), "add": [5]}])], 10)
+
+
+# ------------------------------------------------------------------ accesslog reqMod
+
+def _config():
+    from tether.agent.directory.config import load_config
+    return load_config({"name": "d", "kind": "openldap", "servers": ["localhost:1"], "tls": "plain",
+                        "allow_plain": True, "bind_dn": "cn=x", "bind_password": "x",
+                        "base_dns": ["dc=example,dc=org"]})
+
+
+def _modify(*mods):
+    return {"type": "modify", "mods": [m.encode() for m in mods]}
+
+
+def test_logged_member_changes_apply_to_the_remembered_list():
+    from tether.agent.directory.incremental_openldap import member_changes
+    config = _config()
+    known = frozenset(members(3))
+    new = f"uid=X\\2C y,{BASE}"
+    after = member_changes(config, [_modify(f"member:+ {new}", f"member:- {members(1)[0]}",
+                                            "modifyTimestamp:= 20261205123611Z"),
+                                    _modify("description:= hello")], known)
+    assert sorted(after) == sorted(members(3)[1:] + [new])
+    # anything the log alone cannot tell: read the group whole
+    for history in ([_modify(f"member:= {new}")], [_modify("member:-")],
+                    [_modify(f"member:+ {members(1)[0]}")],           # added while present
+                    [_modify(f"member:- uid=absent,{BASE}")],          # deleted while absent
+                    [{"type": "modrdn", "mods": None}], [{"type": "add", "mods": None}],
+                    [_modify(f"member;x-opt:+ {new}")]):
+        assert member_changes(config, history, known) is None, history
