@@ -27,6 +27,7 @@ per batch.
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
@@ -899,7 +900,7 @@ class IdentityStore:
                 for r in rows:
                     writer.writerow(
                         [r["kind"], r["id"], r["dn"]]
-                        + [_cell(r["attributes"].get(f)) for f in fields]
+                        + [_cell(_as_column(r, f, f in base64_fields)) for f in fields]
                         + [_cell(r["disabled"]),
                            _cell(sorted(member_of.get(r["id"], []), key=_sort_key)),
                            _cell(r["members"] if r["kind"] == "group" else None)])
@@ -911,6 +912,16 @@ class IdentityStore:
         users = sum(1 for r in rows if r["kind"] == "user")
         return {"directory": directory, "out": str(out), "users": users,
                 "groups": len(rows) - users, "fields": fields}
+
+
+def _as_column(row: dict, field: str, base64_column: bool):
+    """A field's value as its column says: in a ``;base64`` column, a row whose value is
+    text (the field is base64 only in other rows, e.g. ``binary_in_text``) is base64 too."""
+    value = row["attributes"].get(field)
+    if not base64_column or value is None or (row["encodings"] or {}).get(field) == "base64":
+        return value
+    encode = lambda v: base64.b64encode(v.encode()).decode() if isinstance(v, str) else v  # noqa: E731
+    return [encode(v) for v in value] if isinstance(value, list) else encode(value)
 
 
 def _sort_key(dn: str) -> str:

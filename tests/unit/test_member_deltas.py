@@ -193,3 +193,17 @@ def test_logged_member_changes_apply_to_the_remembered_list():
                     [{"type": "modrdn", "mods": None}], [{"type": "add", "mods": None}],
                     [_modify(f"member;x-opt:+ {new}")]):
         assert member_changes(config, history, known) is None, history
+
+
+def test_a_base64_column_holds_base64_in_every_row(store, tmp_path):
+    """binary_in_text makes a field base64 in one row: the other rows' text is base64 too."""
+    import base64
+    import csv
+    bad = {**user("u1", f"uid=a,{BASE}"), "attributes": {"username": "a", "note": "/w=="},
+           "encodings": {"note": "base64"}}
+    good = {**user("u2", f"uid=b,{BASE}"), "attributes": {"username": "b", "note": "plain"}}
+    apply(store, stream("full", [bad, good]), 1)
+    store.export_csv("d", tmp_path / "out.csv")
+    rows = {r["id"]: r for r in csv.DictReader(open(tmp_path / "out.csv", newline=""))}
+    assert rows["u1"]["note;base64"] == "/w=="
+    assert base64.b64decode(rows["u2"]["note;base64"]) == b"plain"
