@@ -2,8 +2,8 @@
 that is not a DN (slapd) and a text attribute holding bytes that are not UTF-8 (Samba
 AD, whose IA5 strings such as gecos take any bytes: a Latin-1 gecos is a classic) are
 each reported in `directory status` with the entry they came from, while the rest of
-the directory keeps syncing (a later change still arrives). The member loop case is in
-test_directory_meaning_e2e.py. No timing asserts: only generous deadlines.
+the directory keeps syncing (a later change still arrives); a member loop on Samba too
+(slapd's is in test_directory_meaning_e2e.py). No timing asserts: only generous deadlines.
 """
 
 from __future__ import annotations
@@ -89,6 +89,12 @@ def test_text_attribute_holding_bytes_is_reported_with_its_user(samba, test_ca, 
         assert admin.add(good_dn, ["top", "person", "organizationalPerson", "user"],
                          {"sAMAccountName": "bin12-good", "userAccountControl": "514",
                           "gecos": "plain text"}), admin.result
+        # a member loop (AD allows circular nesting): reported, both groups still sync
+        loop_a, loop_b = f"CN=bin12-loopA,{users}", f"CN=bin12-loopB,{users}"
+        assert admin.add(loop_a, ["top", "group"], {"sAMAccountName": "bin12-loopA"}), admin.result
+        assert admin.add(loop_b, ["top", "group"], {"sAMAccountName": "bin12-loopB",
+                                                    "member": [loop_a]}), admin.result
+        assert admin.modify(loop_a, {"member": [(ldap3.MODIFY_ADD, [loop_b])]}), admin.result
         admin.search(bad_dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=["gecos"])
         assert admin.response[0]["raw_attributes"]["gecos"] == [raw_value]  # stored as sent
 
@@ -102,6 +108,11 @@ def test_text_attribute_holding_bytes_is_reported_with_its_user(samba, test_ca, 
             (bad_dn.lower(), "binary_in_text", "gecos")], items
         rows = rig.export("adbin")
         by_name = {r["username"]: r for r in rows if r["kind"] == "user"}
+        loops = (rig.directory_status("adbin") or {}).get("member_loops") or []
+        assert [sorted(g["dn"].lower() for g in loop) for loop in loops] == \
+            [sorted([loop_a.lower(), loop_b.lower()])], loops
+        groups = {r["dn"].lower(): r for r in rows if r["kind"] == "group"}
+        assert groups[loop_a.lower()]["members"].lower() == loop_b.lower()
         assert base64.b64decode(by_name["bin12-bad"]["note;base64"]) == raw_value
         assert by_name["bin12-good"]["note;base64"] == base64.b64encode(b"plain text").decode()
 
