@@ -137,3 +137,47 @@ def test_samba_group_read_in_pages_takes_changes_and_a_stall_shows_and_clears(sa
                  "the stall cleared")
     finally:
         admin.unbind()
+
+
+@pytest.mark.timeout(3600)
+def test_samba_100k_member_group_arrives_and_takes_a_one_member_change(samba, test_ca, rig_factory, tmp_path):
+    """Issue 12 on real Samba AD: a 100,000-member group (its users loaded straight into
+    sam.ldb, minutes instead of half an hour of LDAP adds) arrives whole, read in AD's
+    1,500-value `member;range=` pages, and then takes a one-member change."""
+    from ldapfix_helpers import AD_BASE, ad_admin_connection, ad_config
+    from ldapfix_samba import bulk_add
+    n = 100_000
+    users = f"CN=Users,{AD_BASE}"
+    dns = [f"CN=h12-{i:06d},{users}" for i in range(n + 1)]
+    group = f"CN=h12-everyone,{users}"
+    ldif = tmp_path / "bulk.ldif"
+    with open(ldif, "w") as fh:
+        for i, dn in enumerate(dns):
+            fh.write(f"dn: {dn}\nobjectClass: user\nsAMAccountName: h12-{i:06d}\n\n")
+        fh.write(f"dn: {group}\nobjectClass: group\nsAMAccountName: h12-everyone\n")
+        fh.writelines(f"member: {dn}\n" for dn in dns[:n])
+        fh.write("\n")
+    bulk_add(samba, ldif)
+
+    def members() -> int:
+        rows = rig.export("adhuge") or []
+        row = next((r for r in rows if r["dn"].lower() == group.lower()), None)
+        return len(row["members"].split("|")) if row and row["members"] else 0
+    rig = rig_factory()
+    rig.agent("c-a")
+    rig.configure({"directories": [directory_entry("adhuge", ad_config(
+        test_ca, page_size=1000, member_range_size=1500,
+        user_filter="(&(objectClass=user)(sAMAccountName=h12-*))",
+        group_filter="(&(objectClass=group)(sAMAccountName=h12-*))"))]})
+    wait_for(lambda: members() == n, 1500, f"the {n}-member AD group in the store", interval=10)
+    admin = ad_admin_connection(test_ca)
+    try:
+        assert admin.modify(group, {"member": [(ldap3.MODIFY_ADD, [dns[n]])]}), admin.result
+    finally:
+        admin.unbind()
+    wait_for(lambda: members() == n + 1, 600, "the one-member change of the AD group in the store",
+             interval=5)
+    rows = rig.export("adhuge")
+    row = next(r for r in rows if r["dn"].lower() == group.lower())
+    assert dns[n].lower() in row["members"].lower()
+    assert sum(r["kind"] == "user" for r in rows) == n + 1
