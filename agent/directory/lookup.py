@@ -33,13 +33,13 @@ def search(config: DirectoryConfig, kind: str, extra_filter: str | None = None, 
             conn.search(base, flt, attributes=search_attributes(config, kind), size_limit=limit - len(results) + 1)
             res = conn.result or {}
             entries = [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
-            for e in entries[:limit - len(results)]:
-                if ranges.is_ranged(e):
-                    ranges.complete(conn, e, config.member_range_size)
             if res.get("result") == 4 and len(results) + len(entries) <= limit:
                 check_result(conn, f"search of {kind}s")  # the server's own limit: an error
             elif res.get("result") not in (0, 4, 32):
                 check_result(conn, f"search of {kind}s")
+            for e in entries[:limit - len(results)]:  # after the checks: these reads replace conn.result
+                if ranges.is_ranged(e):
+                    ranges.complete(conn, e, config.member_range_size)
             for e in entries:
                 if len(results) == limit:
                     truncated = True
