@@ -100,24 +100,3 @@ def create_samba(root: Path, tls) -> SambaDC:
     dc.start()
     return dc
 
-
-def bulk_add(dc: SambaDC, ldif: str | Path, timeout: float = 1800) -> None:
-    """Add the entries of an LDIF file straight into the DC's sam.ldb, in one transaction,
-    with the DC stopped and started again (about 5 times faster than LDAP adds: 100,000
-    users in minutes). Uses the system Python's samba bindings (the samba package)."""
-    code = (
-        "import sys\n"
-        "from samba.samdb import SamDB\n"
-        "from samba.param import LoadParm\n"
-        "from samba.auth import system_session\n"
-        "lp = LoadParm(); lp.load(sys.argv[1])\n"
-        "db = SamDB(url=sys.argv[2], session_info=system_session(), lp=lp)\n"
-        "db.transaction_start()\n"
-        "db.add_ldif(open(sys.argv[3]).read())\n"
-        "db.transaction_commit()\n")
-    dc.stop()
-    try:
-        _run(["/usr/bin/python3", "-c", code, str(dc.conf), str(dc.root / "private" / "sam.ldb"), str(ldif)],
-             "adding entries to sam.ldb", timeout=timeout)
-    finally:
-        dc.start()
