@@ -27,6 +27,7 @@ per batch.
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
@@ -130,6 +131,10 @@ _UPSERT = {t: f"INSERT OR REPLACE INTO {t} ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,
 _MEMBERS = {"entries": "memberships", "staging": "staging_memberships"}
 _BROKEN = "!"  # prefix of the key of a DN that does not parse: matches only its own spelling
 _DELETE = {t: f"DELETE FROM {t} WHERE directory = ? AND id = ?" for t in ("entries", "staging")}
+#: Malformed member DNs reported per group (the rest are counted by their keys).
+MAX_MEMBER_PROBLEMS = 5
+#: Paths per json_insert / json_remove call (SQLite's default limit of parameters is 32,766).
+_JSON_PATHS = 400
 #: Separator of multi-valued cells in the CSV export (DNs contain commas, rarely "|").
 CSV_MULTI = "|"
 
@@ -199,10 +204,8 @@ def _row(directory: str, record: dict, known: dict[str, str] | None = None
                 mkey, why = dn_key(member)
             if why:
                 bad += 1
-                if bad <= 5:
-                    problems.append({"code": "bad_member_dn", "attribute": "member",
-                                     "message": f"member value kept as written but names nothing: "
-                                                f"{why}"})
+                if bad <= MAX_MEMBER_PROBLEMS:
+                    problems.append(_bad_member(why))
             member_rows.append((directory, rid, mkey, member))
     disabled = record.get("disabled")
     encodings = record.get("encodings")
@@ -211,6 +214,11 @@ def _row(directory: str, record: dict, known: dict[str, str] | None = None
              _db_json(record.get("password_hashes")), key,
              _db_json(encodings) if isinstance(encodings, dict) and encodings else None,
              _db_json(problems) if problems else None), member_rows)
+
+
+def _bad_member(why: str) -> dict:
+    return {"code": "bad_member_dn", "attribute": "member",
+            "message": f"member value kept as written but names nothing: {why}"}
 
 
 class IdentityStore:
@@ -421,7 +429,7 @@ class IdentityStore:
             # A chunk of a stream whose begin home did not see (sent while this
             # instance was not the leader) holds whole states: apply it live.
             table = "staging" if owner and state["stream_mode"] == "full" else "entries"
-            result.records += self._records(directory, table, changes)
+            result.records += self._records(directory, table, changes, result)
         elif kind == "end":
             cursor = message.get("cursor")
             if cursor is not None and not isinstance(cursor, str):
@@ -472,13 +480,23 @@ class IdentityStore:
         out["instance"] = row["instance_id"]
         return out
 
-    def _records(self, directory: str, table: str, changes: list) -> int:
+    def _records(self, directory: str, table: str, changes: list,
+                 result: BatchResult | None = None) -> int:
         """Write records in order; consecutive upserts (or deletes) go as one executemany."""
         run_op, run = None, []
         for record in changes:
             if not isinstance(record, dict):
                 raise IdentityError(f"change record is not an object: {str(record)[:200]}")
             op = record.get("op")
+            if op == protocol.MEMBER_DELTA_OP:
+                if run:
+                    self._flush(table, run_op, run)
+                run_op, run = None, []
+                why = self._member_delta(directory, table, record)
+                if why and result is not None:
+                    result.resync_wanted = True
+                    result.notes.append(why)
+                continue
             if op == "upsert":
                 known = None
                 if record.get("kind") == "group" and isinstance(record.get("id"), str):
@@ -492,7 +510,8 @@ class IdentityStore:
                     raise IdentityError(f"delete record without an id: {str(record)[:200]}")
                 item = ((directory, rid), [], None)
             else:
-                raise IdentityError(f"record op {op!r}; expected upsert or delete")
+                raise IdentityError(f"record op {op!r}; expected upsert, delete or "
+                                    f"{protocol.MEMBER_DELTA_OP}")
             if op != run_op and run:
                 self._flush(table, run_op, run)
                 run = []
@@ -527,6 +546,81 @@ class IdentityStore:
         self.db.executemany(f"DELETE FROM {members} WHERE directory = ? AND group_id = ? "
                             "AND member_key = ?", deletes)
         self.db.executemany(f"INSERT OR REPLACE INTO {members} VALUES (?,?,?,?)", inserts)
+
+    def _member_delta(self, directory: str, table: str, record: dict) -> str | None:
+        """Apply a member delta (tether.protocol.records); None, or why it was not applied.
+
+        Why checked this strictly: a delta is right only on top of the very member
+        list it was made from. The stored list must hold ``base_count`` values, every
+        removed DN and none of the added ones (by meaning); otherwise nothing of the
+        record is applied and the caller asks the leader for a full sync. Why in
+        SQL: the stored list of a 100,000-member group is never loaded into Python.
+        """
+        try:
+            base, add, remove = protocol.check_member_delta(record)
+        except protocol.ProtocolError as exc:
+            raise IdentityError(f"{exc.detail}: {str(record)[:200]}") from None
+        rid, dn = record.get("id"), record.get("dn")
+        if not (isinstance(rid, str) and rid and isinstance(dn, str)):
+            raise IdentityError(f"member delta needs string id and dn: {str(record)[:200]}")
+        row = self.db.execute(f"SELECT kind, json_array_length(members) FROM {table} WHERE "
+                              "directory = ? AND id = ?", (directory, rid)).fetchone()
+        if row is None or row[0] != "group":
+            return (f"member delta of group {dn!r}, which home does not hold: a full sync "
+                    "rebuilds it")
+        members = _MEMBERS[table]
+        where = f"FROM {members} WHERE directory = ? AND group_id = ? AND member_key = ?"
+        gone = [dn_key(m)[0] for m in remove]
+        joining = [(directory, rid, dn_key(m)[0], m) for m in add]
+        held = {k for k in gone + [j[2] for j in joining]
+                if self.db.execute(f"SELECT 1 {where}", (directory, rid, k)).fetchone()}
+        before = (row[1] == base and held == set(gone) and len({j[2] for j in joining}) == len(add))
+        # already applied (home wrote the provisioned read-back, or a repeated record)
+        after = (row[1] == base + len(add) - len(remove) and held == {j[2] for j in joining})
+        if not before and not after:
+            return (f"member delta of group {dn!r} made for {base} members does not fit the "
+                    f"{row[1]} home holds: a full sync rebuilds it")
+        target = "WHERE directory = ? AND id = ?"
+        if before and remove:
+            found = [r[0] for r in self.db.execute(
+                f"SELECT key FROM json_each((SELECT members FROM {table} {target})) "
+                "WHERE value IN (SELECT value FROM json_each(?))",
+                (directory, rid, json.dumps(remove)))]
+            if len(found) != len(remove):
+                return (f"member delta of group {dn!r} removes DNs spelled differently in home's "
+                        "list: a full sync rebuilds it")
+            found.sort(reverse=True)  # later indexes first: earlier ones do not move
+            for i in range(0, len(found), _JSON_PATHS):
+                paths = [f"$[{k}]" for k in found[i:i + _JSON_PATHS]]
+                self.db.execute(f"UPDATE {table} SET members = json_remove(members"
+                                f"{', ?' * len(paths)}) {target}", (*paths, directory, rid))
+        for i in range(0, len(add) if before else 0, _JSON_PATHS):
+            values = add[i:i + _JSON_PATHS]
+            args = [x for v in values for x in ("$[#]", v)]
+            self.db.execute(f"UPDATE {table} SET members = json_insert(members"
+                            f"{', ?, ?' * len(values)}) {target}", (*args, directory, rid))
+        if before:
+            self.db.executemany(f"DELETE {where}", [(directory, rid, k) for k in gone])
+            self.db.executemany(f"INSERT INTO {members} VALUES (?,?,?,?)", joining)
+        # the entry's own columns are whole states, as in an upsert
+        problems = [p for p in record.get("problems") or [] if isinstance(p, dict)][:20]
+        key, why = dn_key(dn)
+        if why:
+            problems.append({"code": "bad_dn", "message": f"the entry's own DN does not parse: {why}"})
+        broken = self.db.execute(
+            f"SELECT member_dn FROM {members} WHERE directory = ? AND group_id = ? AND "
+            "member_key >= ? AND member_key < ? LIMIT ?",
+            (directory, rid, _BROKEN, chr(ord(_BROKEN) + 1), MAX_MEMBER_PROBLEMS)).fetchall()
+        problems += [_bad_member(dn_key(r[0])[1] or "malformed DN") for r in broken]
+        encodings = record.get("encodings")
+        self.db.execute(
+            f"UPDATE {table} SET dn = ?, dn_key = ?, attributes = ?, password_hashes = ?, "
+            f"encodings = ?, problems = ? {target}",
+            (dn, key, _db_json(record.get("attributes") or {}),
+             _db_json(record.get("password_hashes")),
+             _db_json(encodings) if isinstance(encodings, dict) and encodings else None,
+             _db_json(problems) if problems else None, directory, rid))
+        return None
 
     def _swap(self, directory: str) -> None:
         """The full sync completed: staging becomes the snapshot (same transaction)."""
@@ -806,7 +900,7 @@ class IdentityStore:
                 for r in rows:
                     writer.writerow(
                         [r["kind"], r["id"], r["dn"]]
-                        + [_cell(r["attributes"].get(f)) for f in fields]
+                        + [_cell(_as_column(r, f, f in base64_fields)) for f in fields]
                         + [_cell(r["disabled"]),
                            _cell(sorted(member_of.get(r["id"], []), key=_sort_key)),
                            _cell(r["members"] if r["kind"] == "group" else None)])
@@ -818,6 +912,16 @@ class IdentityStore:
         users = sum(1 for r in rows if r["kind"] == "user")
         return {"directory": directory, "out": str(out), "users": users,
                 "groups": len(rows) - users, "fields": fields}
+
+
+def _as_column(row: dict, field: str, base64_column: bool):
+    """A field's value as its column says: in a ``;base64`` column, a row whose value is
+    text (the field is base64 only in other rows, e.g. ``binary_in_text``) is base64 too."""
+    value = row["attributes"].get(field)
+    if not base64_column or value is None or (row["encodings"] or {}).get(field) == "base64":
+        return value
+    encode = lambda v: base64.b64encode(v.encode()).decode() if isinstance(v, str) else v  # noqa: E731
+    return [encode(v) for v in value] if isinstance(value, list) else encode(value)
 
 
 def _sort_key(dn: str) -> str:

@@ -75,6 +75,9 @@ class DirectoryConfig:
     auth_connections: int = DEFAULT_AUTH_CONNECTIONS
     #: which attributes are binary (schema + `binary_attributes`); filled on first connect
     syntaxes: Syntaxes = field(default_factory=Syntaxes, compare=False, repr=False)
+    #: AD: read members in pages of this many values (`member;range=0-N`, ranges.py);
+    #: None lets the server decide (Windows AD pages above MaxValRange by itself)
+    member_range_size: int | None = None
 
 
 def _require(raw: dict, key: str, kind=str):
@@ -133,7 +136,7 @@ KNOWN_KEYS = {
     "name", "id", "kind", "servers", "tls", "allow_plain", "ca_file", "ca_pem", "bind_dn", "bind_password",
     "base_dns", "user_filter", "group_filter", "attribute_mapping", "login_attribute", "member_attribute",
     "user_container", "group_container", "page_size", "sync_password_hashes", "connect_timeout",
-    "receive_timeout", "schedule", "cluster", "binary_attributes", "auth_connections",
+    "receive_timeout", "schedule", "cluster", "binary_attributes", "auth_connections", "member_range_size",
 }
 
 
@@ -206,7 +209,22 @@ def load_config(raw: dict) -> DirectoryConfig:
         receive_timeout=max(1, int(raw.get("receive_timeout", 5))),
         auth_connections=auth_connections,
         syntaxes=Syntaxes(_binary_attributes(raw)),
+        member_range_size=_range_size(raw, kind),
     )
+
+
+def _range_size(raw: dict, kind: str) -> int | None:
+    """`member_range_size`: AD only (OpenLDAP has no value ranges), 1..100,000 or absent."""
+    size = raw.get("member_range_size")
+    if size is None:
+        return None
+    if kind != "ad":
+        raise ConfigError("'member_range_size' applies to kind 'ad' only (OpenLDAP sends every "
+                          "value at once); remove it")
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 100_000:
+        raise ConfigError("'member_range_size' must be an integer between 1 and 100000 (AD's own "
+                          "page is 1500), or absent to let the server decide")
+    return size
 
 
 def _binary_attributes(raw: dict) -> tuple[str, ...]:

@@ -69,7 +69,8 @@ def open_connection(config: DirectoryConfig, address: ServerAddress, user: str |
     password = config.bind_password if password is None else password
     conn = ldap3.Connection(make_server(config, address), user=user, password=password,
                             client_strategy=strategy, receive_timeout=config.receive_timeout,
-                            raise_exceptions=False, auto_range=True, read_only=False,
+                            raise_exceptions=False, auto_range=False, return_empty_attributes=False,
+                            read_only=False,
                             check_names=False)
     install_fast_receive(conn)
     where = str(address)

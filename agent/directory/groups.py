@@ -23,7 +23,8 @@ def _groups_with_member(config: DirectoryConfig, conn, dns: list[str], chain: bo
     rule = f":{IN_CHAIN}:" if chain else ""
     ors = "".join(f"({config.member_attribute}{rule}={escape_filter_chars(dn)})" for dn in dns)
     flt = f"(&{config.group_filter}(|{ors}))"
-    attrs = [a for a in search_attributes(config, "group") if a != config.member_attribute]
+    attrs = [a for a in search_attributes(config, "group")
+             if a.split(";")[0].lower() != config.member_attribute.lower()]
     out = []
     for base in config.base_dns:
         conn.search(base, flt, attributes=attrs)

@@ -24,6 +24,11 @@ def start_cursor(config: DirectoryConfig, conn) -> str:
 
 
 def changes_since(config: DirectoryConfig, cursor: str, chunk_size: int = 500,
-                  pool: Pool | None = None) -> Iterator[dict]:
-    """Stream the changes after `cursor`; raises CursorExpired before the first item if too old."""
-    return _KINDS[config.kind].changes_since(config, cursor, chunk_size, pool or Pool(config))
+                  pool: Pool | None = None, remembered=None) -> Iterator[dict]:
+    """Stream the changes after `cursor`; raises CursorExpired before the first item if too old.
+
+    `remembered(group_id)`: the member list the caller last sent for a group, or
+    None; the engine may use it instead of reading a large group's members again.
+    """
+    return _KINDS[config.kind].changes_since(config, cursor, chunk_size, pool or Pool(config),
+                                             remembered)

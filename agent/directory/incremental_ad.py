@@ -58,8 +58,12 @@ def _tombstone_days(conn, dse: dict) -> int:
         return DEFAULT_TOMBSTONE_DAYS
 
 
-def changes_since(config: DirectoryConfig, cursor: str, chunk_size: int, pool: Pool) -> Iterator[dict]:
-    """Check the cursor against the DC now (CursorExpired), then return the stream."""
+def changes_since(config: DirectoryConfig, cursor: str, chunk_size: int, pool: Pool,
+                  remembered=None) -> Iterator[dict]:
+    """Check the cursor against the DC now (CursorExpired), then return the stream.
+
+    `remembered` (member lists the caller holds) is not used: AD logs no values.
+    """
     position = cursors.decode(cursor, KIND)
     session = PoolSession(pool)
     try:

@@ -7,6 +7,7 @@ limit below it is the `size_limit` error.
 
 from __future__ import annotations
 
+from . import ranges
 from .config import DirectoryConfig, check_filter
 from .connection import Pool, check_result
 from .errors import DirectoryError
@@ -36,6 +37,9 @@ def search(config: DirectoryConfig, kind: str, extra_filter: str | None = None, 
                 check_result(conn, f"search of {kind}s")  # the server's own limit: an error
             elif res.get("result") not in (0, 4, 32):
                 check_result(conn, f"search of {kind}s")
+            for e in entries[:limit - len(results)]:  # after the checks: these reads replace conn.result
+                if ranges.is_ranged(e):
+                    ranges.complete(conn, e, config.member_range_size)
             for e in entries:
                 if len(results) == limit:
                     truncated = True

@@ -26,6 +26,7 @@ from pathlib import Path
 from tether import protocol as p
 
 from ..atomicfile import write_atomic
+from .deltas import MemberMemory
 from .errors import ConfigError, DirectoryError
 from .follow import CursorFile, Follower
 from .service import DirectoryService
@@ -165,6 +166,8 @@ class BridgeFollower(Follower):
         self.ident = ident or service.name  # home's key for the directory (not its display name)
         #: (code, message) of the error last spooled for home; None after a good `end`
         self.reported: tuple[str, str] | None = None
+        #: large groups' member lists as spooled by this follower (member deltas)
+        self.members = MemberMemory()
 
     def run_once(self) -> int:
         """One sync into the spool; a failure is spooled for home, then re-raised for the retry."""
@@ -209,10 +212,20 @@ class BridgeFollower(Follower):
                     extra={"tether_directory": self.service.name, "tether_error": exc.code})
 
     def _sync_into_spool(self) -> int:
-        stream = self.service.full_sync() if self.full else self.service.sync(self.cursor.load())
+        """One stream into the spool; the member memory survives only complete attempts."""
+        try:
+            return self._stream_into_spool()
+        except BaseException:
+            self.members.forget()  # entries of this attempt may be missing: no deltas on it
+            raise
+
+    def _stream_into_spool(self) -> int:
+        stream = self.service.full_sync() if self.full else \
+            self.service.sync(self.cursor.load(), remembered=self.members.groups.get)
         count = 0
-        for msg, data in spool_entries(stream):
+        for msg, data in spool_entries(self.members.stream(stream)):
             if self._stop.is_set():
+                self.members.forget()
                 return count  # abandoned mid-stream: the cursor is not stored, so it replays
             self.spool.append_encoded(data)
             if msg["type"] == "chunk":

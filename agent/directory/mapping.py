@@ -29,7 +29,9 @@ def search_attributes(config: DirectoryConfig, kind: str) -> list[str]:
     mapping = config.user_mapping if kind == "user" else config.group_mapping
     attrs = {id_attribute(config), "objectClass", *mapping.values()}
     if kind == "group":
-        attrs.add(config.member_attribute)
+        # AD: members in pages when asked (ranges.py); the answer is merged back to the name
+        attrs.add(f"{config.member_attribute};range=0-{config.member_range_size - 1}"
+                  if config.member_range_size else config.member_attribute)
     elif config.kind == "ad":
         attrs.add("userAccountControl")
     else:

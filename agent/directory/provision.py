@@ -22,6 +22,7 @@ from ldap3.utils.dn import escape_rdn, parse_dn
 
 from tether import dn as dnmeaning
 
+from . import ranges
 from .auth import ADMIN_LOCK, find_user
 from .config import DirectoryConfig
 from .connection import DOWN_ERRORS, Pool
@@ -302,6 +303,8 @@ def read_back(config: DirectoryConfig, conn, dn: str, kind: str) -> dict | None:
     hits = [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
     if (conn.result or {}).get("result", 0) != 0 or not hits:
         return None
+    if ranges.is_ranged(hits[0]):
+        ranges.complete(conn, hits[0], config.member_range_size)
     return to_record(config, kind, hits[0]["dn"], hits[0]["raw_attributes"])
 
 

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import ldap3
 
+from . import ranges
 from .connection import DOWN_ERRORS, Pool, check_result
 from .errors import DirectoryError
 
@@ -81,8 +82,12 @@ def paged_search(session: PoolSession, base: str, search_filter: str, attributes
         if res.get("result") == 32:  # noSuchObject: the base DN does not exist
             raise DirectoryError("config", f"{what}: base DN {base!r} does not exist on {session.server}")
         check_result(conn, what)
-        yield [r for r in conn.response if r.get("type") == "searchResEntry"]
+        entries = [r for r in conn.response if r.get("type") == "searchResEntry"]
         control = (res.get("controls") or {}).get(PAGED_OID) or {}
         cookie = (control.get("value") or {}).get("cookie")
+        for entry in entries:  # after the cookie: these reads replace conn.result
+            if ranges.is_ranged(entry):
+                ranges.complete(conn, entry, session.pool.config.member_range_size)
+        yield entries
         if not cookie:
             return

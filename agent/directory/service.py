@@ -31,9 +31,12 @@ class DirectoryService:
     def name(self) -> str:
         return self.config.name
 
-    def sync(self, cursor: str | None = None, chunk_size: int = syncing.DEFAULT_CHUNK) -> Iterator[dict]:
-        """begin / chunk... / end(cursor): incremental from `cursor`, else (or if expired) full."""
-        return syncing.sync(self.config, cursor, chunk_size, self.pool)
+    def sync(self, cursor: str | None = None, chunk_size: int = syncing.DEFAULT_CHUNK,
+             remembered=None) -> Iterator[dict]:
+        """begin / chunk... / end(cursor): incremental from `cursor`, else (or if expired) full.
+
+        `remembered(group_id)`: member lists the caller sent (see incremental.changes_since)."""
+        return syncing.sync(self.config, cursor, chunk_size, self.pool, remembered)
 
     def full_sync(self, chunk_size: int = syncing.DEFAULT_CHUNK) -> Iterator[dict]:
         return syncing.full_sync(self.config, chunk_size, self.pool, reason="requested")

@@ -59,13 +59,15 @@ def full_sync(config: DirectoryConfig, chunk_size: int = DEFAULT_CHUNK, pool: Po
 
 
 def sync(config: DirectoryConfig, cursor: str | None, chunk_size: int = DEFAULT_CHUNK,
-         pool: Pool | None = None) -> Iterator[dict]:
-    """Incremental from `cursor` when possible, else (or when it expired) a full sync."""
+         pool: Pool | None = None, remembered=None) -> Iterator[dict]:
+    """Incremental from `cursor` when possible, else (or when it expired) a full sync.
+
+    `remembered`: see incremental.changes_since."""
     if not cursor:
         yield from full_sync(config, chunk_size, pool, reason="no cursor")
         return
     try:
-        stream = incremental.changes_since(config, cursor, chunk_size, pool)
+        stream = incremental.changes_since(config, cursor, chunk_size, pool, remembered)
         first = next(stream)
     except incremental.CursorExpired as exc:
         yield from full_sync(config, chunk_size, pool, reason=f"cursor expired: {exc.message}")

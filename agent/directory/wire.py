@@ -8,8 +8,9 @@ attribute), while the engine only ever reads the raw bytes. With the strategy's
 `raw_entries` set (see search.paged_search), `searchResEntry` messages are
 parsed here in one pass into `{"type", "dn", "raw_dn", "raw_attributes"}`
 (`attributes` is the same raw dict); every other message (results, references,
-controls, range-split attributes that ldap3's auto_range must follow) goes
-through ldap3's own decoder, so results, cookies and errors are unchanged.
+controls) goes through ldap3's own decoder, so results, cookies and errors are
+unchanged. Range-split attributes (`member;range=0-1499`) keep their names here;
+ranges.complete reads their other pages.
 
 The receive loop also reads up to RECV_SIZE bytes per call (ldap3: 4096) and
 splits messages from one buffer without re-slicing it per message.
@@ -130,7 +131,7 @@ class FastSyncStrategy(SyncStrategy):
         length, j = _length(msg, i + 1)  # messageID INTEGER
         msg_id = int.from_bytes(msg[j:j + length], "big")
         i = j + length
-        if msg[i] == _ENTRY_TAG and b";range=" not in msg:
+        if msg[i] == _ENTRY_TAG:
             return msg_id, parse_entry(msg, i)
         ldap_resp = decode_message_fast(msg)
         decoded = self.decode_response_fast(ldap_resp)

@@ -19,7 +19,7 @@ class FakeService:
     def __init__(self):
         self.failures: list[DirectoryError | None] = []
 
-    def sync(self, cursor):
+    def sync(self, cursor, remembered=None):
         failure = self.failures.pop(0)
         if failure is not None:
             raise failure

@@ -109,6 +109,7 @@ from __future__ import annotations
 from .codec import Message, RawJSON, decode, encode, new_id, validate
 from .parts import MAX_MESSAGE_BYTES, MAX_PART_BYTES, MAX_PARTS, PART_TYPE, Part
 from .parts import join as join_parts, split as split_parts
+from .records import MAX_DELTA_VALUES, MEMBER_DELTA_OP, check_member_delta, member_delta
 from .schema import (AGENT_EVENTS, AGENT_REQUESTS, BODY_FIELDS, DEFAULT_LIMIT,
                      DEFAULT_WINDOW_SECONDS, FRAME, HEARTBEAT_SECONDS, HOME_EVENTS, HOME_REQUESTS,
                      MAX_EXTRA_FIELDS, MAX_FRAME_BYTES, MAX_INT, MAX_SEEN_IDS, MIN_INT, NAME, PEM,
@@ -128,6 +129,7 @@ __all__ = [
     "Message", "RawJSON", "decode", "encode", "new_id", "validate",
     "MAX_MESSAGE_BYTES", "MAX_PART_BYTES", "MAX_PARTS", "PART_TYPE", "Part", "join_parts",
     "split_parts",
+    "MAX_DELTA_VALUES", "MEMBER_DELTA_OP", "check_member_delta", "member_delta",
     "AckReceived", "CancelReceived", "ChunkReceived", "ErrorReceived", "Event", "EventReceived",
     "ProtocolViolation", "RequestReceived", "ResponseReceived", "Role", "SeenIds", "Session",
 ]

@@ -84,12 +84,14 @@ def create_samba(root: Path, tls) -> SambaDC:
         raise RuntimeError("Samba AD DC needs Debian packages samba, samba-ad-provision, "
                            "samba-dsdb-modules, samba-vfs-modules (apt-get install them)")
     root.mkdir(parents=True, exist_ok=True)
+    (root / "run").mkdir(exist_ok=True)  # its own pid file: another DC on this machine is no obstacle
     _run(["samba-tool", "domain", "provision", f"--realm={REALM}", f"--domain={DOMAIN}",
           "--server-role=dc", "--dns-backend=NONE", "--host-name=dc1", f"--adminpass={ADMIN_PW}",
           f"--targetdir={root}", "--option=interfaces = 127.0.0.1", "--option=bind interfaces only = yes",
           f"--option=tls keyfile = {tls.key_file}", f"--option=tls certfile = {tls.cert_file}",
           f"--option=tls cafile = {tls.ca_file}", f"--option=log file = {root}/log.%m",
-          "--option=server services = ldap"], "samba-tool domain provision")
+          "--option=server services = ldap", f"--option=pid directory = {root}/run"],
+         "samba-tool domain provision")
     _run(["samba-tool", "domain", "passwordsettings", "set", "-H", str(root / "private" / "sam.ldb"),
           "--account-lockout-threshold=3", "--account-lockout-duration=10",
           "--reset-account-lockout-after=10", "--complexity=off", "--min-pwd-age=0"],
@@ -97,3 +99,4 @@ def create_samba(root: Path, tls) -> SambaDC:
     dc = SambaDC(root)
     dc.start()
     return dc
+

@@ -140,10 +140,11 @@ def test_a_group_above_the_range_size_syncs_in_full_and_incrementally(ad_raw, ad
     """Issue 12: a group with more members than one `member;range=` page of Windows AD
     holds (MaxValRange 1500), in full sync and after a one-member change.
 
-    Samba (4.17 here) answers all 1600 values in one plain `member` attribute: it
-    does not apply MaxValRange, so against Samba this checks the size, while the
-    range following itself (ldap3 auto_range, which wire.FastSyncStrategy leaves
-    to ldap3's decoder) only runs against Windows AD."""
+    Samba (4.17 here) answers all 1600 values in one plain `member` attribute (it
+    does not apply MaxValRange) but honours an explicit `member;range=0-499`
+    request: with `member_range_size` the engine asks that way, so its range
+    following (ranges.py) runs against a real server in full sync, incremental
+    sync, search and provisioning read-back."""
     n = 1600
     dns = [f"CN=ranged{i:05d},{USERS}" for i in range(n)]
     for i, dn in enumerate(dns):
@@ -169,3 +170,33 @@ def test_a_group_above_the_range_size_syncs_in_full_and_incrementally(ad_raw, ad
     _, changes = collect(sync(config, cursor))
     rec = next(c for c in changes if c.get("dn", "").lower() == group.lower())
     assert len(rec["members"]) == n + 1 and extra.lower() in (m.lower() for m in rec["members"])
+
+    # ranged: Samba answers an explicit range request with that page only
+    plain = ldap3.Connection(ad_admin.server, ad_admin.user, ad_admin.password, auto_bind=True,
+                             auto_range=False, return_empty_attributes=False, check_names=False)
+    plain.search(group, "(objectClass=*)", search_scope=ldap3.BASE, attributes=["member;range=0-499"])
+    assert {k.lower(): len(v) for k, v in plain.response[0]["raw_attributes"].items()} == \
+        {"member;range=0-499": 500}
+    plain.unbind()
+    ranged = load_config({**ad_raw, "member_range_size": 500})
+    want = sorted(d.lower() for d in dns + [extra])
+    msgs, changes = collect(full_sync(ranged, chunk_size=50))
+    rec = next(c for c in changes if c["dn"].lower() == group.lower())
+    assert sorted(m.lower() for m in rec["members"]) == want
+    cursor = msgs[-1]["cursor"]
+    late = f"CN=ranged-late,{USERS}"
+    assert ad_admin.add(late, ["top", "person", "organizationalPerson", "user"],
+                        {"sAMAccountName": "ranged-late"}), ad_admin.result
+    assert ad_admin.modify(group, {"member": [(ldap3.MODIFY_ADD, [late]),
+                                              (ldap3.MODIFY_DELETE, [dns[0]])]}), ad_admin.result
+    _, changes = collect(sync(ranged, cursor))
+    rec = next(c for c in changes if c.get("dn", "").lower() == group.lower())
+    want = sorted(d.lower() for d in dns[1:] + [extra, late])
+    assert sorted(m.lower() for m in rec["members"]) == want
+    from tether.agent.directory.lookup import search
+    found = search(ranged, "group", "(cn=ranged-all)", 5)["results"]
+    assert [sorted(m.lower() for m in r["members"]) for r in found] == [want]
+    result = provision(ranged, {"id": "r1", "op": "add_member", "group": "ranged-all",
+                                "member_dn": dns[0], "read_back": True})
+    assert result["status"] == "done", result
+    assert sorted(m.lower() for m in result["entry"]["members"]) == sorted(want + [dns[0].lower()])

@@ -47,12 +47,14 @@ def test_hashed_password_sync_is_opt_in(ldap_raw):
     assert len(user["password_hashes"]) == 1 and user["password_hashes"][0].startswith("{SSHA}")
 
 
-def test_incremental_sees_adds_modifies_renames_moves_and_deletes(ldap_raw, ldap_admin):
-    config = load_config(ldap_raw)
+def test_incremental_sees_adds_modifies_renames_moves_and_deletes(seeded_ldap, test_ca):
+    """On a slapd of its own: it renames, moves and deletes seed users that other tests
+    of the session (test_bridge) expect where the seed put them."""
+    server, a = seeded_ldap
+    config = load_config(slapd_config(server, test_ca))
     msgs, before = collect(full_sync(config))
     cursor = msgs[-1]["cursor"]
     ids = {c["dn"]: c["id"] for c in before}
-    a = ldap_admin
     assert a.add(f"uid=inc-new,{PEOPLE}", ["inetOrgPerson"],
                  {"uid": "inc-new", "cn": "n", "sn": "n", "mail": "new@example.com"})
     assert a.modify(f"uid=u010,{PEOPLE}", {"mail": [("MODIFY_REPLACE", ["changed@example.com"])]})
