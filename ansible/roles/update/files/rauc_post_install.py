@@ -1,0 +1,42 @@
+#!/usr/bin/python3
+"""RAUC post-install handler: make the freshly written slot boot as this same appliance.
+
+RAUC runs it as root after writing the slots, before the agent activates the
+new slot (activate-installed=false). It gives each target slot its own
+filesystem label (root-a / root-b: GRUB finds a slot's kernel by label, and
+the bundle's tar leaves a label RAUC chose), and copies what is per-image or
+per-instance into it: /etc/tether (the image's key, certificate and
+settings; no bundle carries them) and /etc/machine-id (the journal and the
+agent's machine fingerprint stay the same). Any failure fails the install,
+so the agent never activates a slot that would boot as a stranger.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+CARRY = ("/etc/tether", "/etc/machine-id")
+
+
+def main() -> int:
+    for n in os.environ.get("RAUC_TARGET_SLOTS", "").split():
+        device = os.environ[f"RAUC_SLOT_DEVICE_{n}"]
+        bootname = os.environ.get(f"RAUC_SLOT_BOOTNAME_{n}", "")
+        if bootname not in ("A", "B"):
+            continue
+        subprocess.run(["e2label", device, f"root-{bootname.lower()}"], check=True)
+        mnt = tempfile.mkdtemp(prefix="tether-newslot-")
+        subprocess.run(["mount", "-o", "nodev,nosuid", device, mnt], check=True)
+        try:
+            for path in CARRY:
+                if os.path.lexists(path):
+                    subprocess.run(["cp", "-a", "--", path, mnt + os.path.dirname(path) + "/"], check=True)
+        finally:
+            subprocess.run(["umount", mnt], check=True)
+            os.rmdir(mnt)
+        print(f"slot {bootname}: labelled root-{bootname.lower()}, carried over {', '.join(CARRY)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
