@@ -56,13 +56,27 @@ class ConfigStore:
 
     # ---- verification key
 
-    def set_verify_key(self, pem: str | bytes) -> None:
-        """Store home's config-signing public key (sent in enroll/hello responses)."""
+    def set_verify_key(self, pem: str | bytes) -> bool:
+        """Store home's config-signing public key (sent in enroll/hello responses).
+
+        Returns True when the configuration in use was signed by another key (a
+        document planted in the state directory with its own key, or home's key
+        rotated): it is dropped, the agent then reports no configuration and home
+        pushes its own.
+        """
         data = pem.encode("ascii") if isinstance(pem, str) else pem
-        configsig.load_public_key(data)  # refuse garbage before writing it
+        key = configsig.load_public_key(data)  # refuse garbage before writing it
         path = self.state_dir / CONFIG_KEY_FILE
         if not path.exists() or path.read_bytes() != data:
             write_atomic(path, data, mode=0o644)
+        if self.current is None or self.current.key_id == configsig.key_id(key):
+            return False
+        self.last_error = configsig.ConfigSignatureError(
+            f"configuration v{self.current.version} was not signed by home's key "
+            f"{configsig.key_id(key)}; dropped, waiting for home's push")
+        log.error("%s", self.last_error, extra={"tether_config_version": self.current.version})
+        self.current, self.secrets_open = None, None
+        return True
 
     def verify_key(self):
         path = self.state_dir / CONFIG_KEY_FILE
@@ -105,18 +119,25 @@ class ConfigStore:
                  extra={"tether_config_version": self.current.version})
         return True
 
-    def apply(self, document: object) -> Applied:
+    def apply(self, document: object, *, replace: bool = False) -> Applied:
         """Verify a pushed document; on success make it current and persist it.
+
+        ``replace``: home said the version in use is not one it signed for this
+        instance (``config.push`` ``replace``); the rollback check is skipped, the
+        signature, target and secrets are checked as always. A document of the same
+        version replaces the current one when its key or content differs.
 
         Raises :class:`configsig.ConfigError` (its ``code`` is the protocol error
         code) and leaves the current configuration and the file untouched.
         """
         try:
-            signed, opened = self._verify(document, self.version)
+            signed, opened = self._verify(document, None if replace else self.version)
         except configsig.ConfigError as exc:
             self.last_error = exc
             raise
-        if self.current is not None and signed.version == self.current.version:
+        current = self.current
+        if current is not None and signed.version == current.version \
+                and signed.key_id == current.key_id and opened == self.secrets_open:
             return Applied(signed.version, changed=False)
         data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode("utf-8")
         write_atomic(self.state_dir / CONFIG_FILE, data, mode=0o600)

@@ -219,7 +219,8 @@ class Agent:
         self.report = selfcheck.evaluate(self.report.measured)  # verdict follows the probe
         if isinstance(body.get("config_key_pem"), str):
             try:
-                self.config.set_verify_key(body["config_key_pem"])
+                if self.config.set_verify_key(body["config_key_pem"]):
+                    self.configure_directories()  # what that document configured is gone
             except configsig.ConfigError as exc:
                 log.error("home sent an unusable config key: %s", exc)
 
@@ -357,8 +358,12 @@ class Agent:
                            f"{message.op.value} is not supported by agent {__version__}")
 
     async def on_config_push(self, link: Link, message: p.Message) -> dict:
+        replace = message.body.get("replace") is True
+        if replace:
+            log.warning("home replaces configuration v%s: %s", self.config.version,
+                        str(message.body.get("reason") or "no reason given")[:300])
         try:
-            applied = self.config.apply(message.body["config"])
+            applied = self.config.apply(message.body["config"], replace=replace)
         except configsig.ConfigError as exc:
             log.error("configuration refused: %s", exc, extra={"tether_error": exc.code})
             await self.send_config_ack(link, exc)

@@ -17,7 +17,16 @@ Figures (printed and written to bench/results/channel.json):
   in-process (the agent's dialer and Link, one socket each) so one bench
   process can stand in for thousands of appliances.
 
-Usage: ``.venv/bin/python bench/channel.py [--agents 2000] [--hold 30]``.
+* ``hostile`` (issue 11): a legitimate agent's ``status`` round trip p50/p99 on a
+  quiet home, then again while one enrolled instance sends
+  ``--hostile-frames`` hostile frames (reconnecting whenever home closes it):
+  error frames with a 64 KB detail, ``config.ack`` and ``hello`` with 64 KB
+  fields, heartbeats over budget, requests with fresh ids, garbage. Home's RSS and
+  log bytes grown during each phase, and the ratios (goals: < 20 MB and < 5 MB
+  above the quiet phase, p99 within 2x).
+
+Usage: ``.venv/bin/python bench/channel.py [--agents 2000] [--hold 30]
+[--hostile-frames 10000] [--only capacity|hostile]``.
 Everything talks to 127.0.0.1 only. Run time ~2-3 minutes on 2 cores.
 """
 
@@ -206,8 +215,9 @@ async def bench_capacity(home: HomeProcess, tmp: Path, agents: int, hold_s: floa
     image_ctx = tlsctx.client_context(ca, image_dir / "image.crt", image_dir / "image.key")
 
     started = time.monotonic()
+    # At most 16 image sockets per image at once (home's cap; the 17th gets 429).
     states = await gather_limited((enroll_one(home, bundle, image_ctx, n, tmp)
-                                   for n in range(agents)), 32)
+                                   for n in range(agents)), 16)
     enroll_s = time.monotonic() - started
     print(f"  enrolled {agents} instances in {enroll_s:.1f} s", flush=True)
 
@@ -243,16 +253,148 @@ async def bench_capacity(home: HomeProcess, tmp: Path, agents: int, hold_s: floa
             "round_trip": round_trip}
 
 
+# ------------------------------------------------------------ hostile peer (issue 11)
+
+
+def _hostile_frames(agent, image_id: str, instance_id: str):
+    """An endless mix of the frames issue 11 reported, with fresh ids."""
+    big = "h" * 64_000
+    kinds = [
+        lambda: agent.forge(None, {"code": "internal", "detail": big}, kind="error"),
+        lambda: agent.forge(None, {"code": "internal", "detail": "unsolicited"}, kind="error"),
+        lambda: agent.forge(p.Op.CONFIG_ACK, {"version": 1, "status": big}, kind="event"),
+        lambda: agent.forge(p.Op.CONFIG_ACK, {"version": 1, "status": "rejected",
+                                              "detail": "d"}, kind="event"),
+        lambda: agent.forge(p.Op.HELLO, {"agent_version": big, "image_id": image_id,
+                                         "instance_id": instance_id}),
+        lambda: agent.forge(p.Op.HEARTBEAT, {"uptime": 1.0}, kind="event"),
+        lambda: agent.forge(p.Op.STATUS, {}),
+        lambda: agent.forge(p.Op.STATUS, {}),
+        lambda: '{"v":1,"id":"x","kind":"event","op":"heartbeat","ts":1' + "0" * 400 + ',"body":{}}',
+        lambda: "garbage " * 100,
+    ]
+    n = 0
+    while True:
+        yield kinds[n % len(kinds)]()
+        n += 1
+
+
+async def _hostile(home: HomeProcess, bundle: dict, ctx, instance_id: str, frames: int) -> dict:
+    """Send ``frames`` hostile frames, reconnecting whenever home closes the socket."""
+    from websockets.exceptions import ConnectionClosed
+
+    from homeproc import RawAgent
+
+    sent, sockets, closed_1008 = 0, 0, 0
+    while sent < frames:
+        agent = await RawAgent.connect(home.url, ctx, close_timeout=1)
+        sockets += 1
+        hello = await agent.hello(bundle["image_id"], instance_id, config_version=10**6)
+        assert isinstance(hello, p.ResponseReceived), hello
+
+        async def drain():
+            try:
+                while True:
+                    await agent.ws.recv()
+            except ConnectionClosed as exc:
+                return exc.rcvd.code if exc.rcvd else None
+        reader = asyncio.ensure_future(drain())
+        try:
+            for frame in _hostile_frames(agent, bundle["image_id"], instance_id):
+                if sent >= frames or reader.done():
+                    break
+                await agent.ws.send(frame)
+                sent += 1
+        except ConnectionClosed:
+            pass
+        if not reader.done():
+            await agent.ws.close()
+        if await reader == 1008:
+            closed_1008 += 1
+    return {"frames": sent, "sockets": sockets, "closed_by_home_1008": closed_1008}
+
+
+async def _status_round_trips(home: HomeProcess, bundle: dict, ca: Path, state: Path,
+                              count: int, pause: float) -> dict:
+    link, beat = await connect_one(home, bundle, ca, state, 30)
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        await link.request(p.Op.STATUS, {})
+        samples.append((time.perf_counter() - start) * 1000)
+        await asyncio.sleep(pause)
+    beat.cancel()
+    await link.ws.close()
+    samples.sort()
+    return {"requests": count, "p50_ms": round(statistics.median(samples), 3),
+            "p99_ms": round(samples[int(len(samples) * 0.99) - 1], 3)}
+
+
+async def bench_hostile(home: HomeProcess, tmp: Path, frames: int) -> dict:
+    from homeproc import client_context, enroll
+
+    bundle = home.issue_image()
+    tmp.mkdir(parents=True, exist_ok=True)
+    ca = tmp / "ca.crt"
+    ca.write_text(bundle["ca_pem"])
+    image_dir = tmp / "image"
+    install(bundle, image_dir)
+    image_ctx = tlsctx.client_context(ca, image_dir / "image.crt", image_dir / "image.key")
+    good = await enroll_one(home, bundle, image_ctx, 0, tmp)
+    attacker = home.issue_image()
+    enrolled = await enroll(home, attacker, tmp, "hostile-machine")
+    instance_id, cert_pem, key_pem, _ = enrolled
+    hostile_ctx = client_context(attacker["ca_pem"], cert_pem, key_pem, tmp)
+    proc = psutil.Process(home.proc.pid)
+    requests, pause = 1000, 0.005
+
+    await _status_round_trips(home, bundle, ca, good, 200, 0)  # warm-up
+    rss0, log0 = proc.memory_info().rss, home.log_path.stat().st_size
+    quiet = await _status_round_trips(home, bundle, ca, good, requests, pause)
+    rss1, log1 = proc.memory_info().rss, home.log_path.stat().st_size
+    print(f"  quiet: p50 {quiet['p50_ms']} ms p99 {quiet['p99_ms']} ms", flush=True)
+
+    attack = asyncio.ensure_future(_hostile(home, attacker, hostile_ctx, instance_id, frames))
+    loaded = await _status_round_trips(home, bundle, ca, good, requests, pause)
+    attack_result = await attack
+    rss2, log2 = proc.memory_info().rss, home.log_path.stat().st_size
+    print(f"  hostile ({attack_result}): p50 {loaded['p50_ms']} ms p99 {loaded['p99_ms']} ms",
+          flush=True)
+    return {
+        "hostile": attack_result,
+        "quiet_round_trip_ms": quiet, "hostile_round_trip_ms": loaded,
+        "p99_ratio_hostile_vs_quiet": round(loaded["p99_ms"] / quiet["p99_ms"], 2),
+        "home_rss_grown_quiet_mb": round((rss1 - rss0) / 2**20, 2),
+        "home_rss_grown_hostile_mb": round((rss2 - rss1) / 2**20, 2),
+        "log_bytes_quiet": log1 - log0, "log_bytes_hostile": log2 - log1,
+        "log_bytes_above_quiet_mb": round(((log2 - log1) - (log1 - log0)) / 2**20, 3),
+        "rss_above_quiet_mb": round(((rss2 - rss1) - (rss1 - rss0)) / 2**20, 2),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, default=2000)
     parser.add_argument("--hold", type=float, default=30.0)
     parser.add_argument("--heartbeat", type=float, default=5.0,
                         help="seconds between heartbeats of each connection during the hold")
+    parser.add_argument("--hostile-frames", type=int, default=10_000)
+    parser.add_argument("--only", choices=("capacity", "hostile"),
+                        help="run one part (results merged into the existing file)")
     args = parser.parse_args()
     results: dict = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
+    if args.only and RESULTS.exists():
+        results = {**json.loads(RESULTS.read_text()), **results}
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmpdir:
         tmp = Path(tmpdir)
+        if args.only != "capacity":
+            with HomeProcess.start(tmp / "home-hostile", connector="bench",
+                                   max_instances=10) as home:
+                print(f"hostile peer: {args.hostile_frames} frames", flush=True)
+                results["hostile"] = asyncio.run(bench_hostile(home, tmp / "hostile",
+                                                               args.hostile_frames))
+        if args.only == "hostile":
+            return _write(results)
         with HomeProcess.start(tmp / "home", connector="bench",
                                max_instances=args.agents + 10) as home:
             print("agent process: start → accepted hello, idle RSS", flush=True)
@@ -264,6 +406,10 @@ def main() -> int:
                                                   args.heartbeat))
             results["round_trip_ms"] = capacity.pop("round_trip")
             results["capacity"] = capacity
+    return _write(results)
+
+
+def _write(results: dict) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

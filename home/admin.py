@@ -11,13 +11,15 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from tether import configsig
+from tether import configsig, sealing
+from tether import protocol as p
 from tether.home import directories, pki, updatekeys
 from tether.home.identity import IdentityStore
 from tether.home.paths import StatePaths, StateError, write_private, write_public
@@ -206,12 +208,36 @@ def set_config(paths: StatePaths, connector: str, file: Path) -> dict:
     if not isinstance(config, dict):
         raise StoreError(f"{file} must hold a JSON object (the connector's configuration)")
     configsig.canonical_json(config)  # refuses NaN and the like before it is stored
+    check_deliverable(paths, connector, config, file)
     store = open_store(paths)
     try:
         version = store.add_config(connector, config)
         return {"connector": connector, "version": version}
     finally:
         store.close()
+
+
+def check_deliverable(paths: StatePaths, connector: str, config: dict, file: Path) -> None:
+    """Refuse a configuration whose ``config.push`` would not fit in one frame.
+
+    It is measured the way home sends it: secrets sealed (to a throwaway key of
+    the same kind), signed, wrapped in a protocol message; a stored version that
+    can never be delivered would leave every instance behind for good.
+    """
+    probe = sealing.public_key_text(sealing.generate_private_key())
+    sealed = configsig.seal_secrets(config, lambda plain, aad: sealing.seal(probe, plain, aad))
+    key = configsig.load_private_key(paths.config_key.read_bytes())
+    document = configsig.sign_config(key, sealed, version=2**31 - 1, connector=connector,
+                                     instance_id=str(uuid.uuid4()))
+    message = p.Message(id=p.new_id(), kind=p.Kind.REQUEST, op=p.Op.CONFIG_PUSH,
+                        ts=time.time(), body={"config": document})
+    try:
+        p.encode(message)
+    except p.ProtocolError as exc:
+        raise StoreError(f"{file} cannot be delivered to appliances: {exc.detail} (a "
+                         f"configuration is sent in one message of at most "
+                         f"{p.MAX_FRAME_BYTES // 1024} KiB with its secrets sealed); make it "
+                         "smaller") from None
 
 
 def show_config(paths: StatePaths, connector: str, version: int | None) -> dict:

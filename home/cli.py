@@ -9,7 +9,9 @@ state problem) or 1 (anything else).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -70,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="close sockets that do not say hello within this many seconds")
     p.add_argument("--max-sockets-per-agent", type=int, default=16,
                    help="sockets one enrolled instance may hold at once (default 16)")
+    p.add_argument("--enroll-timeout", type=float, default=30.0,
+                   help="close image-credential sockets after this many seconds (default 30)")
+    p.add_argument("--max-image-sockets", type=int, default=64,
+                   help="image-credential sockets at once, in all (default 64)")
+    p.add_argument("--max-image-sockets-per-image", type=int, default=16,
+                   help="image-credential sockets at once per image (default 16)")
+    p.add_argument("--handshake-timeout", type=float, default=10.0,
+                   help="seconds for the TLS handshake and for the WebSocket upgrade (default 10)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -198,11 +208,13 @@ def _run(args: argparse.Namespace) -> int:
         return _directory_command(paths, args)
     elif cmd == "config" and action == "set":
         doc = admin.set_config(paths, args.connector, args.file)
-        reply = control.call(paths.control_socket, {"cmd": "config-changed",
-                                                    "connector": args.connector})
-        pushed = (f"pushed to {reply.get('pushed', 0)} connected instance(s)" if reply else
-                  "home is not running; agents get it when they connect")
-        print(f"{doc['connector']} configuration version {doc['version']}: {pushed}")
+        stored = f"{doc['connector']} configuration version {doc['version']}"
+        try:
+            reply = control.call(paths.control_socket, {"cmd": "config-changed",
+                                                        "connector": args.connector})
+        except control.ControlError as exc:
+            raise control.ControlError(f"{stored} is stored, but {exc}") from None
+        print(f"{stored}: {_push_report(reply)}")
     elif cmd == "config":
         _print(admin.show_config(paths, args.connector, args.config_version))
     elif cmd == "revoke":
@@ -218,15 +230,38 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push_report(reply: dict | None) -> str:
+    """What ``config set``'s push did, per instance that did not take it."""
+    if reply is None:
+        return "home is not running; agents get it when they connect"
+    if not reply.get("ok"):
+        return f"stored, but the running home could not push it: {reply.get('error')}"
+    parts = [f"pushed to {reply.get('pushed', 0)} connected instance(s)"]
+    if reply.get("no_answer"):
+        parts.append(f"no answer from {', '.join(reply['no_answer'])} (they get it when "
+                     "they reconnect)")
+    refused = reply.get("refused") or {}
+    if refused:
+        parts.append("refused by " + ", ".join(f"{iid} ({code})" for iid, code in
+                                               refused.items()) +
+                     " (`tether-home status` shows why)")
+    return "; ".join(parts)
+
+
 def _serve(paths, args) -> int:
     from tether.home import server  # websockets only needed here
 
     listen = server.parse_listen(args.listen)
     logs.setup(args.log_level, args.log_format)
-    if args.hello_timeout <= 0 or args.max_sockets_per_agent < 1:
-        raise ValueError("--hello-timeout must be > 0 and --max-sockets-per-agent >= 1")
+    if min(args.hello_timeout, args.enroll_timeout, args.handshake_timeout) <= 0 \
+            or min(args.max_sockets_per_agent, args.max_image_sockets,
+                   args.max_image_sockets_per_image) < 1:
+        raise ValueError("the --*-timeout options must be > 0 and the --max-* options >= 1")
     server.serve(paths, listen, hello_timeout=args.hello_timeout,
-                 max_sockets=args.max_sockets_per_agent)
+                 max_sockets=args.max_sockets_per_agent, enroll_timeout=args.enroll_timeout,
+                 max_image_sockets=args.max_image_sockets,
+                 max_image_sockets_per_image=args.max_image_sockets_per_image,
+                 handshake_timeout=args.handshake_timeout)
     return 0
 
 
@@ -339,6 +374,7 @@ def _directory_command(paths, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure is one sentence on stderr, never a traceback."""
     args = _parser().parse_args(argv)
     try:
         return _run(args)
@@ -351,6 +387,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the operator gets a sentence, not a traceback
+        print(f"tether-home {args.command}: {_explain(exc, args)}", file=sys.stderr)
+        return 1
+
+
+def _explain(exc: BaseException, args: argparse.Namespace) -> str:
+    """One sentence for a failure no command anticipated (disk, database, bug)."""
+    text = str(exc) or type(exc).__name__
+    state = resolve_state(args.state).root
+    if isinstance(exc, sqlite3.Error) or isinstance(exc, OSError) and \
+            exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+        return (f"home's state in {state} cannot be used ({text}); free space or fix the "
+                "disk there, then retry (nothing was half-written: the database rolls back)")
+    if isinstance(exc, OSError):
+        return f"{text}; check {state} and the files the command names"
+    return (f"unexpected {type(exc).__name__}: {text}; this is a bug in tether-home, "
+            "please report it with the command line")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,11 @@ per line and answers one JSON object per line. Commands:
 
 The CLI's :func:`call` returns None when no server runs, so admin commands
 work the same with home up or down (agents then get changes at next connect).
+Anything else that goes wrong on the way (a request above :data:`MAX_LINE`, no
+answer in time, home stopping mid-call) raises :class:`ControlError` with a
+sentence that says so: "home is not running" is said only when it is true.
+
+A connection that sends no complete request within :data:`IDLE_SECONDS` is closed.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("tether.home.control")
 MAX_LINE = 64 * 1024
+#: Seconds a client has to send its request line (the CLI sends it at once).
+IDLE_SECONDS = 5.0
+
+
+class ControlError(ValueError):
+    """The running server could not be asked or did not answer; the text says why."""
 
 Handler = Callable[[dict], Awaitable[dict]]
 
@@ -56,7 +67,19 @@ async def start(path: Path, handler: Handler) -> asyncio.base_events.Server:
 async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  handler: Handler) -> None:
     try:
-        line = await reader.readline()
+        try:
+            line = await asyncio.wait_for(reader.readline(), IDLE_SECONDS)
+        except TimeoutError:
+            log.info("control connection closed: no request within %.0f s", IDLE_SECONDS)
+            return
+        except (ValueError, asyncio.LimitOverrunError):  # readline: line above the limit
+            writer.write((json.dumps({"ok": False, "error": f"control request above "
+                                      f"{MAX_LINE // 1024} KiB; send a smaller one"}) +
+                          "\n").encode())
+            await writer.drain()
+            return
+        if not line.endswith(b"\n"):
+            return  # the client went away before finishing its request
         try:
             request = json.loads(line)
             if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
@@ -76,7 +99,16 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 def call(path: Path, request: dict, timeout: float = 30.0) -> dict | None:
-    """Send one command to the running server; None when it is not running."""
+    """Send one command to the running server; None when it is not running.
+
+    Raises :class:`ControlError` when the request is too large, the server does
+    not answer within ``timeout`` or closes the connection without an answer.
+    """
+    line = (json.dumps(request) + "\n").encode()
+    if len(line) > MAX_LINE:
+        raise ControlError(f"the request to the running home is {len(line) // 1024} KiB, "
+                           f"above the control socket's {MAX_LINE // 1024} KiB; make it "
+                           "smaller")
     if not path.exists():
         return None
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -85,11 +117,25 @@ def call(path: Path, request: dict, timeout: float = 30.0) -> dict | None:
             sock.connect(str(path))
         except (ConnectionRefusedError, FileNotFoundError):
             return None  # stale socket file of a stopped server
-        sock.sendall((json.dumps(request) + "\n").encode())
         data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data) if data.strip() else None
+        try:
+            sock.sendall(line)
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            raise ControlError(f"home did not answer within {timeout:.0f} s (it may still "
+                               "finish the command); see home's log") from None
+        except (ConnectionResetError, BrokenPipeError):
+            data = b""
+    if not data.endswith(b"\n"):
+        raise ControlError("home closed the control connection without answering (it "
+                           "stopped or crashed during the command); check `tether-home "
+                           "status` and home's log")
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise ControlError("home's answer on the control socket is not JSON; see home's "
+                           "log") from None

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from tether import __version__, configsig, sealing
 from tether import protocol as p
 from tether.home import enroll
+from tether.home.bookkeeping import Bookkeeping
 from tether.home.directories import DirectoryRouter
 from tether.home.errors import AgentUnavailable, HomeError, RequestFailed
 from tether.home.identity import IdentityStore
@@ -36,6 +37,13 @@ FAILOVER_OPS = frozenset({p.Op.AUTHENTICATE, p.Op.SEARCH, p.Op.STATUS})
 MAX_LISTENING = 256
 #: Largest self-check report home stores (JSON bytes); a report is a few hundred.
 MAX_SELFCHECK_BYTES = 64 * 1024
+#: How long home waits for an agent to answer a configuration push. Shorter than the
+#: CLI's control timeout, so ``config set`` reports a silent appliance instead of
+#: timing out itself.
+PUSH_TIMEOUT = 10.0
+#: Pushes a ``config.ack`` may trigger on one socket: a genuine agent needs one; a
+#: peer repeating a wrong version must not make home sign and seal without end.
+MAX_ACK_PUSHES = 2
 
 
 def _report_size_ok(report) -> bool:
@@ -58,22 +66,37 @@ class Hub:
         self._beats: dict[str, dict] = {}
         self._push_locks: dict[str, asyncio.Lock] = {}
         self._flusher: asyncio.Task | None = None
+        #: best-effort record writes (hello, heartbeats, sockets): a full disk keeps no
+        #: enrolled instance out
+        self.books = Bookkeeping()
+        self._unrecorded_closes: set[str] = set()
+        self._unrecorded_opens: dict[str, tuple] = {}  # socket id -> add_socket arguments
+        #: per socket: the configuration version the agent last said it runs
+        #: (hello, ``config.ack``, push response), and pushes its acks triggered
+        self._reported: dict[str, int | None] = {}
+        self._reports: dict[str, int] = {}  # how many reports each socket made
+        self._ack_pushes: dict[str, int] = {}
+        #: per instance: versions confirmed while the database could not be written
+        self._confirmed: dict[str, int] = {}
+        self._tasks: set[asyncio.Task] = set()
         #: Directory service (issue 5): leaders, change intake, request routing.
         self.directories = DirectoryRouter(self, identity) if identity is not None else None
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self.store.clear_sockets()
+        self.books.write("sockets", self.store.clear_sockets)
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def stop(self) -> None:
         if self._flusher:
             self._flusher.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         if self.directories is not None:
             await self.directories.stop()
         self.flush_heartbeats()
-        self.store.clear_sockets()
+        self.books.write("sockets", self.store.clear_sockets)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -84,8 +107,20 @@ class Hub:
                 log.exception("heartbeat flush failed")
 
     def flush_heartbeats(self) -> None:
+        """Write the batched heartbeats; kept for the next flush while the disk fails
+        (one entry per instance, so the queue stays as small as the fleet)."""
         beats, self._beats = self._beats, {}
-        self.store.record_heartbeats(beats)
+        for socket_id in list(self._unrecorded_closes):
+            if not self.books.write("sockets", self.store.remove_socket, socket_id):
+                break
+            self._unrecorded_closes.discard(socket_id)
+        for socket_id, row in list(self._unrecorded_opens.items()):
+            if not self.books.write("sockets", self.store.add_socket, *row):
+                break
+            self._unrecorded_opens.pop(socket_id, None)
+        if beats and not self.books.write("heartbeats", self.store.record_heartbeats, beats):
+            for iid, beat in beats.items():
+                self._beats[iid] = {**beat, **self._beats.get(iid, {})}
 
     def sockets_of(self, identity) -> int:
         """Open sockets of the same enrolled instance."""
@@ -100,8 +135,14 @@ class Hub:
         group = self._by_connector.get(peer.identity.connector, [])
         if peer in group:
             group.remove(peer)
+        self._reported.pop(peer.socket_id, None)
+        self._reports.pop(peer.socket_id, None)
+        self._ack_pushes.pop(peer.socket_id, None)
         if peer.hello is not None:
-            self.store.remove_socket(peer.socket_id)
+            recorded = self._unrecorded_opens.pop(peer.socket_id, None) is None
+            if recorded and not self.books.write("sockets", self.store.remove_socket,
+                                                 peer.socket_id):
+                self._unrecorded_closes.add(peer.socket_id)
             if peer.identity.instance_id:
                 self._beats.setdefault(peer.identity.instance_id, {})["at"] = time.time()
             if self.directories is not None and peer.identity.role == "instance":
@@ -150,12 +191,24 @@ class Hub:
                             "and shortfalls only")
         peer.hello = body
         index = body.get("socket_index")
-        self.store.add_socket(peer.socket_id, ident.role, ident.connector, ident.image_id,
-                              ident.instance_id, peer.peer, index)
+        # Records only: none of these writes decides whether the instance may connect.
+        row = (peer.socket_id, ident.role, ident.connector, ident.image_id, ident.instance_id,
+               peer.peer, index)
+        if not self.books.write("sockets", self.store.add_socket, *row):
+            self._unrecorded_opens[peer.socket_id] = row  # written at a later flush
         latest = self.store.config(ident.connector)
         if ident.role == "instance":
-            self.store.record_hello(ident.instance_id, body["agent_version"],
-                                    body.get("selfcheck"), listening, body.get("config_version"))
+            self._report(peer, body.get("config_version"))
+            if not self.books.write("hello", self.store.record_hello, ident.instance_id,
+                                    body["agent_version"], body.get("selfcheck"), listening,
+                                    body.get("config_version")):
+                beat = self._beats.setdefault(ident.instance_id, {})
+                beat.update(at=time.time(), agent_version=body["agent_version"],
+                            config_version=body.get("config_version"))
+                if _report_size_ok(body.get("selfcheck")) and body.get("selfcheck"):
+                    beat["selfcheck"] = body["selfcheck"]
+                if listening is not None:
+                    beat["listening"] = listening
             self._by_connector.setdefault(ident.connector, []).append(peer)
         verdict = (body.get("selfcheck") or {}).get("verdict")
         event(log, logging.INFO, "hello", peer=peer.peer, role=ident.role,
@@ -169,13 +222,11 @@ class Hub:
                 "config_key_pem": self.authority.config_key_pem}
 
     async def after_hello(self, peer: AgentPeer) -> None:
-        """Push the newest configuration if the agent runs an older one."""
+        """Push the newest configuration unless the agent runs the version home
+        confirmed for it (see :meth:`reconcile`)."""
         if peer.identity.role != "instance":
             return
-        latest = self.store.config(peer.identity.connector)
-        running = (peer.hello or {}).get("config_version")
-        if latest and (running is None or running < latest["version"]):
-            await self.push_config(peer)
+        await self.reconcile(peer)
         if self.directories is not None and peer.session.established \
                 and peer.ws.close_code is None:
             self.directories.on_hello(peer)
@@ -206,12 +257,15 @@ class Hub:
                 beat["listening"] = listening
         elif message.op is p.Op.CONFIG_ACK:
             status = f"{body['status']}:{body['error']}" if body.get("error") else body["status"]
-            self.store.record_config_state(iid, body.get("version"), status)
+            self._report(peer, body.get("version"))
+            self.books.write("config_ack", self.store.record_config_state, iid,
+                             body.get("version"), status)
             if self.directories is not None and body["status"] == "applied":
                 self.directories.on_config_applied(iid)  # it may now serve new directories
             event(log, logging.INFO if body["status"] != "rejected" else logging.WARNING,
                   "config_ack", instance=iid, version=body.get("version"), status=body["status"],
                   error=body.get("error"), detail=body.get("detail"))
+            self._after_ack(peer, body["status"])
 
     # --------------------------------------------------------- configuration
 
@@ -228,47 +282,139 @@ class Hub:
                                          connector=connector, instance_id=instance_id)
         return latest["version"], document
 
-    async def push_config(self, peer: AgentPeer) -> bool:
-        """Send the newest configuration to one socket; True when applied.
+    def _report(self, peer: AgentPeer, version: int | None) -> None:
+        """The agent's own word (hello, ``config.ack``) on the version it runs."""
+        self._reported[peer.socket_id] = version
+        self._reports[peer.socket_id] = self._reports.get(peer.socket_id, 0) + 1
 
-        Pushes to one instance are serialized, and skipped when the instance
-        already acknowledged this version (its second socket's hello, say).
+    def confirmed_version(self, instance_id: str) -> int | None:
+        """The version this instance applied when home pushed it (never what it claims)."""
+        if instance_id in self._confirmed:
+            return self._confirmed[instance_id]
+        row = self.store.instance(instance_id)
+        return row["config_confirmed"] if row else None
+
+    def _in_step(self, peer: AgentPeer) -> bool:
+        """The socket reports the version home confirmed, and that is the newest."""
+        latest = self.store.config(peer.identity.connector)
+        if latest is None:
+            return True
+        reported = self._reported.get(peer.socket_id)
+        return reported == self.confirmed_version(peer.identity.instance_id) == latest["version"]
+
+    def _after_ack(self, peer: AgentPeer, status: str) -> None:
+        """An ack that reports another version than home confirmed (lost file, restored
+        state, a document home never signed) gets the newest pushed again. A refused
+        push is not retried here (the agent said why), and acks may trigger only
+        :data:`MAX_ACK_PUSHES` pushes per socket."""
+        if status == "rejected" or peer.ws.close_code is not None or self._in_step(peer):
+            return
+        count = self._ack_pushes.get(peer.socket_id, 0)
+        if count >= MAX_ACK_PUSHES:
+            return
+        self._ack_pushes[peer.socket_id] = count + 1
+        task = asyncio.get_running_loop().create_task(self.reconcile(peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reconcile(self, peer: AgentPeer) -> str:
+        """Make the instance behind ``peer`` run home's newest configuration.
+
+        Home trusts only what it confirmed itself: the version it pushed and the
+        agent applied in answer to that push. When the socket reports anything else
+        (no configuration, an older one, one home never signed) the newest is pushed.
+        A reported version above home's newest was never signed by home for this
+        instance: the push says so (``replace``) and the agent accepts it although
+        its number is lower. Decisions run under the instance's push lock, on the
+        newest report of the socket, so a ``config.ack`` racing the hello changes
+        nothing. Returns the outcome: ``current``, ``applied``, ``received``,
+        ``refused:<code>``, ``no_answer`` or ``none`` (no configuration stored).
         """
         iid = peer.identity.instance_id
         lock = self._push_locks.setdefault(iid, asyncio.Lock())
         async with lock:
-            made = self.signed_config_for(iid, peer.identity.connector)
-            if made is None:
-                return False
-            version, document = made
-            row = self.store.instance(iid)
-            applied = row and row["config_status"] == "applied"
-            if applied and (row["config_version"] or 0) >= version:
-                return True
-            try:
-                response = await peer.request(p.Op.CONFIG_PUSH, {"config": document})
-            except (RequestFailed, AgentUnavailable) as exc:
-                outcome = "rejected" if isinstance(exc, RequestFailed) else "undelivered"
-                self.store.record_config_state(iid, None, f"{outcome}:{exc.code.value}")
-                event(log, logging.WARNING, "config_push_failed", instance=iid, version=version,
-                      code=exc.code.value, detail=exc.detail)
-                return False
-            applied = bool(response.body.get("applied"))
-            self.store.record_config_state(iid, response.body.get("version"),
-                                           "applied" if applied else "received")
-            event(log, logging.INFO, "config_pushed", instance=iid, version=version,
-                  applied=applied)
-            return applied
+            latest = self.store.config(peer.identity.connector)
+            if latest is None:
+                return "none"
+            if peer.ws.close_code is not None:
+                return "no_answer"
+            version = latest["version"]
+            reported = self._reported.get(peer.socket_id)
+            if reported == self.confirmed_version(iid) == version:
+                return "current"
+            body: dict = {}
+            if reported is not None and reported > version:
+                body = {"replace": True,
+                        "reason": f"this instance runs configuration v{reported}, which home "
+                                  f"never signed for it (home's newest is v{version}); "
+                                  f"replacing it with v{version}"}
+                event(log, logging.WARNING, "config_version_unknown", instance=iid,
+                      reported=reported, newest=version, peer=peer.peer)
+            return await self._push(peer, version, body)
 
-    async def push_config_to_connector(self, connector: str) -> int:
-        """After ``config set``: push to one socket of every connected instance."""
+    async def push_config(self, peer: AgentPeer) -> bool:
+        """Bring one socket's instance to the newest configuration; True when it runs it."""
+        return await self.reconcile(peer) in ("current", "applied")
+
+    async def _push(self, peer: AgentPeer, version: int, extra: dict) -> str:
+        iid = peer.identity.instance_id
+        made = self.signed_config_for(iid, peer.identity.connector)
+        if made is None:
+            return "none"
+        version, document = made
+        reports = self._reports.get(peer.socket_id, 0)
+        try:
+            response = await peer.request(p.Op.CONFIG_PUSH, {"config": document, **extra},
+                                          timeout=PUSH_TIMEOUT)
+        except (RequestFailed, AgentUnavailable) as exc:
+            outcome = "rejected" if isinstance(exc, RequestFailed) else "undelivered"
+            self.books.write("config_state", self.store.record_config_state, iid, None,
+                             f"{outcome}:{exc.code.value}")
+            event(log, logging.WARNING, "config_push_failed", instance=iid, version=version,
+                  code=exc.code.value, detail=exc.detail)
+            return f"refused:{exc.code.value}" if isinstance(exc, RequestFailed) else "no_answer"
+        answered = response.body.get("version")
+        if self._reports.get(peer.socket_id, 0) == reports:  # no ack since: the answer is
+            self._reported[peer.socket_id] = answered      # the newest word
+        applied = bool(response.body.get("applied")) and answered == version
+        if applied:
+            self._confirmed[iid] = version
+            if self.books.write("config_state", self.store.confirm_config, iid, version):
+                self._confirmed.pop(iid, None)
+        else:
+            self.books.write("config_state", self.store.record_config_state, iid, answered,
+                             "received")
+        event(log, logging.INFO, "config_pushed", instance=iid, version=version,
+              applied=applied, replace=bool(extra.get("replace")))
+        return "applied" if applied else "received"
+
+    async def push_config_to_connector(self, connector: str) -> dict:
+        """After ``config set``: bring every connected instance of the connector to the
+        newest version (one socket each, those not being rotated out first).
+
+        Returns ``pushed`` (instances now running it), ``no_answer`` (instance ids
+        that did not answer within :data:`PUSH_TIMEOUT`: they get it when they
+        reconnect) and ``refused`` (instance id -> error code).
+        """
         chosen: dict[str, AgentPeer] = {}
         peers = self._by_connector.get(connector, [])
         for peer in sorted(peers, key=lambda pe: pe.draining):  # sockets staying open first
             chosen.setdefault(peer.identity.instance_id, peer)
-        results = await asyncio.gather(*(self.push_config(pe) for pe in chosen.values()),
+        results = await asyncio.gather(*(self.reconcile(pe) for pe in chosen.values()),
                                        return_exceptions=True)
-        return sum(1 for r in results if r is True)
+        report: dict = {"pushed": 0, "no_answer": [], "refused": {}}
+        for iid, result in zip(chosen, results):
+            if isinstance(result, BaseException):
+                log.error("configuration push failed", exc_info=result,
+                          extra={"tether_fields": {"instance": iid}})
+                report["refused"][iid] = "internal"
+            elif result in ("current", "applied"):
+                report["pushed"] += 1
+            elif result == "no_answer":
+                report["no_answer"].append(iid)
+            elif result.startswith("refused:"):
+                report["refused"][iid] = result.removeprefix("refused:")
+        return report
 
     async def drop_serial(self, serial: str) -> int:
         """After ``revoke``: close sockets that authenticated with that certificate."""

@@ -36,7 +36,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tether.home import sqlite as sqlite_helpers
 from tether.home.sqlite import Transaction
+
+#: What to do about an identity.db that cannot be used.
+RESTORE_HINT = ("stop home and restore identity.db from a backup, or move it away to start "
+                "with no synced users (the connectors' next full sync fills it again)")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -130,11 +135,15 @@ class IdentityStore:
         if fresh:
             self.path.touch(mode=0o600, exist_ok=True)
         self.path.chmod(0o600)
-        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        # a file that existed must still be a database: never recreate it empty
+        self.db = sqlite_helpers.connect(self.path, timeout=30, hint=RESTORE_HINT,
+                                         existing=not fresh)
+        try:
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise sqlite_helpers.DatabaseUnusable(f"{self.path} cannot be read ({exc}); "
+                                                  f"{RESTORE_HINT}") from None
         for suffix in ("-wal", "-shm"):  # SQLite creates them with the umask: tighten
             side = Path(str(self.path) + suffix)
             if side.exists():
@@ -144,6 +153,10 @@ class IdentityStore:
     def open_existing(cls, path: Path) -> IdentityStore | None:
         """For read-only commands: None when no sync ever created the file."""
         return cls(path) if Path(path).exists() else None
+
+    def check(self) -> None:
+        """Refuse a damaged database (``serve`` calls this once at start)."""
+        sqlite_helpers.quick_check(self.db, self.path, RESTORE_HINT)
 
     def close(self) -> None:
         self.db.close()

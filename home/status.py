@@ -39,7 +39,9 @@ def report(store: Store, live: dict | None) -> dict:
             "connected_sockets": per_instance.get(row["instance_id"], 0),
             "agent_version": row["agent_version"], "selfcheck": row["selfcheck"],
             "listening": row["listening"], "config_version": row["config_version"],
-            "config_status": row["config_status"], "cert_serial": serial,
+            "config_status": row["config_status"],
+            # the version home pushed and the instance applied: what home trusts
+            "config_confirmed": row.get("config_confirmed"), "cert_serial": serial,
             "cert_not_after": row["cert_not_after"],
             "cert_revoked": bool(cert and cert["revoked_at"]),
         })
@@ -54,6 +56,14 @@ def report(store: Store, live: dict | None) -> dict:
         connectors.append({**row, "config_version": latest["version"] if latest else None})
     return {"server": live or {"running": False}, "connectors": connectors, "images": images,
             "instances": instances, "sockets": sockets, "clones": store.clones()}
+
+
+def _confirmed(row: dict) -> str:
+    """``, confirmed v2`` when the reported version is not the one home confirmed."""
+    confirmed = row.get("config_confirmed")
+    if confirmed == row.get("config_version"):
+        return ""
+    return f", confirmed v{confirmed}" if confirmed is not None else ", unconfirmed"
 
 
 def _ago(seconds: float | None) -> str:
@@ -104,7 +114,8 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"server: running pid {server.get('pid')} on "
                      f"{', '.join(server.get('addresses', []))}, {server.get('sockets')} "
                      f"socket(s), up {server.get('uptime', 0):.0f}s, TLS refusals "
-                     f"{sum(server.get('tls_refusals', {}).values())}")
+                     f"{sum(server.get('tls_refusals', {}).values())}, handshake time-outs "
+                     f"{sum(server.get('handshake_timeouts', {}).values())}")
     lines.append(f"connectors ({len(doc['connectors'])}):")
     for c in doc["connectors"]:
         lines.append(f"  {c['name']}  cluster={c['cluster']} max-instances={c['max_instances']}"
@@ -121,7 +132,8 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(
             f"  {n['instance_id']}  connector={n['connector']} sockets={n['connected_sockets']}"
             f" seen={_ago(n['seen_ago'])} version={n['agent_version'] or '-'}"
-            f" config=v{n['config_version'] or '-'}({n['config_status'] or '-'})"
+            f" config=v{n['config_version'] or '-'}({n['config_status'] or '-'}"
+            f"{_confirmed(n)})"
             f" listening={'unknown' if listening is None else len(listening)}"
             f" cert={_expiry(n.get('cert_not_after'))}"
             f"{' REVOKED' if n['cert_revoked'] else ''}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Iterable
 
+from tether.home import sqlite as sqlite_helpers
 from tether.home.sqlite import Transaction
 
 SCHEMA_VERSION = 1
@@ -63,6 +64,7 @@ CREATE TABLE IF NOT EXISTS instances (
     listening TEXT,
     config_version INTEGER,
     config_status TEXT,
+    config_confirmed INTEGER,
     UNIQUE (image_id, machine_fingerprint)
 );
 CREATE TABLE IF NOT EXISTS clones (
@@ -118,24 +120,46 @@ def _unjson(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+#: What to do about a home.sqlite3 that cannot be used.
+RESTORE_HINT = ("stop home and restore home.sqlite3 from a backup of the state directory "
+                "(it holds the certificates, instances and configurations: without it no "
+                "agent is recognised)")
+
+
 class Store:
     """Typed access to home's SQLite database."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, _new: bool = False) -> None:
         self.path = path
-        self.db = sqlite3.connect(str(path), timeout=10, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.migrate()
+        if not _new and not path.exists():
+            raise sqlite_helpers.DatabaseUnusable(f"{path} is missing; {RESTORE_HINT}")
+        self.db = sqlite_helpers.connect(path, timeout=10, hint=RESTORE_HINT, existing=not _new)
+        try:
+            self.db.execute("PRAGMA foreign_keys=ON")
+            if not _new and self.db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name IN "
+                    "('meta', 'certs', 'images', 'instances')").fetchone() is None:
+                raise sqlite_helpers.DatabaseUnusable(
+                    f"{path} is an SQLite file without home's tables; {RESTORE_HINT}")
+            self.migrate()
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise sqlite_helpers.DatabaseUnusable(f"{path} cannot be read ({exc}); "
+                                                  f"{RESTORE_HINT}") from None
+        except sqlite_helpers.DatabaseUnusable:
+            self.db.close()
+            raise
+
+    def check(self) -> None:
+        """Refuse a damaged database (``serve`` calls this once at start)."""
+        sqlite_helpers.quick_check(self.db, self.path, RESTORE_HINT)
 
     @classmethod
     def create(cls, path: Path) -> Store:
         """Create the schema (idempotent) with the file owner-only (it holds secrets)."""
         path.touch(mode=0o600, exist_ok=True)
         path.chmod(0o600)
-        store = cls(path)
+        store = cls(path, _new=True)
         store.db.executescript(_SCHEMA)
         store.migrate()
         store.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
@@ -147,6 +171,9 @@ class Store:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
         if columns and "max_instances" not in columns:
             self.db.execute("ALTER TABLE images ADD COLUMN max_instances INTEGER")
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(instances)")}
+        if columns and "config_confirmed" not in columns:
+            self.db.execute("ALTER TABLE instances ADD COLUMN config_confirmed INTEGER")
         self.db.execute(_CLUSTERS)
 
     def close(self) -> None:
@@ -314,8 +341,9 @@ class Store:
                          sealing_public_key, time.time()))
 
     def reenroll_instance(self, instance_id: str, machine: dict, sealing_public_key: str) -> None:
+        # a new sealing key: nothing home pushed before opens there any more
         self.db.execute("UPDATE instances SET machine = ?, sealing_public_key = ?, "
-                        "enrolled_at = ? WHERE instance_id = ?",
+                        "enrolled_at = ?, config_confirmed = NULL WHERE instance_id = ?",
                         (_json(machine), sealing_public_key, time.time(), instance_id))
 
     def set_instance_cert(self, instance_id: str, serial: str, not_after: float) -> None:
@@ -337,13 +365,24 @@ class Store:
         with self.transaction():
             self.db.executemany(
                 "UPDATE instances SET last_seen = ?, selfcheck = COALESCE(?, selfcheck), "
-                "listening = COALESCE(?, listening) WHERE instance_id = ?",
-                [(b["at"], _json(b.get("selfcheck")), _json(b.get("listening")), iid)
+                "listening = COALESCE(?, listening), agent_version = COALESCE(?, "
+                "agent_version), config_version = COALESCE(?, config_version) "
+                "WHERE instance_id = ?",
+                [(b["at"], _json(b.get("selfcheck")), _json(b.get("listening")),
+                  b.get("agent_version"), b.get("config_version"), iid)
                  for iid, b in beats.items()])
 
     def record_config_state(self, instance_id: str, version: int | None, status: str) -> None:
+        """What the agent reports it runs (for ``status``); never what home trusts."""
         self.db.execute("UPDATE instances SET config_version = COALESCE(?, config_version), "
                         "config_status = ? WHERE instance_id = ?", (version, status, instance_id))
+
+    def confirm_config(self, instance_id: str, version: int) -> None:
+        """Home pushed ``version`` to this instance and it answered "applied": the only
+        way ``config_confirmed`` changes (an agent's hello or ack never sets it)."""
+        self.db.execute("UPDATE instances SET config_confirmed = ?, config_version = ?, "
+                        "config_status = 'applied' WHERE instance_id = ?",
+                        (version, version, instance_id))
 
     # ---------------------------------------------------------------- clones
 

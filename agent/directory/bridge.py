@@ -90,6 +90,10 @@ class Bridge:
     def __init__(self, agent):
         self.agent = agent
         self.root = Path(agent.state) / "directories"
+        # spools and cursors of the directories (user records): owner only, also when an
+        # older agent created the directory with the umask's 0755
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root.chmod(0o700)
         self.directories: dict[str, ManagedDirectory] = {}
         self.refused: dict[str, DirectoryError] = {}
         self.spools: dict[str, NotifyingSpool] = {}  # one per id for the process: seqs stay unique

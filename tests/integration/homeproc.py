@@ -348,14 +348,17 @@ class RawAgent:
         self.inbox: list = []  # events that arrived while call() waited for its answer
 
     @classmethod
-    async def connect(cls, url: str, ssl_context, subprotocols=None) -> RawAgent:
+    async def connect(cls, url: str, ssl_context, subprotocols=None,
+                      close_timeout: float = 10) -> RawAgent:
+        """``close_timeout``: how long to wait for home to end TLS after the close
+        handshake (attack tests use 1: a hostile client does not wait politely)."""
         from websockets.asyncio.client import connect
 
         from tether import protocol as p
 
         ws = await connect(url, ssl=ssl_context, open_timeout=10,
                            subprotocols=subprotocols or [p.SUBPROTOCOL],
-                           max_size=4 * p.MAX_FRAME_BYTES)
+                           max_size=4 * p.MAX_FRAME_BYTES, close_timeout=close_timeout)
         return cls(ws)
 
     async def flush(self) -> None:
@@ -391,6 +394,22 @@ class RawAgent:
 
     async def send_raw(self, data) -> None:
         await self.ws.send(data)
+
+    def forge(self, op, body: dict, kind: str = "request", *, re: str | None = None,
+              seq: int | None = None, ts: float | None = None) -> str:
+        """A frame our own Session would refuse to send (oversized fields, say):
+        a fresh id and timestamp, the rest as given. Returns the JSON text."""
+        import json as _json
+        import time as _time
+
+        return _json.dumps({"v": 1, "id": self.p.new_id(), "kind": kind,
+                            "op": getattr(op, "value", op), "re": re, "seq": seq,
+                            "ts": _time.time() if ts is None else ts, "body": body})
+
+    async def send_forged(self, op, body: dict, kind: str = "request", **envelope):
+        """Send a forged frame and return the next frame home sends back, decoded."""
+        await self.ws.send(self.forge(op, body, kind, **envelope))
+        return await self.recv_message()
 
     async def recv_message(self, timeout: float = 10.0):
         """The next raw frame, decoded (without session bookkeeping)."""

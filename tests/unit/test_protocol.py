@@ -224,6 +224,40 @@ def test_seen_ids_are_pruned_after_the_window():
     assert len(home._seen) == 1
 
 
+def test_replay_memory_is_bounded_and_a_forgotten_id_is_still_refused():
+    """65,536 fresh ids used to cost 15.6 MB per socket (issue 11): now the window
+    holds MAX_SEEN_IDS, and the timestamp of an id forgotten early becomes a floor."""
+    clock = FakeClock()
+    agent, home = connected(clock)
+    agent.event(Op.HEARTBEAT, {})
+    (first,) = agent.data_to_send()
+    home.receive(first)
+    home.events_received()
+    for _ in range(3 * p.MAX_SEEN_IDS):
+        clock.now += 0.001
+        agent.event(Op.HEARTBEAT, {})
+        (ev,) = pump(agent, home)
+        assert isinstance(ev, p.EventReceived)
+    assert len(home._seen) <= p.MAX_SEEN_IDS
+    home.receive(first)  # forgotten, but still within the clock window
+    (violation,) = home.events_received()
+    assert violation.error.code is ErrorCode.REPLAY
+    clock.now += 0.001
+    agent.event(Op.HEARTBEAT, {})  # the honest peer goes on unharmed
+    (ev,) = pump(agent, home)
+    assert isinstance(ev, p.EventReceived)
+
+
+def test_long_error_details_are_cut_before_sending():
+    agent, home = connected()
+    sent = home.request(Op.STATUS, {})
+    (req,) = pump(home, agent)
+    agent.fail(req.message, ErrorCode.INTERNAL, "x" * 100_000)
+    (err,) = pump(agent, home)
+    assert isinstance(err, p.ErrorReceived) and err.request.id == sent.id
+    assert len(err.message.body["detail"]) == p.TEXT
+
+
 def test_response_matched_to_request_by_id():
     agent, home = connected()
     sent = home.request(Op.STATUS, {})

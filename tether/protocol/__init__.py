@@ -58,6 +58,19 @@ Every message is a JSON object::
     checked by :data:`BODY_FIELDS` (unknown extra fields are allowed so that a
     newer peer can add optional fields without a version bump).
 
+Limits
+======
+
+Everything a peer sends may reach a log line, a database row or memory held per
+socket, so :func:`decode` bounds it before any handler sees it, on both sides:
+integers are signed 64-bit, numbers finite, strings valid Unicode (no lone
+surrogate), each body field within its :class:`Field` ``limit`` in
+:data:`BODY_FIELDS` (fields a row does not name: :data:`DEFAULT_LIMIT` each, at
+most :data:`MAX_EXTRA_FIELDS`), and the replay memory of a connection is
+:data:`MAX_SEEN_IDS` ids (:class:`SeenIds`). Anything else is a
+:class:`ProtocolError`, never another exception (the hypothesis tests in
+``tests/unit/test_protocol_fuzz.py`` hold the package to that).
+
 Conversation
 ============
 
@@ -94,20 +107,23 @@ event (it may drop a connection that keeps violating, see
 from __future__ import annotations
 
 from .codec import Message, RawJSON, decode, encode, new_id, validate
-from .schema import (AGENT_EVENTS, AGENT_REQUESTS, BODY_FIELDS, DEFAULT_WINDOW_SECONDS,
-                     HEARTBEAT_SECONDS, HOME_EVENTS, HOME_REQUESTS, MAX_FRAME_BYTES, MAX_SEEN_IDS,
-                     PROTOCOL_VERSION, STREAM_OPS, STREAM_WINDOW, SUBPROTOCOL, ErrorCode, Kind, Op,
-                     ProtocolError)
+from .schema import (AGENT_EVENTS, AGENT_REQUESTS, BODY_FIELDS, DEFAULT_LIMIT,
+                     DEFAULT_WINDOW_SECONDS, FRAME, HEARTBEAT_SECONDS, HOME_EVENTS, HOME_REQUESTS,
+                     MAX_EXTRA_FIELDS, MAX_FRAME_BYTES, MAX_INT, MAX_SEEN_IDS, MIN_INT, NAME, PEM,
+                     PEM_BUNDLE, PROTOCOL_VERSION, REPORT_JSON, SHORT, SMALL_JSON, STREAM_OPS,
+                     STREAM_WINDOW, SUBPROTOCOL, TEXT, ErrorCode, Field, Kind, Op, ProtocolError)
 from .session import (AckReceived, CancelReceived, ChunkReceived, ErrorReceived, Event,
                       EventReceived, ProtocolViolation, RequestReceived, ResponseReceived, Role,
-                      Session)
+                      SeenIds, Session)
 
 __all__ = [
-    "AGENT_EVENTS", "AGENT_REQUESTS", "BODY_FIELDS", "DEFAULT_WINDOW_SECONDS", "HEARTBEAT_SECONDS",
-    "HOME_EVENTS", "HOME_REQUESTS", "MAX_FRAME_BYTES", "MAX_SEEN_IDS", "PROTOCOL_VERSION",
-    "STREAM_OPS", "STREAM_WINDOW", "SUBPROTOCOL",
-    "ErrorCode", "Kind", "Op", "ProtocolError",
+    "AGENT_EVENTS", "AGENT_REQUESTS", "BODY_FIELDS", "DEFAULT_LIMIT", "DEFAULT_WINDOW_SECONDS",
+    "FRAME", "HEARTBEAT_SECONDS", "HOME_EVENTS", "HOME_REQUESTS", "MAX_EXTRA_FIELDS",
+    "MAX_FRAME_BYTES", "MAX_INT", "MAX_SEEN_IDS", "MIN_INT", "NAME", "PEM", "PEM_BUNDLE",
+    "PROTOCOL_VERSION", "REPORT_JSON", "SHORT", "SMALL_JSON", "STREAM_OPS", "STREAM_WINDOW",
+    "SUBPROTOCOL", "TEXT",
+    "ErrorCode", "Field", "Kind", "Op", "ProtocolError",
     "Message", "RawJSON", "decode", "encode", "new_id", "validate",
     "AckReceived", "CancelReceived", "ChunkReceived", "ErrorReceived", "Event", "EventReceived",
-    "ProtocolViolation", "RequestReceived", "ResponseReceived", "Role", "Session",
+    "ProtocolViolation", "RequestReceived", "ResponseReceived", "Role", "SeenIds", "Session",
 ]

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .schema import (_ACK_FIELDS, _ENVELOPE_KEYS, _ERROR_FIELDS, _ID_RE, _NUM, BODY_FIELDS,
-                     MAX_FRAME_BYTES, PROTOCOL_VERSION, STREAM_OPS, SUBPROTOCOL, ErrorCode, Kind,
-                     Op, ProtocolError)
+                     DEFAULT_LIMIT, MAX_EXTRA_FIELDS, MAX_FRAME_BYTES, MAX_INT, MIN_INT,
+                     PROTOCOL_VERSION, STREAM_OPS, SUBPROTOCOL, ErrorCode, Field, Kind, Op,
+                     ProtocolError)
 
 @dataclass(frozen=True)
 class Message:
@@ -99,7 +100,13 @@ def encode(message: Message) -> str:
     Validation on the way out catches bugs on our side before the peer sees
     them; the result is compact JSON text for one WebSocket text frame.
     """
-    validate(message)
+    oversized_field = None
+    try:
+        validate(message)
+    except ProtocolError as exc:
+        if "limit" not in exc.extra:
+            raise
+        oversized_field = exc  # reported below, unless the whole frame is too large
     try:
         text = _dumps(message.to_dict())
     except (TypeError, ValueError) as exc:
@@ -116,6 +123,8 @@ def encode(message: Message) -> str:
                             f"message exceeds {MAX_FRAME_BYTES} bytes; split it into chunks",
                             message_id=message.id, op=message.op,
                             extra={"limit": MAX_FRAME_BYTES})
+    if oversized_field is not None:
+        raise oversized_field
     return text
 
 
@@ -170,8 +179,31 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     return obj
 
 
-#: One strict decoder for every message (no NaN/Infinity, no duplicate keys).
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+class _OutOfRange(ValueError):
+    """A JSON number this protocol does not carry."""
+
+
+def _bounded_int(text: str) -> int:
+    """parse_int hook: integers are signed 64-bit on the wire (SQLite, every peer)."""
+    value = int(text)
+    if not MIN_INT <= value <= MAX_INT:
+        raise _OutOfRange(f"integer {text[:24]}{'...' if len(text) > 24 else ''} is outside "
+                         "the signed 64-bit range")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """parse_float hook: 1e400 would silently become inf."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _OutOfRange(f"number {text[:24]}{'...' if len(text) > 24 else ''} is out of range")
+    return value
+
+
+#: One strict decoder for every message: no NaN/Infinity, no duplicate keys, numbers
+#: bounded (the hooks cost about 15 % of decoding a frame of directory records).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_no_duplicates,
+                            parse_int=_bounded_int, parse_float=_finite_float)
 
 
 def _parse_json(raw: bytes) -> Any:
@@ -180,11 +212,39 @@ def _parse_json(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise ProtocolError(ErrorCode.MALFORMED, "message is not valid UTF-8") from None
     try:
-        return _DECODER.decode(text)
+        obj = _DECODER.decode(text)
     except RecursionError:
         raise ProtocolError(ErrorCode.MALFORMED, "JSON nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, int digit limits, duplicates
+    except _OutOfRange as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, f"{exc}; integers are signed 64-bit and "
+                            "numbers finite") from None
+    except (ValueError, OverflowError) as exc:  # JSONDecodeError, number limits, duplicates
         raise ProtocolError(ErrorCode.MALFORMED, f"not valid JSON: {exc}") from None
+    # A lone surrogate can only come from a \\uD800-\\uDFFF escape (strict UTF-8
+    # decoding refuses encoded ones); two substring searches keep the common frame fast.
+    if ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(obj):
+        raise ProtocolError(ErrorCode.MALFORMED,
+                            "a string holds a lone UTF-16 surrogate (\\uD800-\\uDFFF without "
+                            "its pair); send valid Unicode text")
+    return obj
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    """True if any key or string in the decoded tree cannot be encoded as UTF-8."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _from_dict(obj: Any) -> Message:
@@ -240,7 +300,10 @@ def _parse_ts(value: Any, ident: str, op: Op | None) -> float:
     if not isinstance(value, _NUM) or isinstance(value, bool):
         raise ProtocolError(ErrorCode.BAD_TYPE, "ts must be a number (Unix seconds)",
                             message_id=ident, op=op)
-    ts = float(value)
+    try:
+        ts = float(value)
+    except OverflowError:
+        ts = math.inf
     if not math.isfinite(ts) or ts < 0:
         raise ProtocolError(ErrorCode.BAD_TYPE, "ts must be a finite, non-negative number",
                             message_id=ident, op=op)
@@ -298,22 +361,74 @@ def validate(message: Message) -> None:
 
 
 def _validate_body(message: Message, bad: Callable[[str], ProtocolError]) -> None:
-    kind = message.kind
+    kind, body = message.kind, message.body
     if kind is Kind.ERROR:
         spec = _ERROR_FIELDS
     elif kind is Kind.ACK:
         spec = _ACK_FIELDS
     else:
         spec = BODY_FIELDS.get((message.op, kind), {})
-    for name, (types, required) in spec.items():
-        if name not in message.body:
+    named = 0
+    for name, field_spec in spec.items():
+        if name == "*":
+            continue
+        types, required, limit = _field(field_spec)
+        if name not in body:
             if required:
                 raise bad(f"{message.op.value if message.op else 'error'} {kind.value} "
                           f"body needs field {name!r}")
             continue
-        if not _type_ok(message.body[name], types):
+        named += 1
+        value = body[name]
+        if not _type_ok(value, types):
             names = "/".join("null" if t is None else t.__name__ for t in types)
             raise bad(f"body field {name!r} must be {names}")
+        _check_size(name, value, limit, bad)
+    if len(body) == named:
+        return
+    extra_limit = _field(spec["*"]).limit if "*" in spec else DEFAULT_LIMIT
+    if extra_limit is None:
+        return
+    extras = [name for name in body if name not in spec]
+    if len(extras) > MAX_EXTRA_FIELDS:
+        raise bad(f"body has {len(extras)} unknown fields; at most {MAX_EXTRA_FIELDS}")
+    for name in extras:
+        if len(name) > DEFAULT_LIMIT:
+            raise bad(f"a body field name is {len(name)} characters; at most {DEFAULT_LIMIT}")
+        _check_size(name, body[name], extra_limit, bad)
+
+
+def _field(spec: Any) -> Field:
+    """A table entry as a :class:`Field` (a bare ``(types, required)`` pair gets the
+    default limit, so a row written the old way is still bounded)."""
+    return spec if isinstance(spec, Field) else Field(*spec)
+
+
+def _check_size(name: str, value: Any, limit: int | None,
+                bad: Callable[[str], ProtocolError]) -> None:
+    """Characters of a string, bytes of compact JSON of a list or object."""
+    if limit is None:
+        return
+    if isinstance(value, str):
+        if len(value) > limit:
+            raise _too_big(bad, name, f"{len(value)} characters", limit, "characters")
+    elif isinstance(value, (list, dict)):
+        # A cheap lower bound first: each item takes at least two bytes of JSON.
+        if 2 * len(value) > limit:
+            raise _too_big(bad, name, f"{len(value)} items", limit, "bytes of JSON")
+        try:
+            size = len(json.dumps(value, separators=(",", ":")))
+        except (TypeError, ValueError, RecursionError):
+            raise bad(f"body field {name!r} is not JSON-serializable") from None
+        if size > limit:
+            raise _too_big(bad, name, f"{size} bytes of JSON", limit, "bytes of JSON")
+
+
+def _too_big(bad: Callable[[str], ProtocolError], name: str, size: str, limit: int,
+             unit: str) -> ProtocolError:
+    exc = bad(f"body field {name[:64]!r} is {size}; at most {limit} {unit}")
+    exc.extra["limit"] = limit
+    return exc
 
 
 def _type_ok(value: Any, types: tuple) -> bool:
@@ -321,6 +436,10 @@ def _type_ok(value: Any, types: tuple) -> bool:
         return None in types
     if isinstance(value, bool):
         return bool in types
+    if isinstance(value, int) and not MIN_INT <= value <= MAX_INT:
+        return False  # our own encoder refuses what the peer's decoder would
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
     return any(t is not None and t is not bool and isinstance(value, t) for t in types)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import re
+from typing import NamedTuple
 
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = f"tether.v{PROTOCOL_VERSION}"
@@ -14,8 +15,13 @@ MAX_FRAME_BYTES = 1024 * 1024
 DEFAULT_WINDOW_SECONDS = 300.0
 #: Chunks a streaming side may have in flight before it waits for an ``ack``.
 STREAM_WINDOW = 8
-#: Message ids remembered per connection for replay detection (memory bound).
-MAX_SEEN_IDS = 65536
+#: Message ids remembered per connection for replay detection (memory bound, about
+#: 250 bytes each). When more than this many fresh ids arrive within the window, the
+#: oldest is forgotten and its timestamp becomes a floor: nothing stamped at or
+#: before it is accepted any more, so a forgotten id still cannot be replayed.
+MAX_SEEN_IDS = 1024
+#: Integers anywhere in a message are signed 64-bit (SQLite's INTEGER, C's int64).
+MIN_INT, MAX_INT = -(2 ** 63), 2 ** 63 - 1
 #: Seconds between agent heartbeats that home asks for in the hello response.
 HEARTBEAT_SECONDS = 30
 
@@ -72,7 +78,14 @@ class Op(str, enum.Enum):
     ``config.push`` (request H→A)
         body: ``config`` object, a signed document from
         :func:`tether.configsig.sign_config` (secrets inside sealed to the
-        instance with :mod:`tether.sealing`).
+        instance with :mod:`tether.sealing`); optional ``replace`` bool and
+        ``reason`` str: home never signed the version the agent reports for this
+        instance (a forged or restored state directory, or home's database was
+        restored), so the agent takes this document although its version is
+        lower (signature, target and secrets are checked as always). Home pushes
+        after every hello unless the agent reports the version home *confirmed*
+        (pushed, and answered ``applied``), and after a ``config.ack`` that
+        reports another one.
         response: ``version`` int, ``applied`` bool.
         errors: ``bad_signature``, ``stale_config`` (older than the running
         one), ``bad_config``.
@@ -197,133 +210,184 @@ AGENT_EVENTS: frozenset[Op] = frozenset()
 #: Ops whose answers may be streamed as chunks.
 STREAM_OPS = frozenset({Op.SYNC, Op.SEARCH})
 
-_ANY = object()
 _NUM = (int, float)
-#: (op, kind) -> {field: (types, required)}; ``None`` in types allows null.
-BODY_FIELDS: dict[tuple[Op, Kind], dict[str, tuple[tuple, bool]]] = {
+
+# ---- size limits of body fields (see :class:`Field`)
+#: Versions, ids, codes, statuses, modes, roles.
+SHORT = 64
+#: Names: connectors, directories, servers, user names.
+NAME = 256
+#: Human text: error details, reasons.
+TEXT = 1024
+#: One PEM object (certificate, CSR, public key); a CA bundle gets :data:`PEM_BUNDLE`.
+PEM = 16 * 1024
+PEM_BUNDLE = 64 * 1024
+#: Small nested objects home stores (machine facts, listening sockets).
+SMALL_JSON = 4 * 1024
+#: A self-check report (a few hundred bytes in practice; home stores the last one).
+REPORT_JSON = 64 * 1024
+#: Limit of a body field the table does not name (extra fields of a newer peer).
+DEFAULT_LIMIT = TEXT
+#: Extra (unnamed) fields one body may carry.
+MAX_EXTRA_FIELDS = 32
+#: ``limit`` of a field bounded by the frame size only (bulk data: changes, entries,
+#: a configuration document, a free-form status report).
+FRAME = None
+
+
+class Field(NamedTuple):
+    """One body field: accepted ``types`` (``None`` allows null), ``required``, and
+    ``limit``: characters for a string, bytes of compact JSON for a list or object
+    (:data:`FRAME`: bounded by the frame only). Numbers are bounded by
+    :data:`MIN_INT`/:data:`MAX_INT` and finiteness for every field, named or not.
+
+    Why per field and at decode: everything a peer sends may end up in a log line,
+    a database row or memory held per socket; a 1 MB frame of one 1 MB "version"
+    must be refused before any handler sees it, on both sides alike.
+    """
+
+    types: tuple
+    required: bool
+    limit: int | None = DEFAULT_LIMIT
+
+
+F = Field
+#: (op, kind) -> {field: Field}. One row per message: a new message type adds a row.
+#: The key ``"*"`` gives the limit of fields the row does not name (default
+#: :data:`DEFAULT_LIMIT`).
+BODY_FIELDS: dict[tuple[Op, Kind], dict[str, Field]] = {
     (Op.HELLO, Kind.REQUEST): {
-        "agent_version": ((str,), True),
-        "image_id": ((str,), True),
-        "instance_id": ((str, None), False),
-        "machine": ((dict,), False),
-        "selfcheck": ((dict,), False),
-        "listening": ((list,), False),
-        "socket_index": ((int,), False),
-        "config_version": ((int, None), False),
+        "agent_version": F((str,), True, SHORT),
+        "image_id": F((str,), True, SHORT),
+        "instance_id": F((str, None), False, SHORT),
+        "machine": F((dict,), False, SMALL_JSON),
+        "selfcheck": F((dict,), False, REPORT_JSON),
+        "listening": F((list,), False, REPORT_JSON),
+        "socket_index": F((int,), False),
+        "config_version": F((int, None), False),
     },
     (Op.HELLO, Kind.RESPONSE): {
-        "home_version": ((str,), True),
-        "server_time": (_NUM, True),
-        "role": ((str,), True),
-        "connector": ((str,), True),
-        "instance_id": ((str, None), False),
-        "heartbeat_seconds": ((int,), False),
-        "config_version": ((int, None), False),
-        "config_key_pem": ((str,), False),
+        "home_version": F((str,), True, SHORT),
+        "server_time": F(_NUM, True),
+        "role": F((str,), True, SHORT),
+        "connector": F((str,), True, NAME),
+        "instance_id": F((str, None), False, SHORT),
+        "heartbeat_seconds": F((int,), False),
+        "config_version": F((int, None), False),
+        "config_key_pem": F((str,), False, PEM),
     },
     (Op.ENROLL, Kind.REQUEST): {
-        "csr_pem": ((str,), True),
-        "sealing_public_key": ((str,), True),
-        "machine": ((dict,), True),
+        "csr_pem": F((str,), True, PEM),
+        "sealing_public_key": F((str,), True, NAME),
+        "machine": F((dict,), True, SMALL_JSON),
     },
     (Op.ENROLL, Kind.RESPONSE): {
-        "instance_id": ((str,), True),
-        "cert_pem": ((str,), True),
-        "ca_pem": ((str,), True),
-        "not_after": (_NUM, True),
-        "renew_after": (_NUM, False),
-        "config_key_pem": ((str,), False),
+        "instance_id": F((str,), True, SHORT),
+        "cert_pem": F((str,), True, PEM),
+        "ca_pem": F((str,), True, PEM_BUNDLE),
+        "not_after": F(_NUM, True),
+        "renew_after": F(_NUM, False),
+        "config_key_pem": F((str,), False, PEM),
     },
-    (Op.RENEW, Kind.REQUEST): {"csr_pem": ((str,), True)},
+    (Op.RENEW, Kind.REQUEST): {"csr_pem": F((str,), True, PEM)},
     (Op.RENEW, Kind.RESPONSE): {
-        "instance_id": ((str,), True),
-        "cert_pem": ((str,), True),
-        "ca_pem": ((str,), True),
-        "not_after": (_NUM, True),
-        "renew_after": (_NUM, False),
+        "instance_id": F((str,), True, SHORT),
+        "cert_pem": F((str,), True, PEM),
+        "ca_pem": F((str,), True, PEM_BUNDLE),
+        "not_after": F(_NUM, True),
+        "renew_after": F(_NUM, False),
     },
     (Op.HEARTBEAT, Kind.EVENT): {
-        "uptime": (_NUM, False),
-        "selfcheck": ((dict,), False),
-        "listening": ((list,), False),
-        "config_version": ((int, None), False),
-        "draining": ((bool,), False),
+        "uptime": F(_NUM, False),
+        "selfcheck": F((dict,), False, REPORT_JSON),
+        "listening": F((list,), False, REPORT_JSON),
+        "config_version": F((int, None), False),
+        "draining": F((bool,), False),
     },
-    (Op.CONFIG_PUSH, Kind.REQUEST): {"config": ((dict,), True)},
+    (Op.CONFIG_PUSH, Kind.REQUEST): {
+        "config": F((dict,), True, FRAME),
+        "replace": F((bool,), False),
+        "reason": F((str,), False, TEXT),
+    },
     (Op.CONFIG_PUSH, Kind.RESPONSE): {
-        "version": ((int,), True),
-        "applied": ((bool,), True),
+        "version": F((int,), True),
+        "applied": F((bool,), True),
     },
     (Op.CONFIG_ACK, Kind.EVENT): {
-        "version": ((int, None), True),
-        "status": ((str,), True),
-        "error": ((str,), False),
-        "detail": ((str,), False),
+        "version": F((int, None), True),
+        "status": F((str,), True, SHORT),
+        "error": F((str,), False, SHORT),
+        "detail": F((str,), False, TEXT),
     },
     (Op.SYNC, Kind.REQUEST): {
-        "directory": ((str,), True),
-        "mode": ((str,), True),
-        "cursor": ((str, None), False),
+        "directory": F((str,), True, NAME),
+        "mode": F((str,), True, SHORT),
+        "cursor": F((str, None), False, PEM),
     },
     (Op.SYNC, Kind.CHUNK): {
-        "changes": ((list,), True),
-        "cursor": ((str,), True),
+        "changes": F((list,), True, FRAME),
+        "cursor": F((str,), True, PEM),
     },
     (Op.SYNC, Kind.RESPONSE): {
-        "cursor": ((str, None), True),
-        "chunks": ((int,), False),
-        "changes": ((int,), False),
-        "following": ((bool,), False),
-        "pending": ((int,), False),
+        "cursor": F((str, None), True, PEM),
+        "chunks": F((int,), False),
+        "changes": F((int,), False),
+        "following": F((bool,), False),
+        "pending": F((int,), False),
     },
     (Op.DIRECTORY_CHANGES, Kind.REQUEST): {
-        "directory": ((str,), True),
-        "entries": ((list,), True),
-        "after": ((int, None), False),
+        "directory": F((str,), True, NAME),
+        "entries": F((list,), True, FRAME),
+        "after": F((int, None), False),
     },
     (Op.DIRECTORY_CHANGES, Kind.RESPONSE): {
-        "applied_through": ((int,), True),
-        "leader": ((bool,), True),
+        "applied_through": F((int,), True),
+        "leader": F((bool,), True),
     },
     (Op.SEARCH, Kind.REQUEST): {
-        "directory": ((str,), True),
-        "filter": ((str,), True),
-        "kind": ((str,), False),
-        "limit": ((int,), False),
-        "base": ((str, None), False),
-        "scope": ((str,), False),
-        "attributes": ((list,), False),
+        "directory": F((str,), True, NAME),
+        "filter": F((str,), True, PEM),
+        "kind": F((str,), False, SHORT),
+        "limit": F((int,), False),
+        "base": F((str, None), False, PEM),
+        "scope": F((str,), False, SHORT),
+        "attributes": F((list,), False, PEM),
     },
-    (Op.SEARCH, Kind.CHUNK): {"entries": ((list,), True)},
+    (Op.SEARCH, Kind.CHUNK): {"entries": F((list,), True, FRAME)},
+    (Op.SEARCH, Kind.RESPONSE): {"*": F((), False, FRAME)},
     (Op.AUTHENTICATE, Kind.REQUEST): {
-        "directory": ((str,), True),
-        "username": ((str,), True),
-        "password": ((str,), True),
+        "directory": F((str,), True, NAME),
+        "username": F((str,), True, PEM),
+        "password": F((str,), True, PEM),
     },
     (Op.AUTHENTICATE, Kind.RESPONSE): {
-        "ok": ((bool,), True),
-        "outcome": ((str,), False),
-        "dn": ((str, None), False),
-        "groups": ((list,), False),
-        "server": ((str, None), False),
+        "ok": F((bool,), True),
+        "outcome": F((str,), False, SHORT),
+        "dn": F((str, None), False, PEM),
+        "groups": F((list,), False, FRAME),
+        "server": F((str, None), False, PEM),
+        "*": F((), False, FRAME),
     },
     (Op.PROVISION, Kind.REQUEST): {
-        "directory": ((str,), True),
-        "order": ((dict,), True),
+        "directory": F((str,), True, NAME),
+        "order": F((dict,), True, FRAME),
     },
     (Op.PROVISION, Kind.RESPONSE): {
-        "ok": ((bool,), True),
-        "result": ((dict,), False),
+        "ok": F((bool,), True),
+        "result": F((dict,), False, FRAME),
+        "*": F((), False, FRAME),
     },
     (Op.UPDATE, Kind.REQUEST): {
-        "version": ((str,), True),
-        "url": ((str,), True),
-        "sha256": ((str,), True),
-        "signature": ((str,), True),
+        "version": F((str,), True, SHORT),
+        "url": F((str,), True, PEM),
+        "sha256": F((str,), True, SHORT),
+        "signature": F((str,), True, PEM),
     },
+    (Op.UPDATE, Kind.RESPONSE): {"*": F((), False, FRAME)},
+    (Op.STATUS, Kind.RESPONSE): {"*": F((), False, FRAME)},
 }
-_ERROR_FIELDS = {"code": ((str,), True), "detail": ((str,), True)}
-_ACK_FIELDS = {"cursor": ((str, None), False)}
+_ERROR_FIELDS = {"code": F((str,), True, SHORT), "detail": F((str,), True, TEXT)}
+_ACK_FIELDS = {"cursor": F((str, None), False, TEXT)}
 
 
 class ProtocolError(Exception):

@@ -5,6 +5,7 @@ with acknowledgements, cancellation."""
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -12,9 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .codec import Message, decode, encode, new_id
-from .schema import (AGENT_EVENTS, AGENT_REQUESTS, DEFAULT_WINDOW_SECONDS, HOME_EVENTS,
-                     HOME_REQUESTS, MAX_SEEN_IDS, STREAM_OPS, STREAM_WINDOW, ErrorCode, Kind, Op,
-                     ProtocolError)
+from .schema import (_ERROR_FIELDS, AGENT_EVENTS, AGENT_REQUESTS, DEFAULT_WINDOW_SECONDS,
+                     HOME_EVENTS, HOME_REQUESTS, MAX_SEEN_IDS, STREAM_OPS, STREAM_WINDOW,
+                     ErrorCode, Kind, Op, ProtocolError)
+
+#: Longest ``detail`` an error message may carry (longer ones are cut before sending).
+_MAX_DETAIL = _ERROR_FIELDS["detail"].limit
 
 
 class Role(str, enum.Enum):
@@ -110,6 +114,51 @@ class _Incoming:
     acked: int = -1
 
 
+class SeenIds:
+    """Message ids received on one connection: a window with a time horizon.
+
+    An id must be refused as ``replay`` for as long as its message would still
+    pass the staleness check (``window`` seconds around its ``ts``); after that
+    the clock check refuses a replay anyway and the id is forgotten. A peer
+    sending fresh ids faster than ``capacity`` per window does not grow this:
+    the oldest id is forgotten early, and its timestamp becomes a *floor*:
+    messages stamped at or before it are refused (:meth:`check`), so a
+    forgotten id still cannot come back. A peer's messages carry increasing
+    timestamps, so a well-behaved peer never meets the floor.
+    """
+
+    def __init__(self, window: float, capacity: int = MAX_SEEN_IDS) -> None:
+        self.window = window
+        self.capacity = capacity
+        self.floor = -math.inf
+        self._ids: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, message_id: str) -> bool:
+        return message_id in self._ids
+
+    def check(self, message: Message, now: float) -> None:
+        """Raise ``replay`` for an id seen before (or possibly forgotten); else remember it."""
+        if message.id in self._ids or message.ts <= self.floor:
+            why = "was already received" if message.id in self._ids else \
+                "may have been received (it is older than the ids still remembered)"
+            raise ProtocolError(ErrorCode.REPLAY,
+                                f"message id {message.id} {why} on this connection; every "
+                                "message needs a fresh id and a current timestamp")
+        # Remember the id until a replay of it would be refused as stale anyway.
+        self._ids[message.id] = (max(message.ts, now), message.ts)
+        horizon = now - self.window
+        while self._ids:
+            expires, ts = next(iter(self._ids.values()))
+            if expires >= horizon and len(self._ids) <= self.capacity:
+                break
+            self._ids.popitem(last=False)
+            if expires >= horizon:  # forgotten early: keep refusing its timestamp
+                self.floor = max(self.floor, ts)
+
+
 @dataclass
 class Session:
     """Sans-I/O state of one tether connection (one WebSocket).
@@ -130,11 +179,15 @@ class Session:
     violations: int = 0
     _events: list = field(default_factory=list, repr=False)
     _outbox: list = field(default_factory=list, repr=False)
-    _seen: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _seen: SeenIds | None = field(default=None, repr=False)
     _outgoing: dict = field(default_factory=dict, repr=False)
     _incoming: dict = field(default_factory=dict, repr=False)
     _hello_sent: str | None = field(default=None, repr=False)
     _hello_received: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._seen is None:
+            self._seen = SeenIds(self.window)
 
     # ---- time
 
@@ -201,7 +254,7 @@ class Session:
                 self._hello_received = None  # a refused hello may be retried
         op = state.request.op if state else (request.op if isinstance(request, Message) else None)
         re = request.id if isinstance(request, Message) else request
-        body = {"code": code.value, "detail": detail, **extra}
+        body = {"code": code.value, "detail": _cut(detail), **extra}
         return self._queue(self._make(Kind.ERROR, op, body, re=re))
 
     def chunk(self, request: Message | str, body: dict) -> Message:
@@ -242,7 +295,7 @@ class Session:
         state = self._outgoing.pop(request_id, None)
         if state is None:
             return None
-        body = {"code": ErrorCode.CANCELLED.value, "detail": detail}
+        body = {"code": ErrorCode.CANCELLED.value, "detail": _cut(detail)}
         return self._queue(self._make(Kind.ERROR, state.request.op, body, re=request_id))
 
     def is_open(self, request: Message | str) -> bool:
@@ -299,7 +352,7 @@ class Session:
         self._events.append(ProtocolViolation(exc))
         if not reply:
             return
-        body = {"code": exc.code.value, "detail": exc.detail, **exc.extra}
+        body = {"code": exc.code.value, "detail": _cut(exc.detail), **exc.extra}
         if exc.code is ErrorCode.STALE:
             body["server_time"] = self.now()
         self._queue(self._make(Kind.ERROR, exc.op, body, re=exc.message_id))
@@ -316,22 +369,7 @@ class Session:
                                 f"timestamp {message.ts:.3f} is {now - message.ts:+.0f} s "
                                 f"from this side's clock (window {self.window:.0f} s); "
                                 "fix the clock (NTP) or apply server_time as offset")
-        if message.id in self._seen:
-            raise ProtocolError(ErrorCode.REPLAY,
-                                f"message id {message.id} was already received on this "
-                                "connection; every message needs a fresh id")
-        # Remember the id until a replay of it would be refused as stale anyway.
-        self._seen[message.id] = max(message.ts, now)
-        self._prune_seen(now)
-
-    def _prune_seen(self, now: float) -> None:
-        """Forget ids that can no longer be replayed (bounded memory per connection)."""
-        horizon = now - self.window
-        while self._seen:
-            oldest = next(iter(self._seen.values()))
-            if oldest >= horizon and len(self._seen) <= MAX_SEEN_IDS:
-                break
-            self._seen.popitem(last=False)
+        self._seen.check(message, now)
 
     def _dispatch(self, message: Message) -> None:
         kind = message.kind
@@ -423,3 +461,9 @@ class Session:
                                 f"{state.acked + 1}..{state.next_seq - 1}")
         state.acked = message.seq
         self._events.append(AckReceived(message))
+
+
+def _cut(detail: str) -> str:
+    """An error detail within the protocol's limit (details are human text: cut, not refused)."""
+    detail = str(detail)
+    return detail if len(detail) <= _MAX_DETAIL else detail[:_MAX_DETAIL - 3] + "..."
