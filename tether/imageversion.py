@@ -19,6 +19,14 @@ def parse(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
+def make(agent_version: str, when) -> str:
+    """`<agent version's numbers>.<when as YYYYMMDDHHMMSS>` (UTC): two builds of one checkout order by time."""
+    base = ".".join(p for p in str(agent_version).split("+")[0].split(".") if p.isdigit()) or "0"
+    version = f"{base}.{when.strftime('%Y%m%d%H%M%S')}"
+    parse(version)
+    return version
+
+
 def newer(candidate: str, running: str) -> bool:
     """True when `candidate` is strictly newer than `running`; an unparsable running version is oldest."""
     try:

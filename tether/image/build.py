@@ -95,6 +95,7 @@ class _Ctx:
     raw: Path | None = None
     ova: Path | None = None
     ova_sha256: str | None = None
+    image_version: str | None = None
 
 
 def run(opts: Options, progress: Progress | None = None) -> Result:
@@ -171,7 +172,15 @@ def _wheelhouse(ctx: _Ctx) -> None:
 
 
 def _vars(ctx: _Ctx) -> None:
-    variables = buildvars.make(ctx.wheels, ctx.credential_file, ctx.name, ctx.bundle["image_id"])
+    from datetime import datetime, timezone
+
+    from tether import imageversion
+
+    # Known before Packer runs: the role update writes it into the slot, the
+    # manifest and the bundle carry the same string.
+    ctx.image_version = imageversion.make(_agent_version(), datetime.now(timezone.utc))
+    variables = buildvars.make(ctx.wheels, ctx.credential_file, ctx.name, ctx.bundle["image_id"],
+                               ctx.image_version)
     ctx.vars_file = buildvars.write(ctx.work / "buildvars.json", variables)
 
 
@@ -306,6 +315,7 @@ def _manifest(ctx: _Ctx) -> None:
             doc = manifest.build_manifest(ctx.name, ctx.bundle, root, ctx.ova, ctx.raw,
                                           known_sha256={ctx.ova.name: ctx.ova_sha256,
                                                         ctx.raw.name: ctx.raw_sha256})
+        doc["image_version"] = ctx.image_version
         manifest.write_manifest(ctx.partial_dir, doc)
         manifest.write_sha256sums(ctx.partial_dir, doc)
 

@@ -157,6 +157,12 @@ def image_version(doc: dict) -> str:
     e.g. 0.1.0.20261205092432: two builds of one checkout still order by build
     time, and the agent compares versions as tuples of integers.
     """
+    if doc.get("image_version"):  # written by builds that put the version into the slot
+        try:
+            imageversion.parse(doc["image_version"])
+            return doc["image_version"]
+        except imageversion.VersionError as exc:
+            raise BundleError(f"the image's manifest: {exc}; rebuild the image (make image)") from None
     digits = "".join(c for c in str(doc.get("built_at", ""))[:19] if c.isdigit())
     base = ".".join(part for part in str(doc.get("agent_version", "0")).split(".") if part.isdigit()) or "0"
     if len(digits) != 14:

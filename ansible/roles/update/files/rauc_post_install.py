@@ -7,7 +7,10 @@ filesystem label (root-a / root-b: GRUB finds a slot's kernel by label, and
 the bundle's tar leaves a label RAUC chose), and copies what is per-image or
 per-instance into it: /etc/tether (the image's key, certificate and
 settings; no bundle carries them) and /etc/machine-id (the journal and the
-agent's machine fingerprint stay the same). Any failure fails the install,
+agent's machine fingerprint stay the same). It writes the bundle's version
+(RAUC_MF_VERSION) to the slot's /usr/local/lib/tether/image-version: a
+bundle may be cut from an image built earlier, and the agent reports this
+file as the version it runs. Any failure fails the install,
 so the agent never activates a slot that would boot as a stranger.
 """
 import os
@@ -16,6 +19,7 @@ import sys
 import tempfile
 
 CARRY = ("/etc/tether", "/etc/machine-id")
+VERSION_FILE = "/usr/local/lib/tether/image-version"
 
 
 def main() -> int:
@@ -31,6 +35,11 @@ def main() -> int:
             for path in CARRY:
                 if os.path.lexists(path):
                     subprocess.run(["cp", "-a", "--", path, mnt + os.path.dirname(path) + "/"], check=True)
+            version = os.environ.get("RAUC_MF_VERSION", "")
+            if version:
+                os.makedirs(mnt + os.path.dirname(VERSION_FILE), exist_ok=True)
+                with open(mnt + VERSION_FILE, "w", encoding="utf-8") as fh:
+                    fh.write(version + "\n")
         finally:
             subprocess.run(["umount", mnt], check=True)
             os.rmdir(mnt)
