@@ -122,6 +122,9 @@ def _update_parsers(sub, common) -> None:
     u.add_argument("--connector", required=True)
     u.add_argument("--canary", type=int, default=0,
                    help="update this many instances first, the rest after they committed")
+    u.add_argument("--trial-deadline", type=int, default=300,
+                   help="seconds a new slot's trial boot may take to check in before it is "
+                        "rebooted (GRUB falls back after 3 tries; 60..3600, default 300)")
     u = usub.add_parser("status", parents=[common], help="bundles, rollouts, per-instance progress")
     u.add_argument("--json", action="store_true")
     for action, what in (("pause", "offer nothing new (installs under way finish)"),
@@ -270,7 +273,8 @@ def _update_command(paths, args) -> int:
             print(updates.render(doc))
     else:
         if action == "rollout":
-            row = updates.start_rollout(paths, args.version, args.connector, args.canary)
+            row = updates.start_rollout(paths, args.version, args.connector, args.canary,
+                                        args.trial_deadline)
         else:
             status = {"pause": "paused", "resume": "active", "abort": "aborted"}[action]
             row = updates.set_status(paths, args.connector, status)

@@ -37,6 +37,8 @@ log = logging.getLogger("tether.home.updates")
 #: How long a trial boot of the new slot may take to become healthy (the agent's
 #: trial deadline; GRUB's try counter does the rest).
 DEADLINE_SECONDS = 300
+#: The appliance's trial-deadline service clamps to this range as well.
+MIN_DEADLINE, MAX_DEADLINE = 60, 3600
 OFFER_TIMEOUT = 20.0
 
 
@@ -99,11 +101,14 @@ def publish(paths: StatePaths, bundle: Path, *, verify=None) -> dict:
             "compatible": info.compatible, "file": str(target)}
 
 
-def start_rollout(paths: StatePaths, version: str, connector: str, canary: int) -> dict:
+def start_rollout(paths: StatePaths, version: str, connector: str, canary: int,
+                  deadline_seconds: int = DEADLINE_SECONDS) -> dict:
     from tether.home.store import Store
 
     if canary < 0:
         raise UpdateError("--canary must be 0 or more")
+    if not MIN_DEADLINE <= deadline_seconds <= MAX_DEADLINE:
+        raise UpdateError(f"--trial-deadline must be {MIN_DEADLINE}..{MAX_DEADLINE} seconds")
     store = open_store(paths)
     try:
         if store.bundle(version) is None:
@@ -115,7 +120,7 @@ def start_rollout(paths: StatePaths, version: str, connector: str, canary: int) 
             home.connector(connector)
         finally:
             home.close()
-        store.start_rollout(version, connector, canary)
+        store.start_rollout(version, connector, canary, deadline_seconds)
         return store.rollout(connector)
     finally:
         store.close()
@@ -236,15 +241,15 @@ class Updates:
                              and not pe.draining), None)
                 if peer is None:
                     continue
-                if await self._offer(peer, bundle, connector):
+                if await self._offer(peer, bundle, connector, row["deadline_seconds"]):
                     offered.append(iid)
             return offered
 
-    async def _offer(self, peer: AgentPeer, bundle: dict, connector: str) -> bool:
+    async def _offer(self, peer: AgentPeer, bundle: dict, connector: str, deadline: int) -> bool:
         iid, version = peer.identity.instance_id, bundle["version"]
         self.store.set_progress(iid, version, connector, rollout.OFFERED)
         body = {"version": version, "sha256": bundle["sha256"], "size": bundle["size"],
-                "compatible": bundle["compatible"], "deadline_seconds": DEADLINE_SECONDS}
+                "compatible": bundle["compatible"], "deadline_seconds": deadline}
         try:
             response = await peer.request(p.Op.UPDATE, body, timeout=OFFER_TIMEOUT)
         except (RequestFailed, AgentUnavailable) as exc:

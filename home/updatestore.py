@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS bundles (
 CREATE TABLE IF NOT EXISTS rollouts (
     version TEXT NOT NULL, connector TEXT NOT NULL, canary INTEGER NOT NULL DEFAULT 0,
     status TEXT NOT NULL DEFAULT 'active', created_at REAL NOT NULL,
-    PRIMARY KEY (version, connector));
+    deadline_seconds INTEGER NOT NULL DEFAULT 300, PRIMARY KEY (version, connector));
 CREATE TABLE IF NOT EXISTS progress (
     instance_id TEXT NOT NULL, version TEXT NOT NULL, connector TEXT NOT NULL,
     state TEXT NOT NULL, percent INTEGER, detail TEXT, journal TEXT, slot TEXT,
@@ -67,13 +67,13 @@ class UpdateStore:
 
     # --------------------------------------------------------------- rollouts
 
-    def start_rollout(self, version: str, connector: str, canary: int) -> None:
+    def start_rollout(self, version: str, connector: str, canary: int, deadline_seconds: int = 300) -> None:
         """A new rollout for the connector; older active ones are superseded (aborted)."""
         with Transaction(self.db):
             self.db.execute("UPDATE rollouts SET status = 'aborted' WHERE connector = ? "
                             "AND version != ? AND status != 'aborted'", (connector, version))
-            self.db.execute("INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, 'active', ?)",
-                            (version, connector, canary, time.time()))
+            self.db.execute("INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, 'active', ?, ?)",
+                            (version, connector, canary, time.time(), deadline_seconds))
 
     def set_rollout_status(self, connector: str, status: str) -> dict | None:
         row = self.rollout(connector)
