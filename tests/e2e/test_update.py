@@ -15,8 +15,6 @@ agent reports the rollback home.
 from __future__ import annotations
 
 import json
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,37 +23,13 @@ import pytest
 from homerig import start_home
 
 from tether.home import paths, updatekeys
-from tether.image import bundle, vm
+from tether.image import vm
 
 pytestmark = [pytest.mark.image, pytest.mark.slow]
 
 #: Trial deadline for these rollouts: the smallest the appliance accepts (a TCG
 #: boot checks in after about 20-30 s).
 DEADLINE = 60
-BROKEN_AGENT = ("[Service]\n"
-                "# test bundle: an agent that never starts, so the slot never becomes healthy\n"
-                "ExecStart=\n"
-                "ExecStart=/bin/sleep infinity\n")
-
-
-def _recut(image_bundle: Path, out: Path, version: str, keys: updatekeys.UpdateKeys,
-           broken: bool = False) -> Path:
-    """The image's bundle with another version (and, if asked, an agent that never starts)."""
-    with tempfile.TemporaryDirectory(prefix="recut-", dir=out.parent) as tmp:
-        content = Path(tmp) / "content"
-        subprocess.run(["unsquashfs", "-q", "-n", "-d", str(content), str(image_bundle)], check=True,
-                       stdout=subprocess.DEVNULL)
-        tar = content / bundle.IMAGE_FILE
-        if broken:
-            extra = Path(tmp) / "extra"
-            dropin = extra / "etc/systemd/system/tether-agent.service.d"
-            dropin.mkdir(parents=True)
-            (dropin / "zz-broken.conf").write_text(BROKEN_AGENT)
-            subprocess.run(["tar", "--append", "--file", str(tar), "--owner=0", "--group=0",
-                            "--numeric-owner", "-C", str(extra),
-                            "./etc/systemd/system/tether-agent.service.d/zz-broken.conf"], check=True)
-        bundle.create(tar, out, version, keys.signing_cert, keys.signing_key)
-    return out
 
 
 def _update_status(home) -> dict:
@@ -106,7 +80,7 @@ def test_update_a_to_b_commits_as_the_same_instance(appliance):
                      if _update_status(home)["running"] else None, 120, "the hello's image version")
     assert _running(home, instance)["boot_slot"] == "A"
     v2 = f"{first}.1"
-    good = _recut(appliance["raucb"], appliance["tmp"] / "v2.raucb", v2, appliance["keys"])
+    good = bootrun.recut_bundle(appliance["raucb"], appliance["tmp"] / "v2.raucb", v2, appliance["keys"])
     assert f"published {v2}" in home.cli("update", "publish", str(good)).stdout
     started = time.monotonic()
     home.cli("update", "rollout", v2, "--connector", home.connector, "--trial-deadline", str(DEADLINE))
@@ -125,7 +99,7 @@ def test_bad_bundle_rolls_back_and_the_appliance_keeps_serving(appliance):
     if _running(home, instance)["boot_slot"] != "B":
         pytest.skip("needs the A->B update of the previous test")
     v3 = f"{appliance['version']}.2"
-    bad = _recut(appliance["raucb"], appliance["tmp"] / "v3.raucb", v3, appliance["keys"], broken=True)
+    bad = bootrun.recut_bundle(appliance["raucb"], appliance["tmp"] / "v3.raucb", v3, appliance["keys"], broken=True)
     home.cli("update", "publish", str(bad))
     started = time.monotonic()
     home.cli("update", "rollout", v3, "--connector", home.connector, "--trial-deadline", str(DEADLINE))
