@@ -228,7 +228,10 @@ class Updates:
         lock = self._drive_locks.setdefault(connector, asyncio.Lock())
         async with lock:
             row = self.store.rollout(connector)
-            if row is None or row["status"] == "aborted":
+            if row is not None and row["status"] == "aborted":
+                await self._abort(connector, row["version"])
+                return []
+            if row is None:
                 return []
             bundle = self.store.bundle(row["version"])
             if bundle is None:
@@ -244,6 +247,27 @@ class Updates:
                 if await self._offer(peer, bundle, connector, row["deadline_seconds"]):
                     offered.append(iid)
             return offered
+
+    async def _abort(self, connector: str, version: str) -> None:
+        """Tell instances still downloading an aborted version to drop it (an install under
+        way finishes: RAUC cannot be stopped half way through a slot)."""
+        bundle = self.store.bundle(version)
+        for row in self.store.progress_of(connector):
+            if row["version"] != version or row["state"] not in (rollout.OFFERED, rollout.DOWNLOADING):
+                continue
+            self.store.set_progress(row["instance_id"], version, connector, rollout.FAILED,
+                                    detail="rollout aborted by the operator")
+            peer = next((pe for pe in self.hub.agents(connector)
+                         if pe.identity.instance_id == row["instance_id"]), None)
+            if peer is None or bundle is None:
+                continue
+            try:
+                await peer.request(p.Op.UPDATE, {"version": version, "sha256": bundle["sha256"],
+                                                 "size": bundle["size"], "compatible": bundle["compatible"],
+                                                 "action": "abort"}, timeout=OFFER_TIMEOUT)
+            except (RequestFailed, AgentUnavailable) as exc:
+                event(log, logging.WARNING, "update_abort_failed", instance=row["instance_id"],
+                      version=version, code=exc.code.value)
 
     async def _offer(self, peer: AgentPeer, bundle: dict, connector: str, deadline: int) -> bool:
         iid, version = peer.identity.instance_id, bundle["version"]

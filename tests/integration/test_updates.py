@@ -135,3 +135,17 @@ def test_publish_refuses_foreign_tampered_and_missing_bundles_in_one_sentence(ho
 
     res = home.cli("update", "rollout", "9.9", "--connector", home.connector, check=False)
     assert res.returncode == 2 and "publish" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_pause_resume_abort(home, tmp_path):
+    keys = updatekeys.UpdateKeys.of(paths.StatePaths(home.state))
+    home.cli("update", "publish", str(_make_bundle(tmp_path, keys, NEWER, size=1024)))
+    res = home.cli("update", "pause", "--connector", home.connector, check=False)
+    assert res.returncode == 2 and "has no rollout" in res.stderr
+    assert "active" in home.cli("update", "rollout", NEWER, "--connector", home.connector).stdout
+    assert ": paused" in home.cli("update", "pause", "--connector", home.connector).stdout
+    assert ": active" in home.cli("update", "resume", "--connector", home.connector).stdout
+    assert ": aborted" in home.cli("update", "abort", "--connector", home.connector).stdout
+    assert _status(home)["rollouts"][-1]["status"] == "aborted"
+    res = home.cli("update", "rollout", NEWER, "--connector", "nobody", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
