@@ -352,7 +352,7 @@ class Updater:
                 body = {"version": pending.version, "state": "rolled_back", "slot": self.booted,
                         "detail": f"slot {pending.slot} never became healthy within its tries; GRUB "
                                   f"booted slot {self.booted} ({self.version}) again",
-                        "journal": _journal_excerpt(pending.slot)}
+                        "journal": self._journal_excerpt(pending.slot)}
             self._queue(body)
             log.warning("update %s: %s", pending.version, decision.report)
         if decision.clear_pending:
@@ -362,6 +362,17 @@ class Updater:
         if hello_accepted:
             await self.flush_outbox()
 
+    def _journal_excerpt(self, slot: str) -> str:
+        """The failed slot's last boot as tether-boot-journal.service kept it at shutdown (bounded)."""
+        try:
+            with open(self._path(f"last-boot-{slot}.txt"), "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - p.JOURNAL_TEXT))
+                text = fh.read().decode("utf-8", errors="replace")
+        except OSError:
+            return f"(no journal kept for slot {slot})"
+        return text[-p.JOURNAL_TEXT:]
+
     def status(self) -> dict:
         pending = self.pending()
         return {"image_version": self.version, "boot_slot": self.booted,
@@ -369,9 +380,6 @@ class Updater:
                 "downloading": self.current.version if self.task and not self.task.done() else None}
 
 
-def _journal_excerpt(slot: str) -> str:
-    """The last lines the failed slot's boots left in the persistent journal (when readable)."""
-    return f"(journal of slot {slot}: see journalctl --list-boots on the appliance's /data/log)"
 
 
 def _read(path: Path) -> str:

@@ -470,5 +470,6 @@ def test_image_version_and_reboot_path(host, image_dir):
     version = host.file("/usr/local/lib/tether/image-version").content_string.strip()
     assert version == json.loads((image_dir / "manifest.json").read_text())["image_version"]
     assert host.file("/etc/systemd/system/multi-user.target.wants/tether-reboot.path").is_symlink
+    assert host.file("/etc/systemd/system/multi-user.target.wants/tether-boot-journal.service").is_symlink
     assert host.file("/usr/local/lib/tether/rauc-post-install").mode & 0o111
     assert "tether" in host.file("/etc/dbus-1/system.d/tether-rauc.conf").content_string

@@ -96,3 +96,12 @@ def test_outbox_is_bounded_and_survives_a_restart(tmp_path):
     again = _updater(tmp_path)
     items = again._outbox()
     assert len(items) == updater.MAX_OUTBOX and items[-1]["detail"] == str(updater.MAX_OUTBOX + 4)
+
+
+def test_journal_excerpt_is_the_failed_slots_kept_file_bounded(tmp_path):
+    up = _updater(tmp_path)
+    assert "no journal kept for slot B" in up._journal_excerpt("B")
+    (tmp_path / "state" / "update").mkdir(parents=True)
+    (tmp_path / "state" / "update" / "last-boot-B.txt").write_text("x" * 100_000 + "\nagent never started\n")
+    text = up._journal_excerpt("B")
+    assert text.endswith("agent never started\n") and len(text) <= updater.p.JOURNAL_TEXT
