@@ -97,8 +97,7 @@ def run(image_dir: Path, accelerator: str, rollback: bool, timeout: float) -> di
             instance = boot.wait_enrolled(timeout)["instance"]
             boot.wait_checked_in(instance, timeout)
             home.cli("update", "publish", str(good))
-            home.cli("update", "rollout", f"{version}.1", "--connector", home.connector,
-                     "--trial-deadline", str(DEADLINE))
+            home.cli("update", "rollout", f"{version}.1", "--connector", home.connector)
             seen = follow(home, boot.machine, instance, f"{version}.1", ("committed", "failed", "rolled_back"),
                           timeout)
             figures["update"] = seen
