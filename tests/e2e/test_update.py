@@ -112,6 +112,8 @@ def test_bad_bundle_rolls_back_and_the_appliance_keeps_serving(appliance):
     bootrun.TIMINGS.append(("rollback", figures))
     assert row["state"] == "rolled_back", row
     assert "never became healthy" in row["detail"]
+    # the failed slot's own journal, kept at its last shutdown: the trial deadline rebooted it
+    assert "not marked good" in (row["journal"] or ""), row["journal"]
     running = _running(home, instance)
     assert running["boot_slot"] == "B" and running["image_version"] == f"{appliance['version']}.1"
     text = home.cli("update", "status").stdout
