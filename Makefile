@@ -7,10 +7,11 @@ STAMPS := .cache/stamps
 NAME ?=
 export CHECKPOINT_DISABLE := 1
 
-.PHONY: help deps venv image verify test bench boot-test ami launch-aws clean
+.PHONY: help deps venv image bundle verify test bench boot-test ami launch-aws clean
 
 help:
 	@echo "make image       build a verified appliance OVA + raw disk into images/<name>/"
+	@echo "make bundle NAME=... [HOME_STATE=dir]  write images/<name>/<name>.raucb, the signed update bundle"
 	@echo "make verify NAME=...  re-run the image checks on images/<name>/"
 	@echo "make test        the whole test suite (builds an image when none is cached)"
 	@echo "make bench       benchmarks; figures go to bench/results/"
@@ -41,6 +42,10 @@ image: deps
 	@$(VPY) -m tether.image.cli build $(if $(NAME),--name $(NAME)) \
 		$(if $(HOME_STATE),--home-state $(HOME_STATE)) $(if $(CREDENTIAL),--credential $(CREDENTIAL)) \
 		$(foreach url,$(HOME_URL),--home-url $(url))
+
+bundle: deps
+	@test -n "$(NAME)" || { echo "make bundle: give NAME=<image name> (ls images/)"; exit 2; }
+	@$(VPY) -m tether.image.cli bundle --name $(NAME) $(if $(HOME_STATE),--home-state $(HOME_STATE))
 
 verify: deps
 	@test -n "$(NAME)" || { echo "make verify: give NAME=<image name> (ls images/)"; exit 2; }

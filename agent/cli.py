@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--selfcheck-interval", type=float, default=300.0)
     run.add_argument("--drain-quiet", type=float, default=2.0, help=argparse.SUPPRESS)
     run.add_argument("--renew-min-interval", type=float, default=60.0, help=argparse.SUPPRESS)
+    # tests: their own rauc command, kernel command line and image version file
+    run.add_argument("--rauc", default="rauc", help=argparse.SUPPRESS)
+    run.add_argument("--cmdline", type=Path, default=Path("/proc/cmdline"), help=argparse.SUPPRESS)
+    run.add_argument("--image-version-file", type=Path, default=Path("/usr/local/lib/tether/image-version"),
+                     help=argparse.SUPPRESS)
     run.add_argument("--log-level", default="INFO")
     check = sub.add_parser("selfcheck", help="check resources and the way to home")
     _common(check)
@@ -57,7 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(dmi_dir=args.dmi_dir, sockets=args.sockets, ttl_s=args.socket_ttl,
                          selfcheck_interval_s=args.selfcheck_interval,
                          drain_quiet_s=args.drain_quiet,
-                         renew_min_interval_s=args.renew_min_interval)
+                         renew_min_interval_s=args.renew_min_interval, rauc=args.rauc,
+                         cmdline=args.cmdline, image_version_file=args.image_version_file)
     return asyncio.run(Agent(settings, options).run())
 
 

@@ -29,7 +29,7 @@ from cryptography import x509
 from tether import __version__, configsig
 from tether import protocol as p
 
-from . import identity, machine, netfacts, selfcheck, tlsctx
+from . import identity, machine, netfacts, selfcheck, tlsctx, updater
 from .atomicfile import write_atomic
 from .backoff import Backoff
 from .channel import DialPlan
@@ -62,6 +62,11 @@ class RunOptions:
     #: Floor between two renewals, so a certificate that is due at once (home's
     #: back-dating, a skewed clock) cannot make the agent hammer home.
     renew_min_interval_s: float = 60.0
+    #: Whole-image updates (issue 14): the rauc command, where the booted slot and
+    #: the slot's image version are read (tests point them at their own files).
+    rauc: str = "rauc"
+    cmdline: Path = updater.CMDLINE
+    image_version_file: Path = updater.VERSION_FILE
 
 
 async def sleep_or_stop(event: asyncio.Event, timeout: float) -> bool:
@@ -91,6 +96,12 @@ class Agent:
         self.enroll_error: str | None = None
         self.home_probe = selfcheck.HomeProbe(host=host_port(settings.home_urls[0])[0])
         self._tasks: list[asyncio.Task] = []
+        # a slot's health for updates: the self-check ran (degraded resources are the
+        # host's doing, the same in either slot, so they never roll a slot back)
+        self.updater = updater.Updater(self.state, lambda: list(self.links.values()),
+                                       rauc=self.options.rauc, cmdline=self.options.cmdline,
+                                       version_file=self.options.image_version_file,
+                                       selfcheck_ok=lambda: getattr(self, "report", None) is not None)
 
     # ------------------------------------------------------------------ start-up
 
@@ -197,6 +208,8 @@ class Agent:
             "listening": listening_sockets(),
             "socket_index": link.index,
             "config_version": self.config.version,
+            "image_version": self.updater.version,
+            "boot_slot": self.updater.booted,
         }
 
     def note_failure(self, url: str, exc: BaseException) -> None:
@@ -217,6 +230,8 @@ class Agent:
         probe.dns_ok = True if self.proxy() is None else None
         probe.clock_skew_s = round(float(body["server_time"]) - midpoint, 3)
         self.report = selfcheck.evaluate(self.report.measured)  # verdict follows the probe
+        if body.get("role") == "instance":  # home accepted this instance: a trial boot may commit
+            self.spawn(self.updater.after_boot(True))
         if isinstance(body.get("config_key_pem"), str):
             try:
                 if self.config.set_verify_key(body["config_key_pem"]):
@@ -349,6 +364,8 @@ class Agent:
             return await self.on_config_push(link, message)
         if message.op is p.Op.STATUS:
             return self.status()
+        if message.op is p.Op.UPDATE:
+            return self.updater.on_offer(message.body)
         if message.op in DIRECTORY_OPS and self.directories is not None:
             return await self.directories.handle(link, message)
         if message.op in DIRECTORY_OPS:
@@ -395,6 +412,7 @@ class Agent:
                         for ln in [*self.links.values(), *self.draining]],
             "pid": os.getpid(),
             "directories": self.directories.status() if self.directories is not None else None,
+            "update": self.updater.status(),
         }
 
     # ------------------------------------------------------------------ background
@@ -430,6 +448,7 @@ class Agent:
         if interval:
             self.spawn(self.watchdog_loop(interval))
         self.spawn(self.selfcheck_loop())
+        self.spawn(self.updater.after_boot(False))  # a normal boot marks its slot good now
         if await self.ensure_enrolled():
             slots = [self.spawn(Slot(self, i).run()) for i in range(self.sockets())]
             self.spawn(self.renewal_loop())

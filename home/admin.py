@@ -20,7 +20,7 @@ from cryptography import x509
 
 from tether import configsig, sealing
 from tether import protocol as p
-from tether.home import directories, pki
+from tether.home import directories, pki, updatekeys
 from tether.home.identity import IdentityStore
 from tether.home.paths import StatePaths, StateError, write_private, write_public
 from tether.home.store import Store, StoreError
@@ -55,6 +55,7 @@ def init(paths: StatePaths, names: list[str]) -> dict:
     write_public(paths.server_cert, pki.cert_pem(server.cert))
     write_private(paths.config_key, configsig.private_key_pem(signing))
     write_public(paths.config_pub, configsig.public_key_pem(signing))
+    updatekeys.ensure(paths)  # the update bundles' signing key and its CA (issue 14)
     store = Store.create(paths.db)
     try:
         store.add_cert(server.serial, "server", names[0], server.not_before, server.not_after)
@@ -156,6 +157,8 @@ def issue_image(paths: StatePaths, connector: str, out: Path, home_urls: list[st
             "key_pem": pki.key_pem(key).decode("ascii"), "cert_pem": issued.pem,
             "ca_pem": pki.cert_pem(ca_cert).decode("ascii"),
             "fingerprint": fingerprint, "cert_serial": issued.serial,
+            # the image's RAUC keyring: only this home's update CA (issue 14)
+            "update_ca_pem": updatekeys.ensure(paths).ca_cert.read_text(),
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         write_private(out, (json.dumps(bundle, indent=2) + "\n").encode("utf-8"))

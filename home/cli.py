@@ -125,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--reason", default="instance reset by operator")
     _directory_parsers(sub, common)
     _api_parsers(sub, common)
+    _update_parsers(sub, common)
     return parser
 
 
@@ -154,6 +155,31 @@ def _api_parsers(sub, common) -> None:
     p.add_argument("--client", help="only this client's calls")
     p.add_argument("--limit", type=int, default=100, help="newest N rows (default 100)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def _update_parsers(sub, common) -> None:
+    """update publish|rollout|status|pause|resume|abort (issue 14)."""
+    p = sub.add_parser("update", parents=[common], help="whole-image updates of the appliances")
+    usub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    u = usub.add_parser("publish", parents=[common],
+                        help="check a .raucb bundle (signed by this home's update key, this product) "
+                             "and keep it for rollouts")
+    u.add_argument("bundle", type=Path)
+    u = usub.add_parser("rollout", parents=[common], help="offer a published version to a connector")
+    u.add_argument("version")
+    u.add_argument("--connector", required=True)
+    u.add_argument("--canary", type=int, default=0,
+                   help="update this many instances first, the rest after they committed")
+    u.add_argument("--trial-deadline", type=int, default=300,
+                   help="seconds a new slot's trial boot may take to check in before it is "
+                        "rebooted (GRUB falls back after 3 tries; 60..3600, default 300)")
+    u = usub.add_parser("status", parents=[common], help="bundles, rollouts, per-instance progress")
+    u.add_argument("--json", action="store_true")
+    for action, what in (("pause", "offer nothing new (installs under way finish)"),
+                         ("resume", "continue a paused rollout"),
+                         ("abort", "stop the rollout for good")):
+        u = usub.add_parser(action, parents=[common], help=what)
+        u.add_argument("--connector", required=True)
 
 
 EXPORT_HELP = ("CSV, one row per user and group of the synced snapshot: columns kind (user|group), "
@@ -256,6 +282,8 @@ def _run(args: argparse.Namespace) -> int:
         return _directory_command(paths, args)
     elif cmd in ("api-client", "audit"):
         return _api_command(paths, args)
+    elif cmd == "update":
+        return _update_command(paths, args)
     elif cmd == "config" and action == "set":
         doc = admin.set_config(paths, args.connector, args.file)
         stored = f"{doc['connector']} configuration version {doc['version']}"
@@ -286,6 +314,39 @@ def _run(args: argparse.Namespace) -> int:
                                                         "serial": doc["serial"]})
             closed = f", closed {reply.get('closed', 0)} socket(s)" if reply else ""
             print(f"revoked {doc['kind']} certificate {doc['serial']} ({doc['subject']}){closed}")
+    return 0
+
+
+def _update_command(paths, args) -> int:
+    from tether.home import updates
+
+    action = args.action
+    if action == "publish":
+        doc = updates.publish(paths, args.bundle)
+        print(f"published {doc['version']} ({doc['size']} bytes, sha256 {doc['sha256'][:16]}...)")
+    elif action == "status":
+        doc = updates.report(paths)
+        if args.json:
+            _print(doc)
+        else:
+            print(updates.render(doc))
+    else:
+        if action == "rollout":
+            row = updates.start_rollout(paths, args.version, args.connector, args.canary,
+                                        args.trial_deadline)
+        else:
+            status = {"pause": "paused", "resume": "active", "abort": "aborted"}[action]
+            row = updates.set_status(paths, args.connector, status)
+        reply = control.call(paths.control_socket, {"cmd": "update-changed",
+                                                    "connector": args.connector}, timeout=60)
+        if reply is None:
+            told = "home is not running; offers go out when agents connect"
+        elif reply.get("ok"):
+            told = f"offered now to {len(reply.get('offered') or [])} instance(s)"
+        else:
+            told = f"the running home could not act on it: {reply.get('error')}"
+        print(f"rollout of {row['version']} to {row['connector']}: {row['status']}, "
+              f"canary {row['canary']} ({told})")
     return 0
 
 

@@ -87,6 +87,8 @@ class Hub:
         self._closing_ids: set[str] = set()
         #: Directory service (issue 5): leaders, change intake, request routing.
         self.directories = DirectoryRouter(self, identity) if identity is not None else None
+        #: Whole-image updates (issue 14): set by the server (tether.home.updates.Updates).
+        self.updates = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -101,6 +103,8 @@ class Hub:
             task.cancel()
         if self.directories is not None:
             await self.directories.stop()
+        if self.updates is not None:
+            self.updates.close()
         self.flush_heartbeats()
         self.books.write("sockets", self.store.clear_sockets)
 
@@ -178,6 +182,12 @@ class Hub:
             if self.directories is None:
                 raise HomeError(p.ErrorCode.UNAVAILABLE, "this home keeps no identity store")
             return self.directories.handle_changes(peer, message.body)
+        elif op in (p.Op.UPDATE_FETCH, p.Op.UPDATE_REPORT):
+            if self.updates is None:
+                raise HomeError(p.ErrorCode.UNAVAILABLE, "this home serves no updates")
+            if op is p.Op.UPDATE_FETCH:
+                return self.updates.handle_fetch(peer, message.body)
+            return self.updates.handle_report(peer, message.body)
         else:  # the session refuses other ops already; keep a clear answer anyway
             raise HomeError(p.ErrorCode.WRONG_DIRECTION, f"home does not serve {op.value}")
         response.pop("serial", None)
@@ -262,6 +272,8 @@ class Hub:
         if self.directories is not None and peer.session.established \
                 and peer.ws.close_code is None:
             self.directories.on_hello(peer)
+        if self.updates is not None and peer.session.established and peer.ws.close_code is None:
+            self.updates.on_hello(peer)
 
     def _status_for(self, peer: AgentPeer) -> dict:
         row = self.store.instance(peer.identity.instance_id) if peer.identity.instance_id else None

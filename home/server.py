@@ -45,6 +45,7 @@ from tether.home.logs import event
 from tether.home.paths import StateError, StatePaths
 from tether.home.peer import ENROLL_SECONDS, HELLO_TIMEOUT, AgentPeer, PeerLimits
 from tether.home.store import Store
+from tether.home.updates import Updates
 
 log = logging.getLogger("tether.home.server")
 PING_SECONDS = 30.0
@@ -163,6 +164,7 @@ class HomeServer:
             self.identity.close()
             raise
         self.hub = Hub(self.store, authority, config_key, self.identity)
+        self.hub.updates = Updates(self.hub, paths)
         self.bound: list[tuple] = []
         self._stop = asyncio.Event()
         #: The HTTPS API (issue 15), only with --api-listen (needs the `home` extra).
@@ -331,6 +333,9 @@ class HomeServer:
             return {"ok": True, "directories": self.hub.directories.live()}
         if cmd in DIRECTORY_COMMANDS:
             return await self._directory_command(cmd, request)
+        if cmd == "update-changed":
+            offered = await self.hub.updates.drive(str(request.get("connector")))
+            return {"ok": True, "offered": offered}
         if cmd == "revoked":
             closed = await self.hub.drop_serial(str(request.get("serial")).lower())
             return {"ok": True, "closed": closed}

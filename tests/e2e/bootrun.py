@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import tarfile
+import tempfile
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from homerig import BootHome, RigError, event_time, wait_event
 
-from tether.image import vm
+from tether.image import bundle, vm
 
 HOME_URL = f"wss://{vm.GUEST_HOME_ADDRESS}:{vm.GUEST_HOME_PORT}/"
 #: A getty prompt ("tether login: "), after stripping terminal escapes.
@@ -149,3 +151,33 @@ def reached_multi_user(text: str) -> bool:
     """systemd's "Reached target ... Multi-User System" status line is on the console."""
     return any("Reached target" in line and ("Multi-User" in line or MULTI_USER in line)
                for line in text.splitlines())
+
+
+#: A drop-in that keeps the agent from ever starting: a slot that never becomes healthy.
+BROKEN_AGENT = ("[Service]\n"
+                "# test bundle: an agent that never starts, so the slot never becomes healthy\n"
+                "ExecStart=\n"
+                "ExecStart=/bin/sleep infinity\n")
+
+
+def recut_bundle(image_bundle: Path, out: Path, version: str, keys, broken: bool = False) -> Path:
+    """The image's bundle with another version (and, if asked, an agent that never starts).
+
+    ``keys``: the home's :class:`tether.home.updatekeys.UpdateKeys`. A version
+    bump without a second image build: the same root filesystem, signed again.
+    """
+    with tempfile.TemporaryDirectory(prefix="recut-", dir=out.parent) as tmp:
+        content = Path(tmp) / "content"
+        subprocess.run(["unsquashfs", "-q", "-n", "-d", str(content), str(image_bundle)], check=True,
+                       stdout=subprocess.DEVNULL)
+        tar = content / bundle.IMAGE_FILE
+        if broken:
+            extra = Path(tmp) / "extra"
+            dropin = extra / "etc/systemd/system/tether-agent.service.d"
+            dropin.mkdir(parents=True)
+            (dropin / "zz-broken.conf").write_text(BROKEN_AGENT)
+            subprocess.run(["tar", "--append", "--file", str(tar), "--owner=0", "--group=0",
+                            "--numeric-owner", "-C", str(extra),
+                            "./etc/systemd/system/tether-agent.service.d/zz-broken.conf"], check=True)
+        bundle.create(tar, out, version, keys.signing_cert, keys.signing_key)
+    return out

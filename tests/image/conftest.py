@@ -102,7 +102,10 @@ def image_root(raw_disk: Path) -> Iterator[Path]:
                                 f"(found {sorted(labels)}): not a tether disk (docs/CONTRACTS.md)")
                 # noload: do not replay the ext4 journal on a read-only device. No nodev:
                 # commands in the chroot write to the image's /dev/null.
-                for label, where in (("root-a", tmp), ("data", tmp / "data")):
+                # The boot partition (grub.cfg, grubenv) is mounted on /boot/grub, as on the appliance.
+                for label, where in (("root-a", tmp), ("data", tmp / "data"), ("boot", tmp / "boot/grub")):
+                    if label not in labels:
+                        pytest.fail(f"{raw_disk} has no partition labelled {label} (docs/CONTRACTS.md)")
                     _run(["mount", "-o", "ro,noload,nosuid", labels[label], str(where)])
                     mounts.append(where)
                 yield tmp

@@ -429,3 +429,47 @@ def test_ova_manifest_matches(image_dir, image_name):
 def test_copyright_files_kept(host):
     # sysprep removes documentation but the licences travel with the image.
     assert host.file("/usr/share/doc/libc6/copyright").is_file
+
+
+# ------------------------------------------------------------------ updates (issue 14)
+
+RAUC_CONF = "/etc/rauc/system.conf"
+
+
+def test_rauc_installed_with_its_service(host):
+    for package in ("rauc", "rauc-service"):
+        assert host.package(package).is_installed, f"{package} missing: add it to tether/image/data/packages.txt"
+
+
+def test_rauc_system_conf_uses_grub_and_both_slots(host):
+    conf = host.file(RAUC_CONF).content_string
+    for line in ("compatible=tether-appliance-amd64", "bootloader=grub", "grubenv=/boot/grub/grubenv",
+                 "activate-installed=false", "check-purpose=codesign",
+                 "device=/dev/disk/by-partlabel/root-a", "device=/dev/disk/by-partlabel/root-b",
+                 "bootname=A", "bootname=B"):
+        assert line in conf.splitlines(), f"{RAUC_CONF} lacks {line!r}"
+
+
+def test_rauc_keyring_is_only_the_homes_update_ca(host, image_dir):
+    keyring = host.file("/etc/rauc/keyring.pem").content_string
+    assert keyring.count("BEGIN CERTIFICATE") == 1
+    update_ca = (image_dir.parent / ".home" / "update" / "update-ca.crt")
+    if update_ca.exists():
+        assert keyring.strip() == update_ca.read_text().strip()
+    assert keyring.strip() != host.file("/etc/tether/ca.crt").content_string.strip(), "not home's TLS CA"
+
+
+def test_rauc_config_is_accepted_by_rauc(host):
+    """rauc parses the image's own system.conf (an unknown key or a bad slot fails here, not in the field)."""
+    res = host.run("rauc --conf=/etc/rauc/system.conf info /nonexistent.raucb 2>&1")
+    assert "nonexistent.raucb" in res.stdout and "system.conf" not in res.stdout.replace(
+        "--conf=/etc/rauc/system.conf", ""), res.stdout
+
+
+def test_image_version_and_reboot_path(host, image_dir):
+    version = host.file("/usr/local/lib/tether/image-version").content_string.strip()
+    assert version == json.loads((image_dir / "manifest.json").read_text())["image_version"]
+    assert host.file("/etc/systemd/system/multi-user.target.wants/tether-reboot.path").is_symlink
+    assert host.file("/etc/systemd/system/multi-user.target.wants/tether-boot-journal.service").is_symlink
+    assert host.file("/usr/local/lib/tether/rauc-post-install").mode & 0o111
+    assert "tether" in host.file("/etc/dbus-1/system.d/tether-rauc.conf").content_string

@@ -76,7 +76,9 @@ def test_image_issue_writes_the_contract_bundle(state, tmp_path):
     assert mode(out) == 0o600
     bundle = json.loads(out.read_text())
     assert set(bundle) == {"format", "version", "image_id", "connector", "home_urls", "key_pem",
-                           "cert_pem", "ca_pem", "fingerprint", "cert_serial"}
+                           "cert_pem", "ca_pem", "fingerprint", "cert_serial", "update_ca_pem"}
+    # issue 14: the image's RAUC keyring is the home's update CA, never its TLS CA
+    assert bundle["update_ca_pem"] == (state / "update" / "update-ca.crt").read_text() != bundle["ca_pem"]
     assert bundle["format"] == "tether-image-credential" and bundle["version"] == 1
     assert bundle["home_urls"] == ["wss://a.example.invalid/", "wss://b.example.invalid/"]
     key = serialization.load_pem_private_key(bundle["key_pem"].encode(), None)

@@ -18,7 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE = ROOT / "ansible"
 BIN = Path(sys.executable).parent
-ROLES = ["base", "agent", "firstboot", "harden", "identity", "sysprep"]
+ROLES = ["base", "agent", "firstboot", "harden", "identity", "update", "sysprep"]
 
 sys.path.insert(0, str(ROOT / "tests" / "image"))
 import nftrules  # noqa: E402

@@ -15,7 +15,7 @@ def test_variables_match_the_contract_with_absolute_paths(tmp_path, monkeypatch)
     from pathlib import Path
     v = buildvars.make(Path("wh"), Path("cred.json"), "img1", "1234-uuid")
     assert set(v) == set(buildvars.KEYS) == {
-        "tether_wheelhouse", "tether_credential", "tether_image_name", "tether_image_id"}
+        "tether_wheelhouse", "tether_credential", "tether_image_name", "tether_image_id", "tether_image_version"}
     assert v["tether_wheelhouse"] == str(tmp_path / "wh")
     assert v["tether_credential"] == str(tmp_path / "cred.json")
     out = buildvars.write(tmp_path / "buildvars.json", v)

@@ -46,7 +46,7 @@ def wheels(tmp_path: Path) -> Path:
 
 def test_layer_is_every_role_before_the_per_image_ones():
     assert layer.layer_roles() == ["base", "agent", "firstboot", "harden"]
-    assert layer.site_roles()[-2:] == list(layer.PER_IMAGE_ROLES)
+    assert layer.site_roles()[-3:] == list(layer.PER_IMAGE_ROLES)
 
 
 def test_key_is_stable(checkout, wheels):

@@ -8,7 +8,7 @@ from tether.image.layout import GIB, MIB, LayoutError
 
 def test_default_layout_matches_the_contract():
     lay = layout.plan()
-    assert [p.label for p in lay.partitions] == ["bios-grub", "root-a", "root-b", "data", "swap"]
+    assert [p.label for p in lay.partitions] == ["bios-grub", "boot", "root-a", "root-b", "data", "swap"]
     assert lay.disk_size == 16 * GIB
     assert lay.by_label("swap").size == 4 * GIB
     assert lay.by_label("root-a").size == lay.by_label("root-b").size == 4 * GIB
@@ -62,12 +62,13 @@ def test_fstab_mounts_by_label_with_data_binds_and_swap():
     tab = bootconf.fstab()
     lines = [l.split() for l in tab.splitlines() if l and not l.startswith("#")]
     by_mount = {l[1]: l for l in lines}
-    assert by_mount["/"][0] == "LABEL=root-a"
+    assert by_mount["/"][0] == "/dev/root", "root is the slot the kernel mounted, never root-a by name"
+    assert by_mount["/boot/grub"][0] == "LABEL=boot"
     assert by_mount["/data"][0] == "LABEL=data"
     assert by_mount["/var/lib/tether"][0] == "/data/tether" and "bind" in by_mount["/var/lib/tether"][3]
     assert by_mount["/var/log"][0] == "/data/log" and "bind" in by_mount["/var/log"][3]
     assert ["LABEL=swap", "none", "swap"] == by_mount["none"][:3]
-    assert "/dev/" not in tab
+    assert "/dev/" not in tab.replace("/dev/root ", "")
 
 
 def test_grub_cfg_has_rauc_slot_logic_serial_console_and_labels():

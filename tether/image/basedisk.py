@@ -29,11 +29,27 @@ from .errors import BuildError
 from .mirror import find_mirror
 from .proc import require, run
 
-STEP_VERSION = "6"
+STEP_VERSION = "7"
 SUITE = "bookworm"
 VARIANT = "minbase"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 PACKAGES_FILE = Path(__file__).with_name("data") / "packages.txt"
+#: Reboots a trial boot of a new slot that never becomes healthy (see the file).
+TRIAL_DEADLINE_FILE = Path(__file__).with_name("data") / "trial_deadline.py"
+TRIAL_DEADLINE_UNIT = """\
+# tether: reboot a trial boot of a new root slot that is not marked good in time
+# (written by tether.image.basedisk; the script says when it acts)
+[Unit]
+Description=tether: deadline for a trial boot of a new root slot
+RequiresMountsFor=/boot/grub /var/lib/tether
+
+[Service]
+Type=simple
+ExecStart=/usr/bin/python3 /usr/local/sbin/tether-trial-deadline
+
+[Install]
+WantedBy=multi-user.target
+"""
 #: Drivers the kernel must carry for what the OVF declares and AWS uses.
 REQUIRED_MODULES = ("nvme", "vmxnet3")
 
@@ -89,6 +105,8 @@ class BaseInputs:
             "network": bootconf.networkd_dhcp(),
             "dpkg": DPKG_SLIM,
             "initramfs": INITRAMFS_OFF,
+            "trial_deadline": TRIAL_DEADLINE_FILE.read_text(),
+            "trial_deadline_unit": TRIAL_DEADLINE_UNIT,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -160,11 +178,16 @@ def _build(disk: Path, kernel_out: Path, inputs: BaseInputs, mirror: str, debs: 
         data_part = loop.partition(lay.by_label("data").number)
         stack.enter_context(mounted(data_part, root / "data"))
         _debootstrap(root, inputs, mirror, debs, say)
+        # GRUB's files and grubenv go on the boot partition, outside both slots.
+        grub_dir = root / bootconf.BOOT_MOUNT.lstrip("/")
+        grub_dir.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(mounted(loop.partition(lay.by_label("boot").number), grub_dir))
         with chroot_mounts(root):
             _configure(root, loop.device, say)
         _check_kernel(root)
         shutil.copyfile(_kernel_image(root), kernel_out)
         run(["fstrim", str(root / "data")], what="trimming the data partition")
+        run(["fstrim", str(grub_dir)], what="trimming the boot partition")
         run(["fstrim", str(root)], what="trimming root-a")
 
 
@@ -244,7 +267,7 @@ def _progress_lines(stream, log: list[str]):
 
 
 def _configure(root: Path, device: str, say) -> None:
-    say("configuring: fstab, data partition, network, GRUB (BIOS, serial console, A/B grubenv)")
+    say("configuring: fstab, data partition, network, GRUB (BIOS, serial console, A/B grubenv on the boot partition)")
     (root / "etc/fstab").write_text(bootconf.fstab())
     (root / "etc/hostname").write_text("tether\n")
     (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\ttether\n::1\tlocalhost ip6-localhost ip6-loopback\n")
@@ -258,6 +281,7 @@ def _configure(root: Path, device: str, say) -> None:
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(ssh_dir, 0o700)
     _install_grub(root, device)
+    _install_trial_deadline(root)
     _kernel_symlinks(root)
     _drop_initramfs(root)
     _slim(root)
@@ -303,6 +327,15 @@ def _install_grub(root: Path, device: str) -> None:
     for hook in ("/etc/kernel/postinst.d/zz-update-grub", "/etc/kernel/postrm.d/zz-update-grub"):
         if (root / hook.lstrip("/")).exists():
             in_chroot(root, ["dpkg-divert", "--local", "--rename", "--add", hook], what=f"diverting {hook}")
+
+
+def _install_trial_deadline(root: Path) -> None:
+    script = root / "usr/local/sbin/tether-trial-deadline"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(TRIAL_DEADLINE_FILE.read_text())
+    os.chmod(script, 0o755)
+    (root / "etc/systemd/system/tether-trial-deadline.service").write_text(TRIAL_DEADLINE_UNIT)
+    in_chroot(root, ["systemctl", "enable", "tether-trial-deadline.service"], what="enabling tether-trial-deadline")
 
 
 def _kernel_image(root: Path) -> Path:

@@ -95,6 +95,7 @@ class _Ctx:
     raw: Path | None = None
     ova: Path | None = None
     ova_sha256: str | None = None
+    image_version: str | None = None
 
 
 def run(opts: Options, progress: Progress | None = None) -> Result:
@@ -122,7 +123,7 @@ def _pipeline(ctx: _Ctx) -> Result:
     ok = False
     try:
         for step in (_base, _accel, _credential, _wheelhouse, _vars, _layer, _build_disk, _packer, _seal, _ova,
-                     _manifest):
+                     _manifest, _bundle):
             step(ctx)
         if ctx.opts.verify:
             _verify(ctx)
@@ -171,7 +172,15 @@ def _wheelhouse(ctx: _Ctx) -> None:
 
 
 def _vars(ctx: _Ctx) -> None:
-    variables = buildvars.make(ctx.wheels, ctx.credential_file, ctx.name, ctx.bundle["image_id"])
+    from datetime import datetime, timezone
+
+    from tether import imageversion
+
+    # Known before Packer runs: the role update writes it into the slot, the
+    # manifest and the bundle carry the same string.
+    ctx.image_version = imageversion.make(_agent_version(), datetime.now(timezone.utc))
+    variables = buildvars.make(ctx.wheels, ctx.credential_file, ctx.name, ctx.bundle["image_id"],
+                               ctx.image_version)
     ctx.vars_file = buildvars.write(ctx.work / "buildvars.json", variables)
 
 
@@ -306,8 +315,27 @@ def _manifest(ctx: _Ctx) -> None:
             doc = manifest.build_manifest(ctx.name, ctx.bundle, root, ctx.ova, ctx.raw,
                                           known_sha256={ctx.ova.name: ctx.ova_sha256,
                                                         ctx.raw.name: ctx.raw_sha256})
+        doc["image_version"] = ctx.image_version
         manifest.write_manifest(ctx.partial_dir, doc)
         manifest.write_sha256sums(ctx.partial_dir, doc)
+
+
+def _bundle(ctx: _Ctx) -> None:
+    """<name>.raucb: this build's root filesystem, signed with the home's update key."""
+    from . import bundle
+
+    with ctx.progress.stage("bundle", "update bundle: the root filesystem, signed with home's update key"):
+        if ctx.opts.credential and not ctx.opts.home_state:
+            ctx.progress.say("no home state (the credential came from --credential): no bundle; run "
+                             f"`make bundle NAME={ctx.name} HOME_STATE=<that home's state>`")
+            return
+        from tether.home import paths, updatekeys
+
+        state = (ctx.opts.home_state or ctx.opts.images_dir / ".home").resolve()
+        keys = updatekeys.ensure(paths.StatePaths(state))
+        info = bundle.from_image(ctx.partial_dir, ctx.name, None, keys.signing_cert, keys.signing_key,
+                                 say=ctx.progress.say)
+        ctx.progress.say(f"{ctx.name}.raucb: version {info.version}, {fmt_bytes(info.size)}, sha256 {info.sha256[:16]}")
 
 
 @contextlib.contextmanager
@@ -351,7 +379,7 @@ def _cleanup(ctx: _Ctx, ok: bool) -> None:
 
 def _result(ctx: _Ctx) -> Result:
     final = ctx.final_dir
-    artifacts = {kind: final / f"{ctx.name}.{kind}" for kind in ("ova", "raw")}
+    artifacts = {kind: final / f"{ctx.name}.{kind}" for kind in ("ova", "raw", "raucb")}
     artifacts["manifest"] = final / "manifest.json"
     artifacts["sums"] = final / "SHA256SUMS"
     return Result(ctx.name, final, artifacts, ctx.bundle["fingerprint"], ctx.bundle["image_id"],

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from .errors import BuildError
 
-KEYS = ("tether_wheelhouse", "tether_credential", "tether_image_name", "tether_image_id")
+KEYS = ("tether_wheelhouse", "tether_credential", "tether_image_name", "tether_image_id", "tether_image_version")
 
 
-def make(wheelhouse: Path, credential: Path, name: str, image_id: str) -> dict:
+def make(wheelhouse: Path, credential: Path, name: str, image_id: str, image_version: str = "0") -> dict:
     """The variables; paths absolute, because Ansible runs from another cwd."""
     if not wheelhouse.is_dir():
         raise BuildError(f"wheelhouse {wheelhouse} is not a directory")
@@ -26,6 +26,8 @@ def make(wheelhouse: Path, credential: Path, name: str, image_id: str) -> dict:
         "tether_credential": str(credential.resolve()),
         "tether_image_name": name,
         "tether_image_id": image_id,
+        # the role update writes it into the slot: the appliance reports it (issue 14)
+        "tether_image_version": image_version,
     }
 
 

@@ -2,6 +2,7 @@
 
     build  [--name N] [--home-state DIR | --credential BUNDLE] [--home-url URL ...]
     verify --name N
+    bundle --name N [--home-state DIR] [--version V]
 
 Expected failures (BuildError) print one message that says what to do and
 exit 1; anything else is a bug and keeps its traceback.
@@ -33,7 +34,34 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-verify", action="store_true", help="skip the image checks (development only)")
     v = sub.add_parser("verify", help="run the image checks on images/<name>/")
     v.add_argument("--name", required=True)
+    u = sub.add_parser("bundle", help="write images/<name>/<name>.raucb, the signed update bundle of that image")
+    u.add_argument("--name", required=True)
+    u.add_argument("--home-state", type=Path, help="home state directory with the update key (default: images/.home)")
+    u.add_argument("--version", help="bundle version (default: the image's version from its manifest)")
     return parser
+
+
+def _bundle(args) -> int:
+    from . import bundle
+
+    image_dir = (args.images_dir / build.check_name(args.name)).resolve()
+    if not image_dir.is_dir():
+        raise BuildError(f"{image_dir} not found: ls {args.images_dir} for built images")
+    keys = _update_keys(args.home_state or args.images_dir / ".home")
+    info = bundle.from_image(image_dir, args.name, args.version, keys.signing_cert, keys.signing_key)
+    bundle.verify(image_dir / f"{args.name}.raucb", keys.ca_cert)
+    print(f"bundle {args.name}.raucb: version {info.version}, {info.compatible}, {info.size} bytes, "
+          f"sha256 {info.sha256} (signature checked against the update CA)")
+    return 0
+
+
+def _update_keys(state: Path):
+    from tether.home import paths, updatekeys
+
+    home = paths.StatePaths(state.resolve())
+    if not home.ca_cert.is_file():
+        raise BuildError(f"no home state in {state}: give --home-state DIR of the home whose appliances take the update")
+    return updatekeys.ensure(home)
 
 
 def _build(args) -> int:
@@ -67,7 +95,7 @@ def _verify(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _build(args) if args.command == "build" else _verify(args)
+        return {"build": _build, "verify": _verify, "bundle": _bundle}[args.command](args)
     except BuildError as exc:
         print(f"\ntether-image: {exc}", file=sys.stderr)
         return 1

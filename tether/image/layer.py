@@ -36,7 +36,7 @@ import yaml
 CHECKOUT = Path(__file__).resolve().parents[2]
 FORMAT = 1
 #: Roles that differ per image; everything before them in site.yml is the layer.
-PER_IMAGE_ROLES = ("identity", "sysprep")
+PER_IMAGE_ROLES = ("identity", "update", "sysprep")
 #: Files from the checkout that the shared roles install (besides their own files).
 UNIT_FILES = ("agent/tether-agent.service", "agent/tether-firstboot.service")
 

@@ -3,7 +3,10 @@
 Plain arithmetic, no I/O, so the layout is unit tested and its description
 feeds the base disk's cache key: change a size here and the base is rebuilt.
 
-GPT, 16 GiB: bios-grub (GRUB core for BIOS boot), two equal root slots A/B
+GPT, 16 GiB: bios-grub (GRUB core for BIOS boot), a small boot partition
+outside both slots (grub.cfg, grubenv and GRUB's modules, mounted on
+/boot/grub: an update can rewrite either slot and both can read and write the
+boot state), two equal root slots A/B
 (B reserved for RAUC whole-image updates), a data partition that survives a
 slot switch, and 4 GiB swap at the end. Partitions are found by label only.
 """
@@ -85,6 +88,7 @@ def plan(
     swap_size: int = 4 * GIB,
     slot_size: int = 4 * GIB,
     bios_grub_size: int = 1 * MIB,
+    boot_size: int = 64 * MIB,
     min_data_size: int = 1 * GIB,
 ) -> Layout:
     """Lay out the disk; the data partition takes whatever the others leave.
@@ -92,12 +96,13 @@ def plan(
     Slots of 4 GiB hold the OS (about 1 GiB after provisioning) with room to
     grow; every size is MiB-aligned so the partitions sit on any sector size.
     """
-    for name, value in (("disk", disk_size), ("swap", swap_size), ("slot", slot_size), ("bios-grub", bios_grub_size)):
+    for name, value in (("disk", disk_size), ("swap", swap_size), ("slot", slot_size), ("bios-grub", bios_grub_size),
+                        ("boot", boot_size)):
         if value <= 0 or not _aligned(value):
             raise LayoutError(f"{name} size {value} must be a positive multiple of 1 MiB")
     if slot_size < 2 * GIB:
         raise LayoutError(f"root slot of {slot_size // MIB} MiB is too small for the OS: give at least 2048 MiB")
-    data_size = disk_size - _HEAD - _TAIL - bios_grub_size - 2 * slot_size - swap_size
+    data_size = disk_size - _HEAD - _TAIL - bios_grub_size - boot_size - 2 * slot_size - swap_size
     if data_size < min_data_size:
         raise LayoutError(
             f"disk of {disk_size // MIB} MiB leaves {max(data_size, 0) // MIB} MiB for data "
@@ -105,6 +110,7 @@ def plan(
         )
     specs = [
         ("bios-grub", TYPE_BIOS_BOOT, None, bios_grub_size),
+        ("boot", TYPE_LINUX_FS, "ext4", boot_size),
         ("root-a", TYPE_LINUX_FS, "ext4", slot_size),
         ("root-b", TYPE_LINUX_FS, "ext4", slot_size),
         ("data", TYPE_LINUX_FS, "ext4", data_size),

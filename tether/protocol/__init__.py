@@ -114,7 +114,8 @@ from .schema import (AGENT_EVENTS, AGENT_REQUESTS, BODY_FIELDS, DEFAULT_LIMIT,
                      DEFAULT_WINDOW_SECONDS, FRAME, HEARTBEAT_SECONDS, HOME_EVENTS, HOME_REQUESTS,
                      MAX_EXTRA_FIELDS, MAX_FRAME_BYTES, MAX_INT, MAX_SEEN_IDS, MIN_INT, NAME, PEM,
                      PEM_BUNDLE, PROTOCOL_VERSION, REPORT_JSON, SHORT, SMALL_JSON, STREAM_OPS,
-                     STREAM_WINDOW, SUBPROTOCOL, TEXT, ErrorCode, Field, Kind, Op, ProtocolError)
+                     STREAM_WINDOW, SUBPROTOCOL, TEXT, ErrorCode, Field, Kind, Op, ProtocolError,
+                     JOURNAL_TEXT, MAX_BUNDLE_BYTES, UPDATE_CHUNK_BYTES)
 from .session import (AckReceived, CancelReceived, ChunkReceived, ErrorReceived, Event,
                       EventReceived, ProtocolViolation, RequestReceived, ResponseReceived, Role,
                       SeenIds, Session)
@@ -124,7 +125,7 @@ __all__ = [
     "FRAME", "HEARTBEAT_SECONDS", "HOME_EVENTS", "HOME_REQUESTS", "MAX_EXTRA_FIELDS",
     "MAX_FRAME_BYTES", "MAX_INT", "MAX_SEEN_IDS", "MIN_INT", "NAME", "PEM", "PEM_BUNDLE",
     "PROTOCOL_VERSION", "REPORT_JSON", "SHORT", "SMALL_JSON", "STREAM_OPS", "STREAM_WINDOW",
-    "SUBPROTOCOL", "TEXT",
+    "SUBPROTOCOL", "TEXT", "JOURNAL_TEXT", "MAX_BUNDLE_BYTES", "UPDATE_CHUNK_BYTES",
     "ErrorCode", "Field", "Kind", "Op", "ProtocolError",
     "Message", "RawJSON", "decode", "encode", "new_id", "validate",
     "MAX_MESSAGE_BYTES", "MAX_PART_BYTES", "MAX_PARTS", "PART_TYPE", "Part", "join_parts",

@@ -154,9 +154,31 @@ class Op(str, enum.Enum):
         "done"|"failed", ``reason``, ``code``, ``server_code``, and
         ``outcome_unknown`` true when the connection dropped after the write was
         sent). Never retried on another connector by home.
-    ``update`` (request H→A)
-        body: ``version`` str, ``url`` str, ``sha256`` str, ``signature`` str.
-        response: ``accepted`` bool, ``detail`` str.
+    ``update`` (request H→A, issue 14)
+        Home offers a whole-image update. body: ``version`` str (image version,
+        :mod:`tether.imageversion`), ``sha256`` str (64 hex digits of the RAUC
+        bundle), ``size`` int (bytes, at most :data:`MAX_BUNDLE_BYTES`),
+        ``compatible`` str, optional ``deadline_seconds`` int (how long the
+        trial boot of the new slot may take to become healthy), optional
+        ``action`` "install" (default) | "abort" (drop a download not yet
+        installed). The bundle itself travels over the same channel
+        (``update.fetch``), so it goes the same way out as every socket (home's
+        URLs, the CONNECT proxy); RAUC checks its signature against the
+        image's keyring (home's update CA) before anything is written.
+        response: ``accepted`` bool, ``state`` str (the agent's update state for
+        that version), ``detail`` str.
+    ``update.fetch`` (request A→H)
+        body: ``version`` str, ``offset`` int, ``length`` int (at most
+        :data:`UPDATE_CHUNK_BYTES`). Only a version home offered to this
+        instance. response: ``data`` str (base64 of the bytes from ``offset``),
+        ``size`` int (the bundle's size), ``eof`` bool. A download resumes from
+        what the agent already has on disk.
+    ``update.report`` (request A→H)
+        body: ``version`` str, ``state`` str (offered|downloading|installed|
+        rebooting|committed|rolled_back|failed, see :mod:`tether.home.rollout`),
+        optional ``percent`` int, ``detail`` str, ``slot`` str, ``journal`` str
+        (the failed slot's journal excerpt with a rollback).
+        response: ``recorded`` bool.
     ``status`` (request, either way)
         body: {} . response: the peer's status report (free-form object).
     """
@@ -173,6 +195,8 @@ class Op(str, enum.Enum):
     AUTHENTICATE = "authenticate"
     PROVISION = "provision"
     UPDATE = "update"
+    UPDATE_FETCH = "update.fetch"
+    UPDATE_REPORT = "update.report"
     STATUS = "status"
 
 
@@ -213,13 +237,19 @@ class ErrorCode(str, enum.Enum):
 
 #: Ops a home accepts as requests / events, and ops an agent accepts.
 HOME_REQUESTS = frozenset({Op.HELLO, Op.ENROLL, Op.RENEW, Op.STATUS,
-                           Op.DIRECTORY_CHANGES})
+                           Op.DIRECTORY_CHANGES, Op.UPDATE_FETCH, Op.UPDATE_REPORT})
 HOME_EVENTS = frozenset({Op.HEARTBEAT, Op.CONFIG_ACK})
 AGENT_REQUESTS = frozenset({
     Op.CONFIG_PUSH, Op.SYNC, Op.SEARCH, Op.AUTHENTICATE, Op.PROVISION,
     Op.UPDATE, Op.STATUS,
 })
 AGENT_EVENTS: frozenset[Op] = frozenset()
+#: Largest update bundle home offers and an agent downloads (the root slot is smaller).
+MAX_BUNDLE_BYTES = 4 * 1024 ** 3
+#: Largest piece of a bundle one ``update.fetch`` returns: base64 of it fits a frame.
+UPDATE_CHUNK_BYTES = 512 * 1024
+#: A journal excerpt sent with a rollback report (characters).
+JOURNAL_TEXT = 16 * 1024
 #: Ops whose answers may be streamed as chunks.
 STREAM_OPS = frozenset({Op.SYNC, Op.SEARCH})
 
@@ -278,6 +308,9 @@ BODY_FIELDS: dict[tuple[Op, Kind], dict[str, Field]] = {
         "listening": F((list,), False, REPORT_JSON),
         "socket_index": F((int,), False),
         "config_version": F((int, None), False),
+        # issue 14: the image version the booted slot runs, and which slot (A|B)
+        "image_version": F((str,), False, SHORT),
+        "boot_slot": F((str, None), False, SHORT),
     },
     (Op.HELLO, Kind.RESPONSE): {
         "home_version": F((str,), True, SHORT),
@@ -397,11 +430,36 @@ BODY_FIELDS: dict[tuple[Op, Kind], dict[str, Field]] = {
     },
     (Op.UPDATE, Kind.REQUEST): {
         "version": F((str,), True, SHORT),
-        "url": F((str,), True, PEM),
         "sha256": F((str,), True, SHORT),
-        "signature": F((str,), True, PEM),
+        "size": F((int,), True),
+        "compatible": F((str,), True, SHORT),
+        "deadline_seconds": F((int,), False),
+        "action": F((str,), False, SHORT),
     },
-    (Op.UPDATE, Kind.RESPONSE): {"*": F((), False, FRAME)},
+    (Op.UPDATE, Kind.RESPONSE): {
+        "accepted": F((bool,), True),
+        "state": F((str, None), False, SHORT),
+        "detail": F((str,), False, TEXT),
+    },
+    (Op.UPDATE_FETCH, Kind.REQUEST): {
+        "version": F((str,), True, SHORT),
+        "offset": F((int,), True),
+        "length": F((int,), True),
+    },
+    (Op.UPDATE_FETCH, Kind.RESPONSE): {
+        "data": F((str,), True, FRAME),
+        "size": F((int,), True),
+        "eof": F((bool,), True),
+    },
+    (Op.UPDATE_REPORT, Kind.REQUEST): {
+        "version": F((str,), True, SHORT),
+        "state": F((str,), True, SHORT),
+        "percent": F((int,), False),
+        "detail": F((str,), False, TEXT),
+        "slot": F((str, None), False, SHORT),
+        "journal": F((str,), False, JOURNAL_TEXT),
+    },
+    (Op.UPDATE_REPORT, Kind.RESPONSE): {"recorded": F((bool,), True)},
     (Op.STATUS, Kind.RESPONSE): {"*": F((), False, FRAME)},
 }
 _ERROR_FIELDS = {"code": F((str,), True, SHORT), "detail": F((str,), True, TEXT)}
