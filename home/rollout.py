@@ -7,10 +7,14 @@ aborted); it answers the instances to offer the update to now. Rules (issue
 
 * never more than one instance of a cluster updating at a time, so a
   directory always keeps a connector (an instance is *updating* from the
-  offer until it reports committed, rolled back or failed);
-* a canary step: the first ``canary`` instances (by instance id) first, the
-  rest only after every canary committed; a canary that rolled back or failed
-  stops the rollout (nothing more is offered until an operator acts);
+  offer until it reports committed, rolled back or failed); a cluster spans
+  connectors, so the caller also names the clusters already busy with an
+  update of another connector or another version (``busy``);
+* a canary step: the first ``canary`` instances (by instance id) that take
+  this version (an instance that already runs it, or something newer, is no
+  canary) first, the rest only after every canary committed; a canary that
+  rolled back or failed stops the rollout (nothing more is offered until an
+  operator acts);
 * a version that rolled back on an instance is never offered to it again;
 * only versions newer than what the instance runs are offered;
 * paused or aborted: nothing new is offered (an install already under way
@@ -19,6 +23,7 @@ aborted); it answers the instances to offer the update to now. Rules (issue
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from tether import imageversion
@@ -75,19 +80,20 @@ def _wants(inst: Instance, rollout: Rollout) -> bool:
             and imageversion.newer(rollout.version, inst.version))
 
 
-def to_offer(rollout: Rollout, instances: list[Instance]) -> list[str]:
-    """Instance ids to send the offer to now (possibly none)."""
+def to_offer(rollout: Rollout, instances: list[Instance], busy: Iterable[str] = ()) -> list[str]:
+    """Instance ids to send the offer to now (possibly none).
+
+    ``busy``: clusters where an instance not in ``instances`` (another
+    connector of the cluster) or another version is being updated now.
+    """
     if rollout.paused or rollout.aborted:
         return []
     ordered = sorted(instances, key=lambda i: i.instance_id)
-    canaries = ordered[:rollout.canary]
+    canaries = [i for i in ordered if _eligible_ever(i, rollout)][:rollout.canary]
     if any(i.state in (ROLLED_BACK, FAILED) for i in canaries):
         return []
-    if rollout.canary and not all(i.state == COMMITTED or not _eligible_ever(i, rollout) for i in canaries):
-        pool = canaries
-    else:
-        pool = ordered
-    busy = {i.cluster for i in instances if i.state in IN_PROGRESS}
+    pool = canaries if any(i.state != COMMITTED for i in canaries) else ordered
+    busy = set(busy) | {i.cluster for i in instances if i.state in IN_PROGRESS}
     offers = []
     for inst in pool:
         if inst.cluster in busy or not _wants(inst, rollout):
@@ -98,7 +104,7 @@ def to_offer(rollout: Rollout, instances: list[Instance]) -> list[str]:
 
 
 def _eligible_ever(inst: Instance, rollout: Rollout) -> bool:
-    """A canary that could take the update (else it does not hold the rest back)."""
+    """An instance that takes (or took) this version: only those can be canaries."""
     return inst.state is not None or _wants(inst, rollout)
 
 

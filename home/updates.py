@@ -204,10 +204,12 @@ class Updates:
 
     # ---- offers
 
+    def _cluster_of(self) -> dict[str, str]:
+        return {row["name"]: row["cluster"] for row in self.hub.store.connectors()}
+
     def _instances(self, connector: str, version: str) -> list[rollout.Instance]:
         """The connector's instances a rollout can see: connected ones, and any with progress."""
-        connectors = {row["name"]: row["cluster"] for row in self.hub.store.connectors()}
-        cluster = connectors.get(connector, connector)
+        cluster = self._cluster_of().get(connector, connector)
         connected = {pe.identity.instance_id for pe in self.hub.agents(connector)}
         running = {r["instance_id"]: r for r in self.store.running(connector)}
         rows = self.store.progress_of(connector)
@@ -223,30 +225,68 @@ class Updates:
                                  state.get(iid), rolled.get(iid, set()))
                 for iid in sorted(ids)]
 
+    def _busy_clusters(self) -> set[str]:
+        """Clusters with an instance updating now, of any connector and any version: a
+        cluster spans connectors, and an older rollout's install finishes after a new one began."""
+        clusters = self._cluster_of()
+        return {clusters.get(row["connector"], row["connector"]) for row in self.store.progress_of()
+                if row["state"] in rollout.IN_PROGRESS}
+
     async def drive(self, connector: str) -> list[str]:
-        """Offer the connector's rollout to whoever :func:`rollout.to_offer` picks now."""
-        lock = self._drive_locks.setdefault(connector, asyncio.Lock())
+        """Offer the connector's rollout to whoever :func:`rollout.to_offer` picks now.
+
+        One drive per cluster at a time: the rule "one instance of a cluster updating"
+        spans the cluster's connectors, so their offers must not interleave. An offer
+        the agent refused frees its cluster again: pick again, and let the cluster's
+        other connectors pick too.
+        """
+        cluster = self._cluster_of().get(connector, connector)
+        lock = self._drive_locks.setdefault(cluster, asyncio.Lock())
+        offered: list[str] = []
+        refused_any = False
         async with lock:
-            row = self.store.rollout(connector)
-            if row is not None and row["status"] == "aborted":
-                await self._abort(connector, row["version"])
-                return []
-            if row is None:
-                return []
-            bundle = self.store.bundle(row["version"])
-            if bundle is None:
-                return []
-            plan = rollout.Rollout(row["version"], connector, row["canary"],
-                                   paused=row["status"] == "paused")
-            offered = []
-            for iid in rollout.to_offer(plan, self._instances(connector, row["version"])):
-                peer = next((pe for pe in self.hub.agents(connector) if pe.identity.instance_id == iid
-                             and not pe.draining), None)
-                if peer is None:
-                    continue
-                if await self._offer(peer, bundle, connector, row["deadline_seconds"]):
-                    offered.append(iid)
-            return offered
+            while True:
+                more, refused = await self._drive_once(connector)
+                offered += more
+                refused_any = refused_any or refused
+                if not refused:
+                    break
+        if refused_any:
+            self.drive_cluster(connector, skip=connector)
+        return offered
+
+    def drive_cluster(self, connector: str, skip: str | None = None) -> None:
+        """Drive every rollout of the connector's cluster (an instance there finished)."""
+        clusters = self._cluster_of()
+        cluster = clusters.get(connector, connector)
+        for name, other in sorted(clusters.items()):
+            if other == cluster and name != skip and self.store.rollout(name) is not None:
+                self._spawn(self.drive(name))
+
+    async def _drive_once(self, connector: str) -> tuple[list[str], bool]:
+        """Offers made now, and whether an agent refused one (its cluster is free again)."""
+        row = self.store.rollout(connector)
+        if row is not None and row["status"] == "aborted":
+            await self._abort(connector, row["version"])
+            return [], False
+        if row is None:
+            return [], False
+        bundle = self.store.bundle(row["version"])
+        if bundle is None:
+            return [], False
+        plan = rollout.Rollout(row["version"], connector, row["canary"],
+                               paused=row["status"] == "paused")
+        offered, refused = [], False
+        for iid in rollout.to_offer(plan, self._instances(connector, row["version"]), self._busy_clusters()):
+            peer = next((pe for pe in self.hub.agents(connector) if pe.identity.instance_id == iid
+                         and not pe.draining), None)
+            if peer is None:
+                continue
+            if await self._offer(peer, bundle, connector, row["deadline_seconds"]):
+                offered.append(iid)
+            else:
+                refused = True
+        return offered, refused
 
     async def _abort(self, connector: str, version: str) -> None:
         """Tell instances still downloading an aborted version to drop it (an install under
@@ -338,8 +378,8 @@ class Updates:
             event(log, logging.WARNING if state in (rollout.ROLLED_BACK, rollout.FAILED) else logging.INFO,
                   "update_state", instance=ident.instance_id, version=version, state=state,
                   detail=body.get("detail"))
-        if state in rollout.FINISHED:
-            self._spawn(self.drive(ident.connector))
+        if state in rollout.FINISHED:  # its cluster is free again, whichever connector goes next
+            self.drive_cluster(ident.connector)
         return {"recorded": True}
 
     def live(self) -> dict:

@@ -5,11 +5,12 @@ copy-on-write snapshot of the image): it boots slot A and checks in; home
 publishes and rolls out a newer bundle cut from the image's own root
 filesystem; the agent downloads it over its channel, RAUC installs it into
 slot B, the appliance reboots into B, marks it good after home accepted its
-hello and reports committed, as the same enrolled instance. Then a bundle
-whose agent never starts is rolled out: RAUC installs it from B into A (the
-grubenv lives outside both slots), the trial boots of A never check in, the
-trial deadline reboots them, GRUB falls back to B after three tries and the
-agent reports the rollback home.
+hello and reports committed, as the same enrolled instance. A second good
+bundle goes the other way: RAUC installs it from B into A (the grubenv lives
+outside both slots) and slot A commits, still the same instance. Then a bundle
+whose agent never starts is rolled out from A: RAUC installs it into B, the
+trial boots of B never check in, the trial deadline reboots them, GRUB falls
+back to A after three tries and the agent reports the rollback home.
 """
 
 from __future__ import annotations
@@ -95,19 +96,41 @@ def test_update_a_to_b_commits_as_the_same_instance(appliance):
     bootrun.TIMINGS.append(("update A->B", appliance["figures"]))
 
 
-def test_bad_bundle_rolls_back_and_the_appliance_keeps_serving(appliance):
+def test_second_update_b_to_a_commits_as_the_same_instance(appliance):
+    """Issue 14 (c): the second update goes from B into A and commits there."""
     home, machine, instance = appliance["home"], appliance["machine"], appliance["instance"]
     if _running(home, instance)["boot_slot"] != "B":
         pytest.skip("needs the A->B update of the previous test")
     v3 = f"{appliance['version']}.2"
-    bad = bootrun.recut_bundle(appliance["raucb"], appliance["tmp"] / "v3.raucb", v3, appliance["keys"], broken=True)
+    good = bootrun.recut_bundle(appliance["raucb"], appliance["tmp"] / "v3.raucb", v3, appliance["keys"])
+    assert f"published {v3}" in home.cli("update", "publish", str(good)).stdout
+    started = time.monotonic()
+    home.cli("update", "rollout", v3, "--connector", home.connector)
+    row = _wait_progress(machine, home, instance, v3, ("committed", "failed", "rolled_back"), 1500)
+    figures = {"rollout_to_committed_s": round(time.monotonic() - started, 1)}
+    bootrun.TIMINGS.append(("update B->A", figures))
+    assert row["state"] == "committed", row
+    assert row["slot"] == "A"
+    running = _running(home, instance)
+    assert running["image_version"] == v3 and running["boot_slot"] == "A"
+    assert len(home.events("enrolled")) == 1, "the twice-updated appliance is the same enrolled instance"
+
+
+def test_bad_bundle_rolls_back_and_the_appliance_keeps_serving(appliance):
+    home, machine, instance = appliance["home"], appliance["machine"], appliance["instance"]
+    good = f"{appliance['version']}.2"
+    running = _running(home, instance)
+    if running["boot_slot"] != "A" or running["image_version"] != good:
+        pytest.skip("needs the B->A update of the previous test")
+    v4 = f"{appliance['version']}.3"
+    bad = bootrun.recut_bundle(appliance["raucb"], appliance["tmp"] / "v4.raucb", v4, appliance["keys"], broken=True)
     home.cli("update", "publish", str(bad))
     started = time.monotonic()
-    home.cli("update", "rollout", v3, "--connector", home.connector, "--trial-deadline", str(DEADLINE))
-    # installed from B into A: the second install works with grubenv outside the slots
-    installed = _wait_progress(machine, home, instance, v3, ("rebooting", "rolled_back", "failed"), 900)
+    home.cli("update", "rollout", v4, "--connector", home.connector, "--trial-deadline", str(DEADLINE))
+    # installed from A into B, a third install with grubenv outside the slots
+    installed = _wait_progress(machine, home, instance, v4, ("rebooting", "rolled_back", "failed"), 900)
     assert installed["state"] != "failed", installed
-    row = _wait_progress(machine, home, instance, v3, ("rolled_back", "committed", "failed"), 1800)
+    row = _wait_progress(machine, home, instance, v4, ("rolled_back", "committed", "failed"), 1800)
     figures = {"rollout_to_rolled_back_s": round(time.monotonic() - started, 1)}
     bootrun.TIMINGS.append(("rollback", figures))
     assert row["state"] == "rolled_back", row
@@ -115,9 +138,9 @@ def test_bad_bundle_rolls_back_and_the_appliance_keeps_serving(appliance):
     # the failed slot's own journal, kept at its last shutdown: the trial deadline rebooted it
     assert "not marked good" in (row["journal"] or ""), row["journal"]
     running = _running(home, instance)
-    assert running["boot_slot"] == "B" and running["image_version"] == f"{appliance['version']}.1"
+    assert running["boot_slot"] == "A" and running["image_version"] == good
     text = home.cli("update", "status").stdout
-    assert f"{v3} rolled_back" in text
+    assert f"{v4} rolled_back" in text
     # not offered again to the instance where it rolled back
-    reply = home.cli("update", "rollout", v3, "--connector", home.connector).stdout
+    reply = home.cli("update", "rollout", v4, "--connector", home.connector).stdout
     assert "offered now to 0 instance(s)" in reply

@@ -14,8 +14,6 @@ a real CONNECT proxy. Everything listens on 127.0.0.1 only and is stopped by PID
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,13 +21,8 @@ from pathlib import Path
 import pytest
 
 import homeproc
-from homeproc import AGENT, HomeProcess, LoggedProcess, agent_run_args, fake_dmi, spawn_agent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from homeproc import (AGENT, HomeProcess, LoggedProcess, Tinyproxy, agent_run_args, fake_dmi, free_port,
+                      spawn_agent)
 
 
 def install_credential(bundle: Path, etc: Path, home_urls: list[str] | None = None) -> Path:
@@ -79,54 +72,6 @@ class AgentProcess(LoggedProcess):
             time.sleep(0.1)
         raise AssertionError(f"agent log has no {needle!r} (x{count}) after {timeout} s; "
                              f"alive={self.alive()}; log tail:\n{self.log()[-3000:]}")
-
-
-class Tinyproxy:
-    """tinyproxy on 127.0.0.1 with basic auth; CONNECT lines land in its log."""
-
-    def __init__(self, root: Path, user: str = "agent", password: str = "pr0xy-pass") -> None:
-        self.binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
-        self.root = root / "tinyproxy"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.user, self.password = user, password
-        self.log_path = self.root / "tinyproxy.log"
-        self.conf = self.root / "tinyproxy.conf"
-        self.conf.write_text("\n".join([
-            f"Port {self.port}", "Listen 127.0.0.1", "Timeout 600", "LogLevel Connect",
-            f"LogFile \"{self.log_path}\"", "MaxClients 64", "Allow 127.0.0.1",
-            f"BasicAuth {user} {password}", "DisableViaHeader Yes", ""]))
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.user}:{self.password}@127.0.0.1:{self.port}"
-
-    def start(self) -> "Tinyproxy":
-        self.proc = subprocess.Popen([self.binary, "-d", "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"tinyproxy did not listen on {self.port}; see {self.log_path}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 @pytest.fixture

@@ -13,7 +13,9 @@ Usage (pytest fixture or plain code)::
     # leaving the block stops the server (SIGTERM, then SIGKILL) by PID
 
 Also here: :class:`RawAgent`, a bare protocol client over a real socket (for
-bad frames and scripted exchanges), :func:`client_context` and :func:`enroll`.
+bad frames and scripted exchanges), :func:`client_context`, :func:`enroll`,
+:class:`Tinyproxy` (a real CONNECT proxy) and :func:`fake_rauc` (a logging
+stand-in for ``rauc`` where RAUC cannot run without A/B slots; bench/ uses them too).
 
 The server listens on port 0 (the kernel picks a free port, no race); the
 bound port is read back through home's control socket, which is also how
@@ -25,9 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -136,6 +141,113 @@ def spawn_agent(command: list[str], log_path: Path,
     with open(log_path, "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
+
+
+FAKE_RAUC = """#!{python}
+# A stand-in for rauc written by tests/integration/homeproc.py: logs every call to
+# calls.jsonl next to itself; `install` hashes the bundle it was given and fails
+# (exit 1, the file's text on stderr) while install-fails exists next to it.
+import hashlib, json, os, sys, time
+here = os.path.dirname(os.path.abspath(__file__))
+args = sys.argv[1:]
+entry = {{"args": args, "time": time.time()}}
+failing = None
+if args[:1] == ["install"]:
+    with open(args[1], "rb") as fh:
+        entry["sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
+    entry["size"] = os.path.getsize(args[1])
+    fail = os.path.join(here, "install-fails")
+    if os.path.exists(fail):
+        failing = open(fail).read().strip() or "installing failed"
+with open(os.path.join(here, "calls.jsonl"), "a") as log:
+    log.write(json.dumps(entry) + "\\n")
+if failing:
+    print(failing, file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fake_rauc(directory: Path, install_fails: str | None = None) -> Path:
+    """A ``rauc`` stand-in in ``directory`` (its calls land in ``calls.jsonl`` there).
+
+    Only where real RAUC cannot run: an install needs A/B slots and rauc-service,
+    which only the qemu appliance has (tests/e2e). ``install_fails``: the error
+    text every ``rauc install`` fails with.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "rauc"
+    script.write_text(FAKE_RAUC.format(python=sys.executable))
+    script.chmod(0o755)
+    if install_fails:
+        (directory / "install-fails").write_text(install_fails + "\n")
+    return script
+
+
+def rauc_calls(script: Path) -> list[dict]:
+    """The calls a :func:`fake_rauc` got, oldest first."""
+    log = script.parent / "calls.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+class Tinyproxy:
+    """tinyproxy on 127.0.0.1 with basic auth; CONNECT lines land in its log."""
+
+    def __init__(self, root: Path, user: str = "agent", password: str = "pr0xy-pass") -> None:
+        self.binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+        self.root = root / "tinyproxy"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.user, self.password = user, password
+        self.log_path = self.root / "tinyproxy.log"
+        self.conf = self.root / "tinyproxy.conf"
+        self.conf.write_text("\n".join([
+            f"Port {self.port}", "Listen 127.0.0.1", "Timeout 600", "LogLevel Connect",
+            f"LogFile \"{self.log_path}\"", "MaxClients 64", "Allow 127.0.0.1",
+            f"BasicAuth {user} {password}", "DisableViaHeader Yes", ""]))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.user}:{self.password}@127.0.0.1:{self.port}"
+
+    def start(self) -> "Tinyproxy":
+        self.proc = subprocess.Popen([self.binary, "-d", "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"tinyproxy did not listen on {self.port}; see {self.log_path}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
 
 
 class LoggedProcess:

@@ -1,10 +1,16 @@
-"""Whole-image updates between a real home and a real agent process (issue 14).
+"""Whole-image updates between a real home and real agent processes (issue 14).
 
 Real RAUC checks bundles at publish; the agent downloads the bundle over its own
 TLS socket to home in bounded pieces, checks size and SHA256, then runs the real
 `rauc install`, which on this build host (no RAUC service, no A/B slots) fails:
 the agent must report that as `failed`, with rauc's reason, and leave nothing
 installed or pending. The A/B install itself runs under qemu (tests/e2e).
+
+The rollout rules (canary, one instance per cluster, no second offer after a
+rollback) and the download's bad cases need installs that succeed: there the
+agents get a logging stand-in for rauc (homeproc.fake_rauc) and a "reboot" is
+the agent process started again with another kernel command line (rauc.slot=)
+and image version, on the same state directory, as GRUB would boot it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from homeproc import fake_rauc, rauc_calls, sha256_of
 
 from tether.home import admin, paths, updatekeys
 from tether.image import bundle
@@ -27,7 +34,8 @@ RUNNING = "0.1.0.20260101000000"
 NEWER = "0.1.0.20260202000000"
 
 
-def _make_bundle(tmp: Path, keys: updatekeys.UpdateKeys, version: str, size: int = 3 * 1024 * 1024) -> Path:
+def _make_bundle(tmp: Path, keys: updatekeys.UpdateKeys, version: str, size: int = 3 * 1024 * 1024,
+                 compatible: str = bundle.COMPATIBLE) -> Path:
     root = tmp / f"root-{version}"
     (root / "etc").mkdir(parents=True)
     (root / "etc/os-release").write_text("ID=debian\n")
@@ -36,7 +44,8 @@ def _make_bundle(tmp: Path, keys: updatekeys.UpdateKeys, version: str, size: int
     tar = tmp / f"rootfs-{version}.tar"
     bundle.rootfs_tar(root, tar)
     out = tmp / f"tether-{version}.raucb"
-    bundle.create(tar, out, version, keys.signing_cert, keys.signing_key)
+    bundle.create(tar, out, version, keys.signing_cert, keys.signing_key, compatible=compatible)
+    tar.unlink()
     return out
 
 
@@ -149,3 +158,185 @@ def test_pause_resume_abort(home, tmp_path):
     assert _status(home)["rollouts"][-1]["status"] == "aborted"
     res = home.cli("update", "rollout", NEWER, "--connector", "nobody", check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+# ------------------------------------------------------------------ appliances with a fake rauc
+
+class Appliance:
+    """A real agent process that believes it booted from an A/B slot, with a logging rauc.
+
+    :meth:`reboot` is what GRUB and the appliance's reboot would do: the process
+    stops and starts again on the same state directory (the appliance's /data)
+    with the booted slot and that slot's image version.
+    """
+
+    def __init__(self, agent_factory, tmp: Path, credential: dict, name: str, version: str,
+                 slot: str = "A", firstboot: dict | None = None, install_fails: str | None = None) -> None:
+        self.dir = tmp / f"boot-{name}"
+        self.dir.mkdir(parents=True)
+        self.rauc = fake_rauc(self.dir / "rauc", install_fails)
+        self.cmdline = self.dir / "cmdline"
+        self.version_file = self.dir / "image-version"
+        self._boot(slot, version)
+        self.agent = agent_factory(credential, name=name, firstboot=firstboot, args=[
+            "--cmdline", str(self.cmdline), "--image-version-file", str(self.version_file),
+            "--rauc", str(self.rauc)])
+
+    def _boot(self, slot: str, version: str) -> None:
+        self.slot, self.version = slot, version
+        self.cmdline.write_text(f"root=PARTLABEL=root-{slot.lower()} rauc.slot={slot} panic=10\n")
+        self.version_file.write_text(version + "\n")
+
+    @property
+    def update_dir(self) -> Path:
+        return self.agent.state / "update"
+
+    def instance_id(self, timeout: float = 60.0) -> str:
+        path = self.agent.state / "instance.json"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return json.loads(path.read_text())["instance_id"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.2)
+        raise AssertionError(f"{self.agent.root.name} did not enroll:\n{self.agent.log()[-3000:]}")
+
+    def wait_reboot_request(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.update_dir / "reboot").exists():
+            assert time.monotonic() < deadline, f"no reboot request:\n{self.agent.log()[-3000:]}"
+            time.sleep(0.2)
+
+    def reboot(self, slot: str, version: str) -> None:
+        """Stop; GRUB boots ``slot`` holding ``version``; start (tether-reboot.path consumed the request)."""
+        self.agent.stop()
+        (self.update_dir / "reboot").unlink(missing_ok=True)
+        self._boot(slot, version)
+        self.agent.start()
+
+    def installs(self) -> list[dict]:
+        return [c for c in rauc_calls(self.rauc) if c["args"][:1] == ["install"]]
+
+    def offers(self) -> int:
+        """Offers this agent took (a repeat of one under way does not count)."""
+        return self.agent.log().count(" offered (")
+
+
+def _progress(home, version: str) -> dict[str, dict]:
+    return {r["instance_id"]: r for r in _status(home)["progress"] if r["version"] == version}
+
+
+def _wait_running(home, instances: list[str], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if set(instances) <= {r["instance_id"] for r in _status(home)["running"]}:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"not all of {instances} said hello: {_status(home)['running']}")
+
+
+def _updating(progress: dict[str, dict], instances) -> list[str]:
+    return [i for i in instances if progress.get(i, {}).get("state") in
+            ("offered", "downloading", "installed", "rebooting")]
+
+
+def test_one_instance_per_cluster_and_canary_across_connectors(home_factory, agent_factory, tmp_path):
+    """Cluster dir1 = connectors acme (2 instances, canary 1) and beta (1 instance);
+    connector solo is cluster dir2. Never two instances of dir1 updating at once,
+    dir2 updates alongside; acme's second instance only after its canary committed."""
+    home = home_factory(connector="acme", max_instances=2, cluster="dir1")
+    home.cli("connector", "create", "beta", "--max-instances", "1", "--cluster", "dir1")
+    home.cli("connector", "create", "solo", "--max-instances", "1", "--cluster", "dir2")
+    keys = updatekeys.UpdateKeys.of(paths.StatePaths(home.state))
+    home.cli("update", "publish", str(_make_bundle(tmp_path, keys, NEWER, size=256 * 1024)))
+
+    boxes = {}
+    for name, connector in (("a1", "acme"), ("a2", "acme"), ("b1", "beta"), ("s1", "solo")):
+        boxes[name] = Appliance(agent_factory, tmp_path, home.issue_image(connector=connector), name, RUNNING)
+    ids = {name: box.instance_id() for name, box in boxes.items()}
+    _wait_running(home, list(ids.values()))
+    canary, rest = sorted([ids["a1"], ids["a2"]])
+    by_id = {iid: boxes[name] for name, iid in ids.items()}
+    dir1 = [ids["a1"], ids["a2"], ids["b1"]]
+
+    home.cli("update", "rollout", NEWER, "--connector", "acme", "--canary", "1")
+    home.cli("update", "rollout", NEWER, "--connector", "beta")
+    home.cli("update", "rollout", NEWER, "--connector", "solo")
+    # dir2 does not wait for dir1
+    _wait_state(home, ids["s1"], NEWER, ("rebooting",))
+    committed: list[str] = []
+    while len(committed) < len(dir1):
+        deadline = time.monotonic() + 60
+        while True:
+            progress = _progress(home, NEWER)
+            updating = _updating(progress, dir1)
+            assert len(updating) <= 1, f"two instances of cluster dir1 updating at once: {progress}"
+            if updating and progress[updating[0]]["state"] == "rebooting":
+                break
+            assert time.monotonic() < deadline, f"nobody in dir1 reached rebooting: {progress}"
+            time.sleep(0.2)
+        iid = updating[0]
+        # acme's non-canary instance waits for the canary to commit
+        if iid == rest:
+            assert canary in committed, f"{rest} offered before the canary {canary} committed"
+        box = by_id[iid]
+        box.wait_reboot_request()
+        assert box.installs() and box.installs()[-1]["sha256"] == _status(home)["bundles"][0]["sha256"]
+        # still nobody else of dir1 while this one is rebooting
+        time.sleep(1)
+        assert _updating(_progress(home, NEWER), dir1) == [iid]
+        box.reboot("B", NEWER)
+        row = _wait_state(home, iid, NEWER, ("committed", "failed", "rolled_back"))
+        assert row["state"] == "committed" and row["slot"] == "B", row
+        committed.append(iid)
+    assert canary in committed[:2], committed  # beta may go first: it has no canary
+    assert all(box.offers() == 1 for box in boxes.values()), {n: b.offers() for n, b in boxes.items()}
+    running = {r["instance_id"]: r for r in _status(home)["running"]}
+    assert all(running[i]["image_version"] == NEWER and running[i]["boot_slot"] == "B" for i in dir1)
+
+
+def test_canary_rollback_stops_the_rollout_and_the_version_is_never_offered_there_again(
+        home_factory, agent_factory, tmp_path):
+    """Three instances; the first by id already runs the version, so the canary is the
+    second; it rolls back: nothing more is offered. A new rollout without a canary
+    updates the third, never the one where the version rolled back."""
+    home = home_factory(connector="acme", max_instances=3)
+    keys = updatekeys.UpdateKeys.of(paths.StatePaths(home.state))
+    home.cli("update", "publish", str(_make_bundle(tmp_path, keys, NEWER, size=256 * 1024)))
+    boxes = [Appliance(agent_factory, tmp_path, home.issue_image(), f"n{i}", RUNNING) for i in range(3)]
+    by_id = {box.instance_id(): box for box in boxes}
+    first, canary, last = sorted(by_id)
+    by_id[first].reboot("A", NEWER)  # this one runs the rollout's version already
+    deadline = time.monotonic() + 60
+    while {r["instance_id"]: r["image_version"] for r in _status(home)["running"]}.get(first) != NEWER:
+        assert time.monotonic() < deadline, _status(home)["running"]
+        time.sleep(0.3)
+    _wait_running(home, [canary, last])
+
+    out = home.cli("update", "rollout", NEWER, "--connector", "acme", "--canary", "1").stdout
+    assert "offered now to 1 instance(s)" in out, out
+    _wait_state(home, canary, NEWER, ("rebooting",))
+    assert set(_progress(home, NEWER)) == {canary}
+    by_id[canary].wait_reboot_request()
+    # GRUB fell back: the appliance boots slot A with the old version again
+    by_id[canary].reboot("A", RUNNING)
+    row = _wait_state(home, canary, NEWER, ("rolled_back", "committed"))
+    assert row["state"] == "rolled_back" and "never became healthy" in row["detail"], row
+    assert any(c["args"] == ["status", "mark-bad", "other"] for c in rauc_calls(by_id[canary].rauc))
+    # the canary rolled back: the rollout stops, the third instance is not offered it
+    time.sleep(2)
+    assert set(_progress(home, NEWER)) == {canary}, _progress(home, NEWER)
+    assert by_id[last].offers() == 0
+
+    # the operator goes on without a canary: the third gets it, the canary never again
+    by_id[canary].reboot("A", RUNNING)  # and a hello of the rolled-back instance offers nothing
+    out = home.cli("update", "rollout", NEWER, "--connector", "acme").stdout
+    assert "offered now to 1 instance(s)" in out, out
+    _wait_state(home, last, NEWER, ("rebooting",))
+    by_id[last].wait_reboot_request()
+    by_id[last].reboot("B", NEWER)
+    assert _wait_state(home, last, NEWER, ("committed", "rolled_back", "failed"))["state"] == "committed"
+    time.sleep(1)
+    assert _progress(home, NEWER)[canary]["state"] == "rolled_back"
+    assert by_id[canary].offers() == 1 and len(by_id[canary].installs()) == 1
+    assert by_id[first].offers() == 0

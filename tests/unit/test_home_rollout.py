@@ -23,6 +23,24 @@ def test_one_instance_per_cluster_at_a_time():
     assert r.to_offer(plan, fleet) == ["i1"]
 
 
+def test_a_cluster_busy_elsewhere_gets_no_offer():
+    """Another connector of the cluster (or another version) is updating one of its instances."""
+    fleet = _fleet("c1", "c2")
+    assert r.to_offer(r.Rollout(V, "office"), fleet, busy={"c1"}) == ["i1"]
+
+
+def test_canaries_are_the_first_instances_that_take_the_version():
+    fleet = _fleet("a", "a", "a")
+    fleet[0].version = V  # runs it already: no canary, it holds nothing back
+    plan = r.Rollout(V, "office", canary=1)
+    assert r.to_offer(plan, fleet) == ["i1"]
+    fleet[1].state = r.ROLLED_BACK
+    fleet[1].rolled_back.add(V)
+    assert r.to_offer(plan, fleet) == [], "the canary rolled back: the rollout stops"
+    fleet[1].state, fleet[1].rolled_back = r.COMMITTED, set()
+    assert r.to_offer(plan, fleet) == ["i2"]
+
+
 def test_canary_first_then_the_rest_after_they_committed():
     fleet = _fleet("a", "b", "c", "d")
     plan = r.Rollout(V, "office", canary=1)
