@@ -91,6 +91,8 @@ class Updater:
         self.task: asyncio.Task | None = None
         self.current: Offer | None = None
         self.settled = False
+        self.installing = False  # rauc install and activation under way: no abort
+        self.unsaved: list[dict] = []  # reports /data had no room for (sent first)
         self.wake = asyncio.Event()
 
     # ---- files
@@ -115,9 +117,13 @@ class Updater:
             return []
 
     def _queue(self, body: dict) -> None:
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        items = (self._outbox() + [body])[-MAX_OUTBOX:]
-        write_atomic(self._path("outbox.json"), json.dumps(items).encode(), mode=0o600)
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            items = (self._outbox() + [body])[-MAX_OUTBOX:]
+            write_atomic(self._path("outbox.json"), json.dumps(items).encode(), mode=0o600)
+        except OSError as exc:  # /data full or read-only: the report still goes home from memory
+            log.error("update report kept in memory only (%s): %s", exc, body)
+            self.unsaved = (self.unsaved + [body])[-MAX_OUTBOX:]
         self.wake.set()
 
     # ---- offers
@@ -125,19 +131,27 @@ class Updater:
     def on_offer(self, body: dict) -> dict:
         """Answer home's ``update`` request; the work runs in the background."""
         if body.get("action") == "abort":
-            if self.task is not None and self.current and self.current.version == body["version"]:
+            under_way = self.task is not None and not self.task.done() and self.current is not None \
+                and self.current.version == body["version"]
+            if under_way and self.installing:
+                return {"accepted": False, "state": "installing",
+                        "detail": "rauc is writing the slot; it cannot be stopped half way"}
+            if under_way:
                 self.task.cancel()
-                self._discard(body["version"])
-                return {"accepted": True, "state": "aborted", "detail": "download dropped"}
-            return {"accepted": True, "state": None, "detail": "nothing under way"}
+            self._discard(str(body["version"]))  # a part left by an earlier run goes too
+            return {"accepted": True, "state": "aborted" if under_way else None,
+                    "detail": "download dropped" if under_way else "nothing under way"}
+        if self.task is not None and not self.task.done() and self.current \
+                and self.current.version == body.get("version") \
+                and self.current.sha256 == str(body.get("sha256")).lower():
+            # home offers again after a reconnect: join it (its space was checked at the start)
+            return {"accepted": True, "state": "downloading", "detail": "already under way"}
         try:
             offer = self._check(body)
         except UpdateRefused as exc:
             log.warning("update %s refused: %s", body.get("version"), exc)
             return {"accepted": False, "state": "failed", "detail": str(exc)[:p.TEXT]}
         if self.task is not None and not self.task.done():
-            if self.current and self.current.version == offer.version:
-                return {"accepted": True, "state": "downloading", "detail": "already under way"}
             return {"accepted": False, "state": None,
                     "detail": f"update {self.current.version if self.current else '?'} is under way"}
         self.current = offer
@@ -194,12 +208,19 @@ class Updater:
             raise
         except UpdateRefused as exc:
             log.error("update %s failed: %s", offer.version, exc)
-            self._queue({"version": offer.version, "state": "failed", "detail": str(exc)[:p.TEXT]})
+            self._failed(offer.version, str(exc))
         except Exception as exc:  # noqa: BLE001 - reported home; the running slot is untouched
             log.exception("update %s failed", offer.version)
-            self._queue({"version": offer.version, "state": "failed",
-                         "detail": f"{type(exc).__name__}: {exc}"[:p.TEXT]})
+            self._failed(offer.version, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.installing = False
         await self.flush_outbox()
+
+    def _failed(self, version: str, detail: str) -> None:
+        """Nothing of a failed update stays: the bundle (whole or part) goes first, which
+        also gives a full /data its space back for the report."""
+        self._discard(version)
+        self._queue({"version": version, "state": "failed", "detail": detail[:p.TEXT]})
 
     async def _download(self, offer: Offer) -> Path:
         part = self._path(f"{offer.version}.raucb.part")
@@ -256,6 +277,7 @@ class Updater:
         return bundle
 
     async def _install(self, offer: Offer, bundle: Path) -> None:
+        self.installing = True
         target = bootslot.other(self.booted)
         self._write_pending(bootslot.Pending(offer.version, target, self.version, False))
         try:
@@ -310,6 +332,17 @@ class Updater:
         await self.flush_outbox()
 
     async def flush_outbox(self) -> None:
+        while self.unsaved:
+            link = self._link()
+            if link is None:
+                return
+            try:
+                await link.request(p.Op.UPDATE_REPORT, self.unsaved[0], timeout=10)
+            except Exception as exc:  # noqa: BLE001
+                if getattr(exc, "code", None) not in ("bad_type", "not_found"):
+                    return
+                log.warning("home refused update report %s: %s", self.unsaved[0], exc)
+            self.unsaved.pop(0)
         items = self._outbox()
         while items:
             link = self._link()

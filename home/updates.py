@@ -200,7 +200,40 @@ class Updates:
             return
         self.store.record_running(ident.instance_id, ident.connector, peer.hello.get("image_version"),
                                   peer.hello.get("boot_slot"))
+        self._spawn(self._resume(peer))
         self._spawn(self.drive(ident.connector))
+
+    async def _resume(self, peer: AgentPeer) -> None:
+        """Home has this instance offered or downloading the rollout's version, and it said
+        hello: it may have restarted (power lost, agent restarted) half way, and an agent
+        keeps no download task across a restart. The offer again: the agent resumes from
+        the part on its disk, or answers that the download is under way."""
+        ident = peer.identity
+        row = self.store.rollout(ident.connector)
+        if row is None or row["status"] == "aborted":
+            return
+        progress = self.store.progress(ident.instance_id, row["version"])
+        bundle = self.store.bundle(row["version"])
+        if progress is None or bundle is None or progress["state"] not in (rollout.OFFERED, rollout.DOWNLOADING):
+            return
+        body = {"version": bundle["version"], "sha256": bundle["sha256"], "size": bundle["size"],
+                "compatible": bundle["compatible"], "deadline_seconds": row["deadline_seconds"]}
+        try:
+            response = await peer.request(p.Op.UPDATE, body, timeout=OFFER_TIMEOUT)
+        except (RequestFailed, AgentUnavailable) as exc:
+            event(log, logging.WARNING, "update_resume_failed", instance=ident.instance_id,
+                  version=bundle["version"], code=exc.code.value)
+            return  # the next hello tries again
+        if not response.body.get("accepted"):
+            detail = str(response.body.get("detail") or "refused")[:p.TEXT]
+            self.store.set_progress(ident.instance_id, bundle["version"], ident.connector, rollout.FAILED,
+                                    detail=f"refused: {detail}")
+            event(log, logging.WARNING, "update_refused", instance=ident.instance_id,
+                  version=bundle["version"], detail=detail)
+            self.drive_cluster(ident.connector)
+            return
+        event(log, logging.INFO, "update_resumed", instance=ident.instance_id, version=bundle["version"],
+              state=response.body.get("state"))
 
     # ---- offers
 
@@ -266,11 +299,14 @@ class Updates:
     async def _drive_once(self, connector: str) -> tuple[list[str], bool]:
         """Offers made now, and whether an agent refused one (its cluster is free again)."""
         row = self.store.rollout(connector)
-        if row is not None and row["status"] == "aborted":
-            await self._abort(connector, row["version"])
-            return [], False
         if row is None:
             return [], False
+        if row["status"] == "aborted":
+            await self._abort(connector, None, "rollout aborted by the operator")
+            return [], False
+        # downloads of a version an operator's newer rollout superseded are dropped (an
+        # install under way finishes: it keeps its cluster busy until it is done)
+        await self._abort(connector, row["version"], f"superseded by the rollout of {row['version']}")
         bundle = self.store.bundle(row["version"])
         if bundle is None:
             return [], False
@@ -288,15 +324,15 @@ class Updates:
                 refused = True
         return offered, refused
 
-    async def _abort(self, connector: str, version: str) -> None:
-        """Tell instances still downloading an aborted version to drop it (an install under
-        way finishes: RAUC cannot be stopped half way through a slot)."""
-        bundle = self.store.bundle(version)
+    async def _abort(self, connector: str, keep: str | None, detail: str) -> None:
+        """Tell instances still offered or downloading a version other than ``keep`` to drop
+        it (an install under way finishes: RAUC cannot be stopped half way through a slot)."""
         for row in self.store.progress_of(connector):
-            if row["version"] != version or row["state"] not in (rollout.OFFERED, rollout.DOWNLOADING):
+            version = row["version"]
+            if version == keep or row["state"] not in (rollout.OFFERED, rollout.DOWNLOADING):
                 continue
-            self.store.set_progress(row["instance_id"], version, connector, rollout.FAILED,
-                                    detail="rollout aborted by the operator")
+            self.store.set_progress(row["instance_id"], version, connector, rollout.FAILED, detail=detail)
+            bundle = self.store.bundle(version)
             peer = next((pe for pe in self.hub.agents(connector)
                          if pe.identity.instance_id == row["instance_id"]), None)
             if peer is None or bundle is None:

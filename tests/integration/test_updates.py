@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -340,3 +341,178 @@ def test_canary_rollback_stops_the_rollout_and_the_version_is_never_offered_ther
     assert _progress(home, NEWER)[canary]["state"] == "rolled_back"
     assert by_id[canary].offers() == 1 and len(by_id[canary].installs()) == 1
     assert by_id[first].offers() == 0
+
+
+# ------------------------------------------------------------------ bad input on the way to the slot
+
+BIG = 48 * 1024 * 1024  # about a hundred update.fetch pieces: time to interrupt the download
+
+
+def _wait_part(box: Appliance, version: str, timeout: float = 60.0) -> int:
+    """Bytes of the partial download, once some are on disk and more are to come."""
+    part = box.update_dir / f"{version}.raucb.part"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            size = part.stat().st_size
+        except OSError:
+            size = 0
+        if size > 0:
+            return size
+        time.sleep(0.005)
+    raise AssertionError(f"no partial download of {version}:\n{box.agent.log()[-3000:]}")
+
+
+def _one_appliance(home, agent_factory, tmp_path, **kwargs) -> tuple[Appliance, str]:
+    box = Appliance(agent_factory, tmp_path, home.issue_image(), "ap", RUNNING, **kwargs)
+    iid = box.instance_id()
+    _wait_running(home, [iid])
+    return box, iid
+
+
+def _nothing_installed(box: Appliance, version: str) -> None:
+    assert box.installs() == [], box.installs()
+    assert not list(box.update_dir.glob(f"{version}.raucb*")), list(box.update_dir.iterdir())
+    assert not (box.update_dir / "pending.json").exists() and not (box.update_dir / "reboot").exists()
+    assert not any(c["args"][:2] == ["status", "mark-active"] for c in rauc_calls(box.rauc))
+
+
+def test_agent_restarted_mid_download_resumes_from_what_it_has(home, agent_factory, tmp_path):
+    keys = updatekeys.UpdateKeys.of(paths.StatePaths(home.state))
+    raucb = _make_bundle(tmp_path, keys, NEWER, size=BIG)
+    home.cli("update", "publish", str(raucb))
+    box, iid = _one_appliance(home, agent_factory, tmp_path)
+    home.cli("update", "rollout", NEWER, "--connector", home.connector)
+    _wait_part(box, NEWER)
+    box.agent.proc.kill()  # power lost half way
+    box.agent.proc.wait(10)
+    kept = (box.update_dir / f"{NEWER}.raucb.part").stat().st_size
+    assert 0 < kept < raucb.stat().st_size
+    box.agent.start()
+    row = _wait_state(home, iid, NEWER, ("rebooting", "failed"), timeout=180)
+    assert row["state"] == "rebooting", row
+    text = box.agent.log()
+    resumed = [int(line.split(" at ")[1].split()[0]) for line in text.splitlines()
+               if "resuming the download at" in line]
+    assert resumed and resumed[0] > 0, text[-3000:]
+    assert [c["sha256"] for c in box.installs()] == [sha256_of(raucb)]
+
+
+def test_home_going_away_mid_download_resumes(home, agent_factory, tmp_path):
+    keys = updatekeys.UpdateKeys.of(paths.StatePaths(home.state))
+    raucb = _make_bundle(tmp_path, keys, NEWER, size=BIG)
+    home.cli("update", "publish", str(raucb))
+    box, iid = _one_appliance(home, agent_factory, tmp_path)
+    home.cli("update", "rollout", NEWER, "--connector", home.connector)
+    _wait_part(box, NEWER)
+    home.kill()
+    time.sleep(1)
+    kept = (box.update_dir / f"{NEWER}.raucb.part").stat().st_size
+    assert 0 < kept < raucb.stat().st_size
+    home.serve()
+    row = _wait_state(home, iid, NEWER, ("rebooting", "failed"), timeout=180)
+    assert row["state"] == "rebooting", row
+    assert [c["sha256"] for c in box.installs()] == [sha256_of(raucb)]
+    assert "resuming the download at" not in box.agent.log(), "the same process goes on where it was"
+
+
+def test_bundle_changed_at_home_after_publish_is_refused_and_nothing_installed(home, agent_factory, tmp_path):
+    """Tampered or truncated between publish and download: the offer's SHA256 and size catch it."""
+    keys = updatekeys.UpdateKeys.of(paths.StatePaths(home.state))
+    box, iid = _one_appliance(home, agent_factory, tmp_path)
+    stored = home.state / "update" / "bundles"
+    for version, spoil, reason in (
+            (NEWER, "tamper", "SHA256 does not match"),
+            ("0.1.0.20260303000000", "truncate", "does not match the offer's size")):
+        home.cli("update", "publish", str(_make_bundle(tmp_path, keys, version, size=1536 * 1024)))
+        path = stored / f"{version}.raucb"
+        data = bytearray(path.read_bytes())
+        if spoil == "tamper":
+            data[len(data) // 2] ^= 0xFF
+        else:
+            data = data[:len(data) // 2]
+        path.write_bytes(bytes(data))
+        home.cli("update", "rollout", version, "--connector", home.connector)
+        row = _wait_state(home, iid, version, ("failed", "installed", "rebooting"))
+        assert row["state"] == "failed" and reason in row["detail"], row
+        _nothing_installed(box, version)
+        assert f"{version} failed" in home.cli("update", "status").stdout
+    assert box.agent.alive()
+
+
+def _mount_tmpfs(where: Path, size: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small /data stand-in (tmpfs): {res.stderr.strip()}")
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    """Mount points of small tmpfs filesystems (the appliance's /data, full); unmounted at teardown."""
+    mounted: list[Path] = []
+
+    def make(where: Path, size: str) -> Path:
+        _mount_tmpfs(where, size)
+        mounted.append(where)
+        return where
+    yield make
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(directory: Path) -> Path:
+    """Fill the filesystem of ``directory`` up to its last byte."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        for block in (b"\0" * (1 << 20), b"\0" * 4096):
+            try:
+                while True:
+                    fh.write(block)
+            except OSError:
+                pass
+    return filler
+
+
+def test_data_too_small_for_the_bundle_refuses_the_offer(home, agent_factory, tmp_path, small_data):
+    """/data smaller than the bundle plus the agent's margin: refused before a byte is fetched."""
+    keys = updatekeys.UpdateKeys.of(paths.StatePaths(home.state))
+    home.cli("update", "publish", str(_make_bundle(tmp_path, keys, NEWER, size=BIG)))
+    box = Appliance(agent_factory, tmp_path, home.issue_image(), "small", RUNNING)
+    box.agent.stop()
+    small_data(box.agent.state, "96m")
+    box.agent.start()
+    iid = box.instance_id()
+    _wait_running(home, [iid])
+    home.cli("update", "rollout", NEWER, "--connector", home.connector)
+    row = _wait_state(home, iid, NEWER, ("failed", "downloading", "installed", "rebooting"))
+    assert row["state"] == "failed" and "not enough space" in row["detail"], row
+    _nothing_installed(box, NEWER)
+    assert f"{NEWER} failed (refused: not enough space" in home.cli("update", "status").stdout
+    box.agent.stop()
+
+
+def test_data_filling_up_during_the_download_fails_it_and_says_so(home, agent_factory, tmp_path, small_data):
+    """The download fails, the partial bundle is deleted (giving the space back), the
+    failure reaches home, nothing is installed, the agent goes on."""
+    keys = updatekeys.UpdateKeys.of(paths.StatePaths(home.state))
+    home2_version = NEWER
+    home.cli("update", "publish", str(_make_bundle(tmp_path, keys, home2_version, size=BIG)))
+    box2 = Appliance(agent_factory, tmp_path, home.issue_image(), "filling", RUNNING)
+    box2.agent.stop()
+    small_data(box2.agent.state, "340m")
+    box2.agent.start()
+    iid2 = box2.instance_id()
+    _wait_running(home, [iid2])
+    home.cli("update", "rollout", home2_version, "--connector", home.connector)
+    _wait_part(box2, home2_version)
+    home.kill()  # home away for a moment; meanwhile something else fills /data
+    filler = _fill(box2.agent.state)
+    home.serve()
+    row = _wait_state(home, iid2, home2_version, ("failed", "installed", "rebooting"), timeout=120)
+    assert row["state"] == "failed" and "No space left" in row["detail"], row
+    _nothing_installed(box2, home2_version)
+    assert box2.agent.alive()
+    filler.unlink()
+    box2.agent.stop()
