@@ -140,6 +140,19 @@ def test_publish_refuses_foreign_tampered_and_missing_bundles_in_one_sentence(ho
     res = home.cli("update", "publish", str(tampered), check=False)
     assert res.returncode == 2 and "refused" in res.stderr and "Traceback" not in res.stderr
 
+    truncated = tmp_path / "truncated.raucb"
+    truncated.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    res = home.cli("update", "publish", str(truncated), check=False)
+    assert res.returncode == 2 and "refused" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+    other_product = _make_bundle(tmp_path, keys, "0.1.0.20260404000000", size=1024,
+                                 compatible="someone-else-amd64")
+    res = home.cli("update", "publish", str(other_product), check=False)
+    assert res.returncode == 2 and "someone-else-amd64" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert _status(home)["bundles"] == [], "nothing refused is kept"
+
     res = home.cli("update", "publish", str(tmp_path / "nope.raucb"), check=False)
     assert res.returncode == 2 and "not found" in res.stderr
 
