@@ -89,6 +89,56 @@ def test_a_good_offer_starts_one_download_and_a_repeat_joins_it(tmp_path):
     assert other["accepted"] is False and "under way" in other["detail"]
 
 
+def test_a_repeat_of_the_download_under_way_joins_it_even_when_space_got_short(tmp_path, monkeypatch):
+    """Home offers again after every reconnect; the space was checked when the download began."""
+    async def main():
+        up = _updater(tmp_path)
+        first = up.on_offer(_offer())
+        monkeypatch.setattr(updater, "SPACE_MARGIN", 1 << 60)
+        again = up.on_offer(_offer())
+        up.task.cancel()
+        return first, again
+    first, again = asyncio.run(main())
+    assert first["accepted"] and again["accepted"] and again["detail"] == "already under way"
+
+
+def test_abort_deletes_a_part_left_by_an_earlier_run(tmp_path):
+    up = _updater(tmp_path)
+    part = tmp_path / "state" / "update" / f"{NEWER}.raucb.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x" * 100)
+    answer = up.on_offer(_offer(action="abort"))
+    assert answer["accepted"] and not part.exists()
+
+
+def test_abort_is_refused_while_rauc_writes_the_slot(tmp_path):
+    async def main():
+        up = _updater(tmp_path)
+        up.on_offer(_offer())
+        up.installing = True
+        answer = up.on_offer(_offer(action="abort"))
+        assert not up.task.done()
+        up.task.cancel()
+        return answer
+    answer = asyncio.run(main())
+    assert answer["accepted"] is False and "cannot be stopped" in answer["detail"]
+
+
+def test_a_failed_update_leaves_no_part_and_a_full_disk_keeps_the_report_in_memory(tmp_path, monkeypatch):
+    up = _updater(tmp_path)
+    part = tmp_path / "state" / "update" / f"{NEWER}.raucb.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x" * 100)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(updater, "write_atomic", full)
+    up._failed(NEWER, "OSError: [Errno 28] No space left on device")
+    assert not part.exists()
+    assert up.unsaved == [{"version": NEWER, "state": "failed",
+                           "detail": "OSError: [Errno 28] No space left on device"}]
+
+
 def test_outbox_is_bounded_and_survives_a_restart(tmp_path):
     up = _updater(tmp_path)
     for n in range(updater.MAX_OUTBOX + 5):
@@ -105,3 +155,21 @@ def test_journal_excerpt_is_the_failed_slots_kept_file_bounded(tmp_path):
     (tmp_path / "state" / "update" / "last-boot-B.txt").write_text("x" * 100_000 + "\nagent never started\n")
     text = up._journal_excerpt("B")
     assert text.endswith("agent never started\n") and len(text) <= updater.p.JOURNAL_TEXT
+
+
+def test_reports_kept_in_memory_go_home_first(tmp_path):
+    sent = []
+
+    class Link:
+        draining = False
+
+        async def request(self, op, body, timeout):
+            sent.append((op, body))
+
+    up = _updater(tmp_path)
+    up.links = lambda: [Link()]
+    up.unsaved = [{"version": NEWER, "state": "failed", "detail": "disk full"}]
+    up._queue({"version": NEWER, "state": "committed"})
+    asyncio.run(up.flush_outbox())
+    assert [b["state"] for _, b in sent] == ["failed", "committed"]
+    assert up.unsaved == [] and up._outbox() == []
