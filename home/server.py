@@ -388,7 +388,8 @@ class HomeServer:
             provision=lambda d, order: self._directory_command(
                 "provision", {"directory": d, "order": order}),
             status=lambda: collect(self.store, self.identity,
-                                   {"addresses": self.addresses(), **self.hub.live()}),
+                                   {"addresses": self.addresses(), **self.hub.live()},
+                                   self.hub.updates.instance_states()),
             ready=ready, identity=self.identity)
 
 

@@ -147,6 +147,23 @@ def report(paths: StatePaths) -> dict:
         store.close()
 
 
+def instance_states(doc: dict) -> dict[str, str]:
+    """Per instance one line: the image it runs and its newest update's state. Shared by
+    `update status` and the status page, so both say the same thing in the same words."""
+    progress = {(r["instance_id"]): r for r in doc["progress"]}  # newest per instance (ordered)
+    states = {}
+    for run in doc["running"]:
+        row = progress.get(run["instance_id"])
+        state = "-" if row is None else f"{row['version']} {row['state']}"
+        if row and row["state"] == rollout.DOWNLOADING and row.get("percent") is not None:
+            state += f" {row['percent']}%"
+        if row and row.get("detail") and row["state"] in (rollout.ROLLED_BACK, rollout.FAILED):
+            state += f" ({row['detail']})"
+        states[run["instance_id"]] = (f"runs {run['image_version'] or '?'} "
+                                      f"(slot {run['boot_slot'] or '?'})\tupdate: {state}")
+    return states
+
+
 def render(doc: dict) -> str:
     lines = ["bundles:"]
     lines += [f"  {b['version']}\t{b['size']} bytes\tsha256 {b['sha256'][:16]}" for b in doc["bundles"]] \
@@ -155,16 +172,9 @@ def render(doc: dict) -> str:
     lines += [f"  {r['connector']}\t{r['version']}\t{r['status']}\tcanary={r['canary']}"
               for r in doc["rollouts"]] or ["  (none)"]
     lines.append("instances:")
-    progress = {(r["instance_id"]): r for r in doc["progress"]}  # newest per instance (ordered)
+    states = instance_states(doc)
     for run in doc["running"]:
-        row = progress.get(run["instance_id"])
-        state = "-" if row is None else f"{row['version']} {row['state']}"
-        if row and row["state"] == rollout.DOWNLOADING and row.get("percent") is not None:
-            state += f" {row['percent']}%"
-        if row and row.get("detail") and row["state"] in (rollout.ROLLED_BACK, rollout.FAILED):
-            state += f" ({row['detail']})"
-        lines.append(f"  {run['instance_id']}\t{run['connector']}\truns {run['image_version'] or '?'} "
-                     f"(slot {run['boot_slot'] or '?'})\tupdate: {state}")
+        lines.append(f"  {run['instance_id']}\t{run['connector']}\t{states[run['instance_id']]}")
     if not doc["running"]:
         lines.append("  (no instance has said hello since updates exist)")
     return "\n".join(lines)
@@ -420,3 +430,7 @@ class Updates:
 
     def live(self) -> dict:
         return {"rollouts": self.store.rollouts()}
+
+    def instance_states(self) -> dict[str, str]:
+        """What the status page shows per instance in its update column."""
+        return instance_states({"progress": self.store.progress_of(), "running": self.store.running()})

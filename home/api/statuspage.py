@@ -21,9 +21,10 @@ text-align:left;vertical-align:top}th{background:#f3f3f3}.ok{color:#060}.bad{col
 .muted{color:#777}"""
 
 
-def collect(store: Store, identity: IdentityStore | None, live: dict) -> dict:
-    """Per connector its instances (connection, sockets, version, addresses, self-check),
-    and per directory its sync state."""
+def collect(store: Store, identity: IdentityStore | None, live: dict,
+            update_states: dict[str, str] | None = None) -> dict:
+    """Per connector its instances (connection, sockets, version, addresses, self-check,
+    update state: `updates.instance_states`), and per directory its sync state."""
     report = status.report(store, live)
     sockets: dict[str, list[dict]] = {}
     for row in report["sockets"]:
@@ -49,7 +50,7 @@ def collect(store: Store, identity: IdentityStore | None, live: dict) -> dict:
                 "instance_id": n["instance_id"], "connected": bool(own),
                 "connected_since": min((s["connected_at"] for s in own), default=None),
                 "sockets": own, "last_seen": n["last_seen"], "version": n["agent_version"],
-                "update_state": "n/a", "private_addresses": private,
+                "update_state": (update_states or {}).get(n["instance_id"], "-"), "private_addresses": private,
                 "public_address": own[0]["peer"].rsplit(":", 1)[0] if own else None,
                 "platform": measured.get("platform") or (n.get("machine") or {}).get("platform"),
                 "selfcheck": check.get("verdict"), "config_version": n["config_version"],
