@@ -200,7 +200,16 @@ class Updates:
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        """A background step that failed (home's disk full, an agent gone) is one log
+        line; the next hello or report drives the rollout again."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            event(log, logging.ERROR, "update_step_failed", error=f"{type(exc).__name__}: {exc}",
+                  hint="the rollout goes on at the instance's next hello or report")
 
     # ---- hello
 
@@ -208,8 +217,9 @@ class Updates:
         ident = peer.identity
         if ident.role != "instance" or peer.hello is None:
             return
-        self.store.record_running(ident.instance_id, ident.connector, peer.hello.get("image_version"),
-                                  peer.hello.get("boot_slot"))
+        # bookkeeping: a full disk must not keep the instance out (issue 11, point 7)
+        self.hub.books.write("update_running", self.store.record_running, ident.instance_id,
+                             ident.connector, peer.hello.get("image_version"), peer.hello.get("boot_slot"))
         self._spawn(self._resume(peer))
         self._spawn(self.drive(ident.connector))
 
