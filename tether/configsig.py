@@ -250,34 +250,33 @@ def seal_secrets(config: Any, seal: Callable[[bytes, bytes], str], path: str = "
     the aad is the field's JSON path (``directories/0/bind_password``) so a sealed
     value cannot be moved to another field.
     """
-    if isinstance(config, dict):
-        out = {}
-        for name, value in config.items():
-            sub = f"{path}/{name}" if path else str(name)
-            if name in SECRET_FIELDS and isinstance(value, str) and not _looks_sealed(value):
-                out[name] = seal(value.encode("utf-8"), sub.encode("utf-8"))
-            else:
-                out[name] = seal_secrets(value, seal, sub)
-        return out
-    if isinstance(config, list):
-        return [seal_secrets(v, seal, f"{path}/{i}" if path else str(i))
-                for i, v in enumerate(config)]
-    return config
+    return _map_secret_fields(
+        config, lambda value: isinstance(value, str) and not _looks_sealed(value),
+        lambda value, aad: seal(value.encode("utf-8"), aad), path)
 
 
 def unseal_secrets(config: Any, unseal: Callable[[str, bytes], bytes], path: str = "") -> Any:
     """Inverse of :func:`seal_secrets`: open every sealed secret field (in memory only)."""
+    return _map_secret_fields(config, _looks_sealed,
+                              lambda value, aad: unseal(value, aad).decode("utf-8"), path)
+
+
+def _map_secret_fields(config: Any, applies: Callable[[Any], bool],
+                       change: Callable[[Any, bytes], Any], path: str) -> Any:
+    """Copy of ``config`` with ``change(value, json_path)`` applied to each secret field
+    whose value ``applies``; one walk for sealing and unsealing so both always visit the
+    same fields with the same aad."""
     if isinstance(config, dict):
         out = {}
         for name, value in config.items():
             sub = f"{path}/{name}" if path else str(name)
-            if name in SECRET_FIELDS and _looks_sealed(value):
-                out[name] = unseal(value, sub.encode("utf-8")).decode("utf-8")
+            if name in SECRET_FIELDS and applies(value):
+                out[name] = change(value, sub.encode("utf-8"))
             else:
-                out[name] = unseal_secrets(value, unseal, sub)
+                out[name] = _map_secret_fields(value, applies, change, sub)
         return out
     if isinstance(config, list):
-        return [unseal_secrets(v, unseal, f"{path}/{i}" if path else str(i))
+        return [_map_secret_fields(v, applies, change, f"{path}/{i}" if path else str(i))
                 for i, v in enumerate(config)]
     return config
 
