@@ -65,9 +65,9 @@ def install(tree: Path, site: Path) -> None:
                     "--disable-pip-version-check",
                     "--target", str(site), str(tree)], check=True)
     # Our editable install must not win over PYTHONPATH, or both sides measure this tree.
-    where = subprocess.run([sys.executable, "-c", "import tether.agent; print(tether.agent.__file__)"],
-                           env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True,
-                           text=True, check=True).stdout.strip()
+    probe = "import tether.agent; print(tether.agent.__file__)"
+    where = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(site)},
+                           cwd=site, capture_output=True, text=True, check=True).stdout.strip()
     if not where.startswith(str(site)):
         raise SystemExit(f"shape: {tree.name} resolves tether.agent to {where}, not its own "
                          f"install; uninstall other copies of tether from this venv")
