@@ -37,6 +37,22 @@ def test_agent_installed(host):
     assert host.file("/etc/systemd/system/" + UNIT).is_file
 
 
+def test_appliance_carries_the_agent_without_home_or_image_tooling(host):
+    """The venv holds the tether-agent distribution: agent, protocol, shared crypto (issue 13)."""
+    site = host.run("ls -d /opt/tether/venv/lib/python3*/site-packages").stdout.strip()
+    assert site, "no site-packages in /opt/tether/venv"
+    dists = host.run(f"ls -d {site}/tether*.dist-info").stdout.split()
+    assert [Path(d).name.split("-")[0] for d in dists] == ["tether_agent"], f"tether distributions: {dists}"
+    for part in ("home", "image"):
+        assert not host.file(f"{site}/tether/{part}").exists, f"{site}/tether/{part} is on the appliance"
+    probe = ("import importlib.util as u; "
+             "print(' '.join(n for n in ('tether.agent', 'tether.protocol', 'tether.sealing', 'tether.home', "
+             "'tether.image') if u.find_spec(n)))")
+    res = host.run(f'/opt/tether/venv/bin/python3 -I -B -c "{probe}"')
+    assert res.rc == 0, res.stderr
+    assert res.stdout.split() == ["tether.agent", "tether.protocol", "tether.sealing"], res.stdout
+
+
 def test_agent_install_read_only_for_agent(host):
     venv = host.file("/opt/tether/venv")
     assert venv.user == "root" and not venv.mode & 0o022, "the venv must belong to root, writable by root only"

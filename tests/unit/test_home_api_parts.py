@@ -21,7 +21,7 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def test_appliance_wheelhouse_leaves_out_the_home_extra():
-    """The image installs the tether wheel with its [project] dependencies only."""
+    """The image installs the tether-agent wheel with its [project] dependencies only."""
     data = tomllib.loads((CHECKOUT / "pyproject.toml").read_text())
     runtime = " ".join(wheelhouse.runtime_requirements(CHECKOUT / "pyproject.toml")).lower()
     home = data["project"]["optional-dependencies"]["home"]
@@ -30,7 +30,7 @@ def test_appliance_wheelhouse_leaves_out_the_home_extra():
     for name in ("starlette", "uvicorn", "authlib", "prometheus"):
         assert name not in runtime
     install = (CHECKOUT / "ansible/roles/agent/files/install_agent.py").read_text()
-    assert '"tether==" + args["version"]' in install  # no [home] extra on the appliance
+    assert '"tether-agent==" + args["version"]' in install  # no [home] extra on the appliance
 
 
 def test_store_keeps_hashes_and_revokes(tmp_path):

@@ -52,4 +52,4 @@ def test_cached_dependency_wheels_are_reused_without_the_index(tmp_path, monkeyp
     monkeypatch.setattr(wheelhouse, "run", fake_run)
     wheels = wheelhouse.build(CHECKOUT, tmp_path / "out", cache=tmp_path, say=lambda _: None)
     names = [w.name for w in wheels]
-    assert any(n.startswith("tether-") for n in names) and "psutil-7-cp36-abi3-manylinux_2_17_x86_64.whl" in names
+    assert any(n.startswith("tether_agent-") for n in names) and "psutil-7-cp36-abi3-manylinux_2_17_x86_64.whl" in names

@@ -82,7 +82,7 @@ def root(tmp_path) -> Path:
         'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nVERSION_CODENAME=bookworm\nID=debian\n')
     for kernel in ("6.1.0-25-cloud-amd64", "6.1.0-9-cloud-amd64"):
         (root / "lib/modules" / kernel).mkdir(parents=True)
-    dist = root / "opt/tether/venv/lib/python3.11/site-packages/tether-0.3.1.dist-info"
+    dist = root / "opt/tether/venv/lib/python3.11/site-packages/tether_agent-0.3.1.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tether\nVersion: 0.3.1\n")
     return root

@@ -16,9 +16,11 @@ any of it makes a new layer (and the old one is pruned):
   e.g. write_files.py), site.yml and ansible.cfg;
 * the Packer templates (how the guest is booted and provisioned);
 * the unit files the roles install from the checkout (agent/*.service);
-* the wheelhouse: every wheel by its members' names and contents, so a
-  rebuilt but identical tether wheel (new zip timestamps) keeps the layer and
-  a changed agent makes a new one;
+* the wheelhouse (the tether-agent wheel, tether.image.agentdist, and its
+  dependencies: exactly what goes on the appliance): every wheel by its
+  members' names and contents, so a rebuilt but identical agent wheel (new
+  zip timestamps) keeps the layer, a changed agent makes a new one and an
+  edit of home/ or of this tooling (not in the wheel) changes nothing;
 * the list of per-image roles and FORMAT (bump it when the way the layer is
   made changes).
 """

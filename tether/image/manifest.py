@@ -120,9 +120,9 @@ def kernel_versions(root: Path) -> list[str]:
 
 
 def agent_version(root: Path) -> str:
-    """Version of the tether distribution installed in the appliance's venv."""
+    """Version of the tether-agent distribution installed in the appliance's venv."""
     metas = sorted((Path(root) / "opt/tether/venv/lib").glob(
-        "python3*/site-packages/tether-*.dist-info/METADATA"))
+        "python3*/site-packages/tether_agent-*.dist-info/METADATA"))
     for meta in metas:
         match = re.search(r"^Version: (\S+)$", meta.read_text(), re.M)
         if match:

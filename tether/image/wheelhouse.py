@@ -1,8 +1,9 @@
 """The wheelhouse the agent role installs from (the guest has no network).
 
-It holds the wheel of this checkout plus binary wheels of the appliance's
-runtime dependencies (websockets, cryptography, psutil and theirs) for the
-guest: CPython 3.11 on x86_64 glibc (Debian 12). The dependencies are
+It holds the tether-agent wheel (tether.image.agentdist: the agent, the
+protocol and the shared crypto of this checkout, nothing of home or of this
+tooling) plus binary wheels of the appliance's runtime dependencies
+(websockets, cryptography, psutil, ldap3 and theirs) for the guest: CPython 3.11 on x86_64 glibc (Debian 12). The dependencies are
 fetched with explicit target tags, so the build machine's own Python may
 differ from the guest's without putting an unusable wheel into the image.
 """
@@ -16,8 +17,12 @@ import sys
 import tomllib
 from pathlib import Path
 
+from . import agentdist
 from .errors import BuildError
 from .proc import run
+
+#: File names of the agent's wheel (a wheel's name spells "-" as "_").
+AGENT_WHEEL_PREFIX = agentdist.NAME.replace("-", "_") + "-"
 
 #: The guest: Debian 12's python3 (3.11) on x86_64 with glibc 2.36.
 GUEST_PYTHON = "3.11"
@@ -76,24 +81,34 @@ def _dependency_wheels(requirements: list[str], cache: Path, say) -> Path:
     return ready
 
 
-def build(checkout: Path, dest: Path, cache: Path | None = None, say=print) -> list[Path]:
-    """Fill `dest` with the tether wheel and its dependencies; return the wheels.
+def agent_wheel(checkout: Path, dest: Path) -> Path:
+    """Build the tether-agent wheel of `checkout` into `dest`; return it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    staged = agentdist.stage(checkout, dest.parent / f"{dest.name}-agent-src")
+    try:
+        run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
+             "--wheel-dir", str(dest), str(staged)],
+            what=f"building the {agentdist.NAME} wheel from this checkout (pip wheel)")
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    made = sorted(dest.glob(f"{AGENT_WHEEL_PREFIX}*.whl"))
+    if len(made) != 1:
+        raise BuildError(f"pip wheel made {len(made)} {AGENT_WHEEL_PREFIX}*.whl in {dest}, not one")
+    return made[0]
 
-    The tether wheel is built from the checkout every time (it is the code
+
+def build(checkout: Path, dest: Path, cache: Path | None = None, say=print) -> list[Path]:
+    """Fill `dest` with the tether-agent wheel and its dependencies; return the wheels.
+
+    The agent wheel is built from the checkout every time (it is the code
     under build); the dependency wheels are cached under `cache` by their
     requirement set, so a warm build does not ask the package index again.
     """
-    dest.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
-         "--wheel-dir", str(dest), str(checkout)],
-        what="building the tether wheel from this checkout (pip wheel)")
+    agent_wheel(checkout, dest)
     requirements = runtime_requirements(checkout / "pyproject.toml")
     if cache is None:
         _download(requirements, dest)
     else:
         for wheel in _dependency_wheels(requirements, cache, say).glob("*.whl"):
             shutil.copyfile(wheel, dest / wheel.name)
-    wheels = sorted(dest.glob("*.whl"))
-    if not any(w.name.startswith("tether-") for w in wheels):
-        raise BuildError(f"pip wheel made no tether-*.whl in {dest}")
-    return wheels
+    return sorted(dest.glob("*.whl"))

@@ -1,4 +1,4 @@
-# Installs the tether agent into its venv on the guest, in one remote call
+# Installs the tether agent (distribution tether-agent) into its venv on the guest, in one remote call
 # (each call costs seconds under TCG): install directory, venv, the wheels
 # from the wheelhouse archive (pip --no-index, no network), then a check
 # that the agent runs. Installs only when the venv lacks this version.
@@ -39,7 +39,7 @@ if not os.path.exists(python):
     run(["/usr/bin/python3", "-m", "venv"] + (["--without-pip"] if pip_wheels else []) + [venv], "python3 -m venv")
     changed = True
 pip = [python, os.path.join(pip_wheels[-1], "pip")] if pip_wheels else [python, "-m", "pip"]
-probe = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('tether'))"],
+probe = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('tether-agent'))"],
                        capture_output=True, text=True, check=False)
 if probe.returncode != 0 or probe.stdout.strip() != args["version"]:
     shutil.rmtree(args["wheelhouse"], ignore_errors=True)
@@ -49,7 +49,7 @@ if probe.returncode != 0 or probe.stdout.strip() != args["version"]:
         extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(args["wheelhouse"], **extra)
     run(pip + ["install", "--no-index", "--no-cache-dir", "--disable-pip-version-check",
-         "--find-links=" + args["wheelhouse"], "tether==" + args["version"]], "pip install")
+         "--find-links=" + args["wheelhouse"], "tether-agent==" + args["version"]], "pip install")
     changed = True
 run([os.path.join(venv, "bin", "tether-agent"), "--help"], "tether-agent --help")
 json.dump({"changed": changed, "version": args["version"]}, sys.stdout)
