@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
 import bootrun
 from homerig import RigError, start_home
+import vm
 
-from tether.image import vm
 
 RESULTS = ROOT / "bench" / "results" / "boot.json"
 GOAL_S = 20.0

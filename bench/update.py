@@ -49,9 +49,9 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 import bootrun
 from homerig import RigError, start_home
+import vm
 
 from tether.home import paths, updatekeys
-from tether.image import vm
 
 RESULTS = ROOT / "bench" / "results" / "update.json"
 DEADLINE = 60

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from homerig import BootHome, RigError, event_time, wait_event
+import vm
 
-from tether.image import bundle, vm
+from tether.image import bundle
 
 HOME_URL = f"wss://{vm.GUEST_HOME_ADDRESS}:{vm.GUEST_HOME_PORT}/"
 #: A getty prompt ("tether login: "), after stripping terminal escapes.

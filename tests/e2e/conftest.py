@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bootrun import TIMINGS, BootImage, extract_vmdk, load_image
 from homerig import RigError
+import vm
 
-from tether.image import vm
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,9 +14,9 @@ import json
 import bootrun
 import pytest
 from homerig import start_home
+import vm
 from tether.agent import machine
 
-from tether.image import vm
 
 pytestmark = [pytest.mark.image, pytest.mark.slow]
 

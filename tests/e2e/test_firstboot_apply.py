@@ -14,7 +14,7 @@ from pathlib import Path
 from tether.agent import firstboot, machine
 from tether.agent import firstboot_apply as fa
 
-from tether.image import vm
+import vm
 
 
 def _settings(**raw) -> firstboot.FirstBootSettings:

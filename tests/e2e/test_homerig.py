@@ -10,8 +10,7 @@ import pytest
 from cryptography import x509
 from homeproc import TETHER_HOME
 from homerig import RigError, copy_state, reissue_server_cert, start_home
-
-from tether.image import vm
+import vm
 
 
 @pytest.fixture

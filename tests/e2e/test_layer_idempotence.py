@@ -20,15 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tether.image import (
-    basedisk,
-    builddisk,
-    buildvars,
-    credential,
-    layer,
-    vm,
-    wheelhouse,
-)
+import vm
+
+from tether.image import basedisk, builddisk, buildvars, credential, layer, wheelhouse
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("TETHER_IMAGE_CACHE", ROOT / "images" / ".cache"))
@@ -48,11 +42,12 @@ def guest():
 def _guest(work: Path):
     wheels = work / "wheelhouse"
     wheelhouse.build(ROOT, wheels, cache=CACHE, say=lambda _m: None)
-    cached = layer.path_for(CACHE, layer.key(basedisk.default_inputs().key(), wheels))
+    inputs = basedisk.default_inputs()
+    cached = layer.entry(CACHE, layer.key(inputs.key(), wheels)).path()
     if not cached.is_file():
         pytest.skip(f"no provisioned layer for this checkout ({cached.name}) in {CACHE}: build an image first")
     # Held as in the build: the firewall would drop SSH, the agent must not run.
-    disk, key = builddisk.prepare(cached, work, basedisk.default_inputs().layout, hold_units=builddisk.HOLD_UNITS)
+    disk, key = builddisk.prepare(cached, work, inputs.layout, hold_units=builddisk.HOLD_UNITS)
     state = work / "home"
     credential.ensure_home(state, say=lambda _m: None)
     cred = credential.issue(state, work / "credential.json", [])

@@ -22,9 +22,9 @@ from pathlib import Path
 import bootrun
 import pytest
 from homerig import start_home
+import vm
 
 from tether.home import paths, updatekeys
-from tether.image import vm
 
 pytestmark = [pytest.mark.image, pytest.mark.slow]
 

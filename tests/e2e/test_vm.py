@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tether.agent import firstboot
 
-from tether.image import vm
+import vm
 
 UUID = "0b7c6a52-3f0e-4c8e-9d55-6f1d2a3b4c5d"
 

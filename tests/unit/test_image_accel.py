@@ -47,14 +47,14 @@ def test_probe_timeout_is_a_failure(tmp_path, monkeypatch):
 def test_decision_is_cached_per_host_boot_and_kernel(tmp_path, monkeypatch):
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"kernel-1")
-    cache = tmp_path / "accel.json"
+    cache = tmp_path / "cache"
     calls = []
     monkeypatch.setattr(accel, "kvm_usable_device", lambda device=accel.KVM_DEVICE: True)
     monkeypatch.setattr(accel, "probe_kvm", lambda k, timeout=0: calls.append(k) or accel.ProbeResult(False, "hung"))
     first, cached1 = accel.choose(kernel, cache)
     second, cached2 = accel.choose(kernel, cache)
     assert (first.accelerator, cached1, second.accelerator, cached2) == ("tcg", False, "tcg", True)
-    assert len(calls) == 1 and json.loads(cache.read_text())["accelerator"] == "tcg"
+    assert len(calls) == 1 and json.loads(accel.entry(cache, kernel).path().read_text())["accelerator"] == "tcg"
     kernel.write_bytes(b"kernel-2")  # another kernel: probe again
     accel.choose(kernel, cache)
     assert len(calls) == 2

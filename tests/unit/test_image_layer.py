@@ -104,13 +104,16 @@ def test_a_rebuilt_identical_wheel_keeps_the_key(checkout, wheels):
 def test_store_replaces_older_layers(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
-    old = layer.path_for(cache, "a" * 64)
+    old = layer.entry(cache, "a" * 64).path()
     old.write_bytes(b"old")
     (cache / "base-0000.raw").write_bytes(b"base")
     disk = tmp_path / "new.img"
     disk.write_bytes(b"new")
-    stored = layer.store(disk, cache, "b" * 64)
-    assert stored == layer.path_for(cache, "b" * 64) and stored.read_bytes() == b"new"
+    new = layer.entry(cache, "b" * 64)
+    with new.publishing() as out:
+        os.replace(disk, out[".raw"])
+    stored = new.path()
+    assert stored == cache / f"provisioned-{'b' * 16}.raw" and stored.read_bytes() == b"new"
     assert not old.exists() and (cache / "base-0000.raw").exists()
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from .cache import Entry
 
 KVM_DEVICE = Path("/dev/kvm")
 #: Printed by the kernel after every driver initialised and no root was found.
@@ -90,22 +91,24 @@ def host_fingerprint(kernel: Path | None) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def choose(kernel: Path | None, cache_file: Path | None = None) -> tuple[Decision, bool]:
-    """The accelerator to use and whether the answer came from the cache."""
-    fingerprint = host_fingerprint(kernel)
-    if cache_file is not None and cache_file.is_file():
+def entry(cache_dir: Path, kernel: Path | None) -> Entry:
+    """The cached answer for this host and kernel: accel-<fingerprint>.json."""
+    return Entry(cache_dir, "accel", host_fingerprint(kernel), (".json",))
+
+
+def choose(kernel: Path | None, cache_dir: Path | None = None) -> tuple[Decision, bool]:
+    """The accelerator to use and whether the answer came from the cache (tether.image.cache)."""
+    cached = entry(cache_dir, kernel) if cache_dir is not None else None
+    if cached is not None and cached.ready():
         try:
-            cached = json.loads(cache_file.read_text())
-            if cached.get("fingerprint") == fingerprint:
-                return Decision(cached["accelerator"], cached["reason"]), True
+            doc = json.loads(cached.path().read_text())
+            return Decision(doc["accelerator"], doc["reason"]), True
         except (ValueError, KeyError):
             pass
     device_ok = kvm_usable_device()
     probe = probe_kvm(kernel) if device_ok and kernel is not None else None
     decision = decide(device_ok, probe)
-    if cache_file is not None:
-        tmp = cache_file.with_name(cache_file.name + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "accelerator": decision.accelerator,
-                                   "reason": decision.reason}))
-        os.replace(tmp, cache_file)
+    if cached is not None:
+        with cached.publishing() as out:
+            out[".json"].write_text(json.dumps({"accelerator": decision.accelerator, "reason": decision.reason}))
     return decision, False

@@ -6,8 +6,9 @@ package list, partition layout, suite and variant, the boot/mount files and
 STEP_VERSION (bump it when this module changes what it writes). Same inputs,
 same key: the next build reuses the disk; any change makes a new one.
 
-The disk is written under a temporary name and renamed only when complete,
-so an interrupted build never leaves a disk that looks finished.
+The disk and a copy of its kernel (for the accelerator probe) are one
+entry of tether.image.cache: written under temporary names and renamed only
+when complete, so an interrupted build never leaves a disk that looks finished.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import bootconf, layout
+from .cache import Entry
 from .diskio import attached, chroot_mounts, in_chroot, mounted
 from .errors import BuildError
 from .mirror import find_mirror
@@ -123,16 +125,17 @@ class BaseDisk:
     cached: bool
 
 
-def paths_for(cache_dir: Path, key: str) -> tuple[Path, Path]:
-    short = key[:16]
-    return cache_dir / f"base-{short}.raw", cache_dir / f"base-{short}.vmlinuz"
+def entry(cache_dir: Path, key: str) -> Entry:
+    """The cache entry of a base disk: base-<key>.raw and its kernel base-<key>.vmlinuz."""
+    return Entry(cache_dir, "base", key, (".raw", ".vmlinuz"))
 
 
 def ensure(cache_dir: Path, inputs: BaseInputs, say=print) -> BaseDisk:
     """Return the cached base disk for `inputs`, building it when missing."""
     key = inputs.key()
-    disk, kernel = paths_for(cache_dir, key)
-    if disk.is_file() and kernel.is_file():
+    cached = entry(cache_dir, key)
+    disk, kernel = cached.path(".raw"), cached.path(".vmlinuz")
+    if cached.ready():
         say(f"cached base disk {disk.name} (key {key[:16]})")
         return BaseDisk(disk, kernel, key, cached=True)
     for tool, pkg in (("debootstrap", "debootstrap"), ("sfdisk", "fdisk"), ("mkfs.ext4", "e2fsprogs"),
@@ -142,26 +145,9 @@ def ensure(cache_dir: Path, inputs: BaseInputs, say=print) -> BaseDisk:
         raise BuildError(f"{KEYRING} missing: install the Debian package 'debian-archive-keyring'")
     mirror = find_mirror(inputs.suite)
     say(f"building base disk (key {key[:16]}) from the apt mirror configured on this machine")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp_disk = disk.with_name(f".{disk.name}.tmp-{os.getpid()}")
-    tmp_kernel = kernel.with_name(f".{kernel.name}.tmp-{os.getpid()}")
-    try:
-        _build(tmp_disk, tmp_kernel, inputs, mirror, cache_dir / "debs", say)
-        os.replace(tmp_kernel, kernel)
-        os.replace(tmp_disk, disk)
-    finally:
-        for leftover in (tmp_disk, tmp_kernel):
-            leftover.unlink(missing_ok=True)
-    _prune_old(cache_dir, keep=disk)
+    with cached.publishing() as out:
+        _build(out[".raw"], out[".vmlinuz"], inputs, mirror, cache_dir / "debs", say)
     return BaseDisk(disk, kernel, key, cached=False)
-
-
-def _prune_old(cache_dir: Path, keep: Path) -> None:
-    """Drop base disks of older inputs: each is GiBs of sparse data."""
-    for old in cache_dir.glob("base-*.raw"):
-        if old != keep:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".vmlinuz").unlink(missing_ok=True)
 
 
 def _build(disk: Path, kernel_out: Path, inputs: BaseInputs, mirror: str, debs: Path, say) -> None:

@@ -19,28 +19,6 @@ from .errors import BuildError
 from .progress import Progress, fmt_seconds
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tether-image", description="tether appliance images")
-    parser.add_argument("--images-dir", type=Path, default=build.CHECKOUT / "images",
-                        help="where images, the cache and the local home state live (default: images/)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build a verified OVA + raw disk into images/<name>/")
-    b.add_argument("--name", help="image name (default: tether-<UTC time>-<random>)")
-    src = b.add_mutually_exclusive_group()
-    src.add_argument("--home-state", type=Path, help="home state directory to issue the credential (default: images/.home)")
-    src.add_argument("--credential", type=Path, help="credential bundle from `tether-home image issue`")
-    b.add_argument("--home-url", action="append", default=[], dest="home_urls",
-                   help="wss:// URL of home recorded in the image (repeatable; default: a placeholder)")
-    b.add_argument("--no-verify", action="store_true", help="skip the image checks (development only)")
-    v = sub.add_parser("verify", help="run the image checks on images/<name>/")
-    v.add_argument("--name", required=True)
-    u = sub.add_parser("bundle", help="write images/<name>/<name>.raucb, the signed update bundle of that image")
-    u.add_argument("--name", required=True)
-    u.add_argument("--home-state", type=Path, help="home state directory with the update key (default: images/.home)")
-    u.add_argument("--version", help="bundle version (default: the image's version from its manifest)")
-    return parser
-
-
 def _bundle(args) -> int:
     from . import bundle
 
@@ -92,10 +70,35 @@ def _verify(args) -> int:
     return 0
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tether-image", description="tether appliance images")
+    parser.add_argument("--images-dir", type=Path, default=build.CHECKOUT / "images",
+                        help="where images, the cache and the local home state live (default: images/)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build a verified OVA + raw disk into images/<name>/")
+    b.set_defaults(func=_build)
+    b.add_argument("--name", help="image name (default: tether-<UTC time>-<random>)")
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--home-state", type=Path, help="home state directory to issue the credential (default: images/.home)")
+    src.add_argument("--credential", type=Path, help="credential bundle from `tether-home image issue`")
+    b.add_argument("--home-url", action="append", default=[], dest="home_urls",
+                   help="wss:// URL of home recorded in the image (repeatable; default: a placeholder)")
+    b.add_argument("--no-verify", action="store_true", help="skip the image checks (development only)")
+    v = sub.add_parser("verify", help="run the image checks on images/<name>/")
+    v.set_defaults(func=_verify)
+    v.add_argument("--name", required=True)
+    u = sub.add_parser("bundle", help="write images/<name>/<name>.raucb, the signed update bundle of that image")
+    u.set_defaults(func=_bundle)
+    u.add_argument("--name", required=True)
+    u.add_argument("--home-state", type=Path, help="home state directory with the update key (default: images/.home)")
+    u.add_argument("--version", help="bundle version (default: the image's version from its manifest)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"build": _build, "verify": _verify, "bundle": _bundle}[args.command](args)
+        return args.func(args)
     except BuildError as exc:
         print(f"\ntether-image: {exc}", file=sys.stderr)
         return 1

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from pathlib import Path
 
 import yaml
+
+from .cache import Entry
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 FORMAT = 1
@@ -104,25 +105,6 @@ def key(base_key: str, wheelhouse: Path, checkout: Path = CHECKOUT) -> str:
     return digest.hexdigest()
 
 
-def path_for(cache_dir: Path, layer_key: str) -> Path:
-    return cache_dir / f"provisioned-{layer_key[:16]}.raw"
-
-
-def store(disk: Path, cache_dir: Path, layer_key: str) -> Path:
-    """Move a freshly provisioned disk into the cache and drop older layers."""
-    target = path_for(cache_dir, layer_key)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    os.replace(disk, tmp)  # same file system: images/.work and images/.cache
-    os.replace(tmp, target)
-    prune(cache_dir, keep=target)
-    return target
-
-
-def prune(cache_dir: Path, keep: Path) -> list[Path]:
-    """Remove layers of other keys: each is a GiB or more of disk."""
-    gone = []
-    for old in cache_dir.glob("provisioned-*.raw"):
-        if old != keep:
-            old.unlink(missing_ok=True)
-            gone.append(old)
-    return gone
+def entry(cache_dir: Path, layer_key: str) -> Entry:
+    """The cache entry of a layer: provisioned-<key>.raw (a GiB or more; other keys are pruned)."""
+    return Entry(cache_dir, "provisioned", layer_key, (".raw",))

@@ -11,13 +11,13 @@ differ from the guest's without putting an unusable wheel into the image.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import sys
 import tomllib
 from pathlib import Path
 
 from . import agentdist
+from .cache import Entry
 from .errors import BuildError
 from .proc import run
 
@@ -65,20 +65,15 @@ def _download(requirements: list[str], dest: Path) -> None:
 
 
 def _dependency_wheels(requirements: list[str], cache: Path, say) -> Path:
-    """A directory of dependency wheels, downloaded once per requirement set."""
-    ready = cache / f"wheels-{deps_key(requirements)}"
-    if ready.is_dir() and any(ready.glob("*.whl")):
-        say(f"dependency wheels from cache {ready.name}")
-        return ready
-    target = cache / f".wheels-{os.getpid()}.tmp"
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    try:
-        _download(requirements, target)
-        os.replace(target, ready)
-    finally:
-        shutil.rmtree(target, ignore_errors=True)
-    return ready
+    """A directory of dependency wheels, downloaded once per requirement set (wheels-<key>)."""
+    cached = Entry(cache, "wheels", deps_key(requirements))
+    if cached.ready() and any(cached.path().glob("*.whl")):
+        say(f"dependency wheels from cache {cached.path().name}")
+        return cached.path()
+    with cached.publishing() as out:
+        out[""].mkdir()
+        _download(requirements, out[""])
+    return cached.path()
 
 
 def agent_wheel(checkout: Path, dest: Path) -> Path:

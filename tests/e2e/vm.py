@@ -1,6 +1,9 @@
 """Power a finished appliance disk on under qemu, with the hardware its OVF declares.
 
-Used by the boot test (tests/e2e) and bench/boot.py. The machine matches the
+A test harness, not part of the product (the appliance and the image
+build never run it): used by the boot tests here in tests/e2e, by
+bench/boot.py and bench/update.py, which put this folder on sys.path and
+`import vm`. The machine matches the
 OVA's descriptor (tether.image.ovf): 4 vCPU, 8 GiB RAM, the disk on an NVMe
 controller (bootindex 0, which qemu 7.2's SeaBIOS boots), a vmxnet3 NIC and
 an IDE CD-ROM for the OVF ISO transport. The machine type is ``pc``
@@ -32,8 +35,8 @@ from pathlib import Path
 from typing import Self
 from xml.sax import saxutils
 
-from . import accel
-from .errors import BuildError
+from tether.image import accel
+from tether.image.errors import BuildError
 
 #: Guest-side address and port of home (inside qemu's 10.0.2.0/24 user network).
 GUEST_HOME_ADDRESS = "10.0.2.100"
@@ -193,10 +196,9 @@ def choose_accelerator(cache_dir: Path | None) -> accel.Decision:
     The probe needs a kernel; the image build keeps the base disk's kernel in
     images/.cache/. Without one, TCG: slow but always works.
     """
-    kernels = sorted(cache_dir.glob("*.vmlinuz")) if cache_dir and cache_dir.is_dir() else []
-    kernel = kernels[-1] if kernels else None
-    cache_file = cache_dir / "accel.json" if cache_dir and cache_dir.is_dir() else None
-    decision, _ = accel.choose(kernel, cache_file)
+    found = cache_dir is not None and cache_dir.is_dir()
+    kernels = sorted(cache_dir.glob("base-*.vmlinuz")) if found else []
+    decision, _ = accel.choose(kernels[-1] if kernels else None, cache_dir if found else None)
     return decision
 
 
@@ -446,12 +448,12 @@ class Vm:
 def main(argv: list[str] | None = None) -> int:
     """Boot a disk by hand and follow its console until Ctrl-C (then stop qemu).
 
-    python -m tether.image.vm --disk images/N/N.raw --home-port 8443 [--home-url-iso]
+    python tests/e2e/vm.py --disk images/N/N.raw --home-port 8443 [--home-url-iso]
     """
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m tether.image.vm", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python tests/e2e/vm.py", description=main.__doc__)
     parser.add_argument("--disk", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tether-vm"))
     parser.add_argument("--home-port", type=int, help="home's port on 127.0.0.1 (guestfwd target)")
