@@ -58,3 +58,7 @@ def test_decision_is_cached_per_host_boot_and_kernel(tmp_path, monkeypatch):
     kernel.write_bytes(b"kernel-2")  # another kernel: probe again
     accel.choose(kernel, cache)
     assert len(calls) == 2
+
+
+def test_a_missing_device_is_not_usable(tmp_path):
+    assert not accel.kvm_usable_device(tmp_path / "kvm")

@@ -97,7 +97,7 @@ def stage(checkout: Path, dest: Path) -> Path:
     directory of any other package (tether/image/ inside tether/) is skipped.
     """
     dist = project_of(checkout / "pyproject.toml")
-    all_dirs = {str(d) for d in _all_package_dirs(checkout / "pyproject.toml")}
+    all_dirs = set(_all_package_dirs(checkout / "pyproject.toml"))
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     for rel in dist["package-dir"].values():
