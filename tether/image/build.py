@@ -31,7 +31,10 @@ import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+
+from tether import imageversion
 
 from . import basedisk, preflight, stages
 from .errors import BuildError
@@ -127,13 +130,16 @@ def _pipeline(opts: Options, name: str, dirs: BuildDirs, progress: Progress) -> 
     accelerator = stages.accelerator(dirs.cache, base.kernel, progress)
     cred = stages.image_credential(opts.credential, home_state, opts.home_urls, dirs.work, progress)
     wheels = stages.wheels(CHECKOUT, dirs.work, dirs.cache, progress)
-    build_vars = stages.build_vars(wheels, cred, name, version, dirs.work)
-    packer = stages.Packer(dirs.work, accelerator, build_vars.file, dirs.cache / "packer", progress)
+    # Known before Packer runs: the role update writes it into the slot, the
+    # manifest and the bundle carry the same string.
+    image_version = imageversion.make(version, datetime.now(timezone.utc))
+    vars_file = stages.build_vars(wheels, cred, name, image_version, dirs.work)
+    packer = stages.Packer(dirs.work, accelerator, vars_file, dirs.cache / "packer", progress)
     provisioned = stages.provisioned_layer(base, wheels, lay, packer, dirs.cache, dirs.work, progress)
     raw = stages.image_disk(provisioned, lay, packer, name, dirs.work, dirs.partial, progress)
     stages.sealed(raw, lay, progress)
     made = stages.ova(raw, name, version, cred.bundle["image_id"], dirs.partial, progress)
-    stages.manifest(name, cred.bundle, raw, made, build_vars.image_version, lay, dirs.partial, progress)
+    stages.manifest(name, cred.bundle, raw, made, image_version, lay, dirs.partial, progress)
     # A credential given without its home: no update key to sign a bundle with.
     signing_home = None if opts.credential and not opts.home_state else home_state
     stages.update_bundle(name, signing_home, dirs.partial, progress)

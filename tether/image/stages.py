@@ -21,43 +21,13 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-
-from tether import imageversion
 
 from . import accel, basedisk, builddisk, buildvars, credential, layer, packerrun, seal, wheelhouse
 from .diskio import attached, mounted, sha256_sparse
 from .errors import BuildError
 from .layout import Layout
 from .progress import Progress, fmt_bytes
-
-
-@dataclass(frozen=True)
-class Credential:
-    """The image credential: its file in the build's scratch and its contents."""
-
-    file: Path
-    bundle: dict
-
-
-@dataclass(frozen=True)
-class BuildVars:
-    file: Path
-    image_version: str
-
-
-@dataclass(frozen=True)
-class Layer:
-    disk: Path
-    cached: bool
-
-
-@dataclass(frozen=True)
-class Ova:
-    path: Path
-    sha256: str
-    raw_sha256: str
 
 
 def base_disk(cache: Path, inputs: basedisk.BaseInputs, progress: Progress) -> basedisk.BaseDisk:
@@ -70,6 +40,14 @@ def accelerator(cache: Path, kernel: Path, progress: Progress) -> str:
         decision, cached = accel.choose(kernel, cache)
         progress.say(f"accelerator {decision.accelerator}: {decision.reason}{' (cached probe)' if cached else ''}")
         return decision.accelerator
+
+
+@dataclass(frozen=True)
+class Credential:
+    """The image credential: its file in the build's scratch and its contents."""
+
+    file: Path
+    bundle: dict
 
 
 def image_credential(given: Path | None, home_state: Path, home_urls: list[str], work: Path,
@@ -97,12 +75,10 @@ def wheels(checkout: Path, work: Path, cache: Path, progress: Progress) -> Path:
         return dest
 
 
-def build_vars(wheelhouse_dir: Path, cred: Credential, name: str, agent_version: str, work: Path) -> BuildVars:
-    """Ansible's variables; the image version is known before Packer runs (the role update
-    writes it into the slot, the manifest and the bundle carry the same string)."""
-    version = imageversion.make(agent_version, datetime.now(timezone.utc))
-    variables = buildvars.make(wheelhouse_dir, cred.file, name, cred.bundle["image_id"], version)
-    return BuildVars(buildvars.write(work / "buildvars.json", variables), version)
+def build_vars(wheelhouse_dir: Path, cred: Credential, name: str, image_version: str, work: Path) -> Path:
+    """Ansible's variables (tether.image.buildvars), written to a file for Packer."""
+    variables = buildvars.make(wheelhouse_dir, cred.file, name, cred.bundle["image_id"], image_version)
+    return buildvars.write(work / "buildvars.json", variables)
 
 
 class Packer:
@@ -158,6 +134,14 @@ class Packer:
         return out
 
 
+@dataclass(frozen=True)
+class Layer:
+    """The provisioned layer's disk in the cache, and whether an earlier build made it."""
+
+    disk: Path
+    cached: bool
+
+
 def provisioned_layer(base: basedisk.BaseDisk, wheelhouse_dir: Path, lay: Layout, packer: Packer, cache: Path,
                       work: Path, progress: Progress) -> Layer:
     """The base disk with the shared roles applied, cached by tether.image.layer.key."""
@@ -202,6 +186,15 @@ def sealed(raw: Path, lay: Layout, progress: Progress) -> None:
         removed = seal.seal(raw, lay)
         progress.say(f"removed {len(removed)} file(s): {', '.join(removed[:6])}{' ...' if len(removed) > 6 else ''}")
         progress.say(f"raw disk now {fmt_bytes(raw.stat().st_blocks * 512)} allocated")
+
+
+@dataclass(frozen=True)
+class Ova:
+    """The OVA and the SHA256 of it and of the raw disk (both computed while writing it)."""
+
+    path: Path
+    sha256: str
+    raw_sha256: str
 
 
 def ova(raw: Path, name: str, agent_version: str, image_id: str, partial_dir: Path, progress: Progress) -> Ova:
