@@ -70,16 +70,6 @@ class Result:
     total: float
 
 
-def default_name() -> str:
-    return f"tether-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
-
-
-def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
-        raise BuildError(f"image name {name!r}: use 1-63 characters of a-z 0-9 . _ - starting with a letter or digit")
-    return name
-
-
 @dataclass(frozen=True)
 class BuildDirs:
     """Where one build writes: its final folder, the partial one, scratch, the shared cache."""
@@ -88,6 +78,16 @@ class BuildDirs:
     partial: Path
     work: Path
     cache: Path
+
+
+def default_name() -> str:
+    return f"tether-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise BuildError(f"image name {name!r}: use 1-63 characters of a-z 0-9 . _ - starting with a letter or digit")
+    return name
 
 
 def run(opts: Options, progress: Progress | None = None) -> Result:
