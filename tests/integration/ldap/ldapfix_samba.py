@@ -78,8 +78,11 @@ class SambaDC:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def create_samba(root: Path, tls) -> SambaDC:
-    """Provision a DC (no DNS, LDAP service only) using the test CA's certificate, and start it."""
+def create_samba(root: Path, tls, preload: list[str] | None = None) -> SambaDC:
+    """Provision a DC (no DNS, LDAP service only) using the test CA's certificate, and start it.
+
+    ``preload``: arguments of ``samba_bulkload.py`` after SMB_CONF and SAM_LDB, run
+    while the DC is still stopped (a directory too large to add over LDAP in time)."""
     if shutil.which("samba-tool") is None or not Path("/usr/share/samba/setup/ad-schema").exists():
         raise RuntimeError("Samba AD DC needs Debian packages samba, samba-ad-provision, "
                            "samba-dsdb-modules, samba-vfs-modules (apt-get install them)")
@@ -96,6 +99,13 @@ def create_samba(root: Path, tls) -> SambaDC:
           "--account-lockout-threshold=3", "--account-lockout-duration=10",
           "--reset-account-lockout-after=10", "--complexity=off", "--min-pwd-age=0"],
          "samba-tool domain passwordsettings")
+    if preload:
+        loader = Path(__file__).with_name("samba_bulkload.py")
+        # progress lines go to the terminal (pytest -s), not into a captured buffer
+        done = subprocess.run(["/usr/bin/python3", str(loader), str(root / "etc" / "smb.conf"),
+                               str(root / "private" / "sam.ldb"), *preload], timeout=3600)
+        if done.returncode:
+            raise RuntimeError(f"samba bulk load failed (exit {done.returncode}); see its output above")
     dc = SambaDC(root)
     dc.start()
     return dc
