@@ -30,6 +30,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
+from tether.atomicfile import write_atomic
 from tether.image import manifest as manifest_mod
 from tether.image.ebsupload import GIB, SnapshotUploader, UploadStats, volume_gib
 from tether.image.errors import BuildError
@@ -134,9 +135,7 @@ def publish(aws: Aws, image_dir: Path, workers: int = 8,
               "snapshot_id": stats.snapshot_id, "tether_image_id": manifest["image_id"],
               "key_fingerprint": manifest["key_fingerprint"], "upload": _stats_dict(stats)}
     path = image_dir / AMI_RECORD
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record, indent=2) + "\n", mode=0o644)
     return record
 
 

@@ -15,6 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tether.atomicfile import replacing
+
 from . import layout as layout_mod
 from .diskio import attached, mounted
 from .proc import run
@@ -39,9 +41,8 @@ def make_build_key(work: Path, comment: str = "tether-build-only") -> BuildKey:
 
 def copy_sparse(source: Path, dest: Path) -> None:
     """Copy a raw disk keeping its holes (16 GiB apparent, ~1 GiB real)."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    run(["cp", "--sparse=always", str(source), str(tmp)], what=f"copying {source.name}")
-    os.replace(tmp, dest)
+    with replacing(dest, mode=0o644) as tmp:
+        run(["cp", "--sparse=always", str(source), str(tmp)], what=f"copying {source.name}")
 
 
 #: Units enabled by the shared roles that must not run during the build's own

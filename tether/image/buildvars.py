@@ -7,8 +7,9 @@ variables"); it is made in one place so the names cannot drift.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from tether.atomicfile import write_atomic
 
 from .errors import BuildError
 
@@ -35,7 +36,6 @@ def write(path: Path, variables: dict) -> Path:
     missing = [k for k in KEYS if k not in variables]
     if missing:
         raise BuildError(f"build variables lack {missing}")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(variables, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(variables, indent=2, sort_keys=True) + "\n", mode=0o644,
+                 durable=False)
     return path

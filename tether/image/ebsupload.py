@@ -32,6 +32,7 @@ from typing import Iterator, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from tether.atomicfile import write_atomic
 from tether.image.errors import BuildError
 
 BLOCK_SIZE = 524288
@@ -184,9 +185,7 @@ class Journal:
         journal = cls(cls.path_for(raw), snapshot_id)
         header = {"format": JOURNAL_FORMAT, "snapshot_id": snapshot_id, "disk": identity,
                   "block_size": BLOCK_SIZE}
-        tmp = journal.path.with_name(journal.path.name + ".partial")
-        tmp.write_text(json.dumps(header) + "\n")
-        os.replace(tmp, journal.path)
+        write_atomic(journal.path, json.dumps(header) + "\n", mode=0o644)
         return journal
 
     def record(self, index: int, checksum: str) -> None:

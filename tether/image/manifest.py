@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
@@ -21,6 +19,7 @@ from typing import TextIO
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tether.atomicfile import write_atomic
 from tether.image.errors import BuildError
 from tether.image.ova import allocated_bytes, sha256_file
 
@@ -183,7 +182,7 @@ def build_manifest(name: str, bundle: dict, root: Path, ova: Path, raw: Path,
 def write_manifest(image_dir: Path, manifest: dict) -> Path:
     """Write image_dir/manifest.json atomically (temp name, then rename)."""
     path = Path(image_dir) / MANIFEST
-    _atomic_write(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    write_atomic(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n", mode=0o644)
     return path
 
 
@@ -200,20 +199,8 @@ def write_sha256sums(image_dir: Path, manifest: dict) -> Path:
         digests[MANIFEST] = sha256_file(manifest_path)
     body = "".join(f"{digest}  {name}\n" for name, digest in sorted(digests.items()))
     path = image_dir / SUMS
-    _atomic_write(path, body)
+    write_atomic(path, body, mode=0o644)
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(image_dir: Path) -> dict:
