@@ -19,7 +19,7 @@ Rules (docs/CONTRACTS.md "Directory routing"):
   set`` and on ``cluster set``. The new leader gets ``sync follow`` with home's
   stored cursor, the previous one (if still connected) ``sync stop``.
 * ``directory.changes`` from the leader are applied (exactly once, see
-  :mod:`tether.home.identity`); from anyone else dropped with ``leader: false``.
+  :mod:`tether.home.directorystore`); from anyone else dropped with ``leader: false``.
 * ``authenticate``/``search``: failover = leader (or primary) first, then the
   others; round-robin = rotate over the instances. Both retried on the next
   instance when a socket drops or an agent answers ``unavailable``.
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from tether import protocol as p
 from tether.home.errors import AgentUnavailable, HomeError, RequestFailed
-from tether.home.identity import IdentityError, IdentityStore
+from tether.home.directorystore import DirectoryStoreError, DirectoryStore
 from tether.home.logs import event
 from tether.home.store import Store
 
@@ -133,7 +133,7 @@ def refusal_error(exc: RequestFailed) -> dict:
 class DirectoryRouter:
     """Leaders, change intake and request routing for every configured directory."""
 
-    def __init__(self, hub: Hub, identity: IdentityStore) -> None:
+    def __init__(self, hub: Hub, identity: DirectoryStore) -> None:
         self.hub = hub
         self.store: Store = hub.store
         self.identity = identity
@@ -329,7 +329,7 @@ class DirectoryRouter:
         after = body.get("after")
         try:
             result = self.identity.apply_batch(directory, iid, entries, after)
-        except IdentityError as exc:
+        except DirectoryStoreError as exc:
             # The agent retries this batch forever: say so in `directory status` now.
             self.identity.record_error(directory, iid, {
                 "code": "changes_refused", "message": f"home refused a batch of changes: {exc}",
@@ -510,7 +510,7 @@ def stall(connectors: list[str], running: dict | None, error: dict | None) -> di
     return None
 
 
-def report(store: Store, identity: IdentityStore | None, live: dict | None) -> list[dict]:
+def report(store: Store, identity: DirectoryStore | None, live: dict | None) -> list[dict]:
     """``directory status``: per directory its connectors, policy, leader (server
     running), cursor, counts, applied_through per instance, last change."""
     serving = serving_map(store)

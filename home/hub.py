@@ -26,7 +26,7 @@ from tether.home import enroll
 from tether.home.bookkeeping import Bookkeeping
 from tether.home.directories import DirectoryRouter
 from tether.home.errors import AgentUnavailable, HomeError, RequestFailed
-from tether.home.identity import IdentityStore
+from tether.home.directorystore import DirectoryStore
 from tether.home.logs import event
 from tether.home.peer import AgentPeer
 from tether.home.store import Store
@@ -57,7 +57,7 @@ class Hub:
     """Registry of connected agents and the handlers of their requests."""
 
     def __init__(self, store: Store, authority: enroll.Authority, config_key,
-                 identity: IdentityStore | None = None) -> None:
+                 identity: DirectoryStore | None = None) -> None:
         self.store = store
         self.authority = authority
         self.config_key = config_key
