@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tether import __version__
 from tether.home import admin, control, directories, logs, status
 from tether.home.paths import StateError, resolve_state
 from tether.home.pki import PkiError
+from tether.home.sqlite import ENGINE_ERRORS
 from tether.home.store import Store, StoreError
 
 
@@ -577,7 +577,7 @@ def _explain(exc: BaseException, args: argparse.Namespace) -> str:
     """One sentence for a failure no command anticipated (disk, database, bug)."""
     text = str(exc) or type(exc).__name__
     state = resolve_state(args.state).root
-    if isinstance(exc, sqlite3.Error) or isinstance(exc, OSError) and \
+    if isinstance(exc, ENGINE_ERRORS) or isinstance(exc, OSError) and \
             exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
         return (f"home's state in {state} cannot be used ({text}); free space or fix the "
                 "disk there, then retry (nothing was half-written: the database rolls back)")

@@ -11,7 +11,6 @@ as far as the protocol.
 from __future__ import annotations
 
 import http
-import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from cryptography import x509
 
 from tether import enrolproof
 from tether.home import pki
+from tether.home.sqlite import ENGINE_ERRORS
 from tether.home.store import Store
 
 
@@ -87,7 +87,7 @@ def _adopt_key(store: Store, instance_id: str, cert: x509.Certificate) -> None:
     """
     try:
         store.set_instance_key(instance_id, enrolproof.public_key_pem(cert.public_key()))
-    except sqlite3.Error:
+    except ENGINE_ERRORS:
         pass
 
 
