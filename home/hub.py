@@ -1,6 +1,7 @@
 """The running home: connected agents, what they may do, and the in-process API.
 
-:class:`Hub` owns the database handle and every :class:`AgentSocket`. It answers
+:class:`Hub` owns the database handle and every agent socket (an
+:class:`~tether.home.agentsockets.AgentSocket`, made by the server). It answers
 agent requests (hello, enroll, renew, status), records heartbeats (batched: one
 transaction every :data:`FLUSH_SECONDS`, so thousands of agents cost little),
 pushes signed configuration, and gives the rest of home (the directory work)
