@@ -34,13 +34,14 @@ import itertools
 import json
 import logging
 import time
+from typing import Protocol
 
 from tether import protocol as p
 from tether.home.agentsockets import AgentSocket, ConnectedAgents
+from tether.home.directorystore import DirectoryStore, DirectoryStoreError
 from tether.home.errors import AgentUnavailable, HomeError, RequestFailed
-from tether.home.directorystore import DirectoryStoreError, DirectoryStore
 from tether.home.logs import event
-from tether.home.store import Store
+from tether.home.stores import Configurations, Routing
 
 log = logging.getLogger("tether.home.directories")
 STREAM_TYPES = frozenset({"begin", "chunk", "end", "error", p.PART_TYPE})
@@ -53,7 +54,12 @@ FLOW_TEXT = 400
 PROVISION_TIMEOUT = 120.0
 
 
-def serving_map(store: Store) -> dict[str, list[str]]:
+class DirectoryTopology(Routing, Configurations, Protocol):
+    """What the router reads of home's state: connectors, their clusters' policies and
+    the configurations that list the directories."""
+
+
+def serving_map(store: DirectoryTopology) -> dict[str, list[str]]:
     """directory id -> connectors whose newest configuration lists it (sorted)."""
     serving: dict[str, list[str]] = {}
     for row in store.connectors():
@@ -67,7 +73,7 @@ def serving_map(store: Store) -> dict[str, list[str]]:
     return {d: sorted(c) for d, c in serving.items()}
 
 
-def directory_policy(store: Store, connectors: list[str]) -> dict:
+def directory_policy(store: DirectoryTopology, connectors: list[str]) -> dict:
     """The effective cluster policy for a directory served by ``connectors``."""
     clusters = {row["name"]: row["cluster"] for row in store.connectors()}
     cluster = clusters.get(connectors[0]) if connectors else None
@@ -129,7 +135,7 @@ def refusal_error(exc: RequestFailed) -> dict:
 class DirectoryRouter:
     """Leaders, change intake and request routing for every configured directory."""
 
-    def __init__(self, hub: ConnectedAgents, store: Store, identity: DirectoryStore) -> None:
+    def __init__(self, hub: ConnectedAgents, store: DirectoryTopology, identity: DirectoryStore) -> None:
         #: the connected sockets and "ask these agents" (the hub; only that part of it)
         self.hub = hub
         self.store = store
@@ -507,7 +513,7 @@ def stall(connectors: list[str], running: dict | None, error: dict | None) -> di
     return None
 
 
-def report(store: Store, identity: DirectoryStore | None, live: dict | None) -> list[dict]:
+def report(store: DirectoryTopology, identity: DirectoryStore | None, live: dict | None) -> list[dict]:
     """``directory status``: per directory its connectors, policy, leader (server
     running), cursor, counts, applied_through per instance, last change."""
     serving = serving_map(store)

@@ -11,7 +11,11 @@ reads the source with ``ast`` (nothing is imported).
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
+
+from tether.home import stores
+from tether.home.store import Store
 
 HOME = Path(__file__).resolve().parents[2] / "home"
 #: The modules allowed to speak SQL, relative to home/ (a folder: all of it).
@@ -55,3 +59,15 @@ def test_no_sql_outside_the_store_modules():
         offenders += [f"home/{relative} {use}" for use in sql_uses(path.read_text("utf-8"))]
     assert not offenders, ("SQL outside home's store modules (move it behind a store method): "
                            + "; ".join(offenders))
+
+
+def test_the_sqlite_store_implements_every_narrow_interface():
+    """A second engine implements tether.home.stores; the SQLite one must match it exactly."""
+    interfaces = [stores.Routing, stores.Configurations, stores.Certificates, stores.Instances,
+                  stores.AgentRecords]
+    for interface in interfaces:
+        methods = [n for n, v in vars(interface).items() if callable(v) and not n.startswith("_")]
+        assert methods, interface
+        for name in methods:
+            assert inspect.signature(getattr(Store, name)) == \
+                inspect.signature(getattr(interface, name)), f"{interface.__name__}.{name}"
