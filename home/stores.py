@@ -11,7 +11,8 @@ reached around them. The synced users and groups have their own store
 (:mod:`tether.home.apistore`) and whole-image updates (:mod:`tether.home.updatestore`).
 
 Rows are plain dicts with the column names of docs/CONTRACTS.md; the methods
-never hand out a connection or a cursor.
+never hand out a connection or a cursor. :class:`AgentRecords` holds the socket
+table, which is where replicas will learn which of them holds an agent's socket.
 """
 
 from __future__ import annotations
