@@ -135,7 +135,8 @@ def refusal_error(exc: RequestFailed) -> dict:
 class DirectoryRouter:
     """Leaders, change intake and request routing for every configured directory."""
 
-    def __init__(self, hub: ConnectedAgents, store: DirectoryTopology, identity: DirectoryStore) -> None:
+    def __init__(self, hub: ConnectedAgents, store: DirectoryTopology,
+                 identity: DirectoryStore) -> None:
         #: the connected sockets and "ask these agents" (the hub; only that part of it)
         self.hub = hub
         self.store = store
