@@ -53,8 +53,8 @@ def stream(n: int) -> tuple[list[list[dict]], list[str]]:
     return msgs, members
 
 
-def run(module, tmp: Path, name: str, batches, members) -> dict:
-    store = module.IdentityStore(tmp / f"{name}.db")
+def run(store_class, tmp: Path, name: str, batches, members) -> dict:
+    store = store_class(tmp / f"{name}.db")
     seq = 0
     t0 = time.perf_counter()
     for batch in batches:
@@ -92,12 +92,13 @@ def main() -> int:
     parser.add_argument("--baseline", default=BASELINE)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from tether.home import identity
+    from tether.home.directorystore import DirectoryStore
     batches, members = stream(args.users)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = run(load_baseline(args.baseline, tmp), tmp, "baseline", batches, members)
-        now = run(identity, tmp, "now", batches, members)
+        base = run(load_baseline(args.baseline, tmp).IdentityStore, tmp, "baseline", batches,
+                   members)
+        now = run(DirectoryStore, tmp, "now", batches, members)
         base["rows_with_member_of"] = member_of_rows(tmp / "baseline.csv")
         now["rows_with_member_of"] = member_of_rows(tmp / "now.csv")
     result = {"users": args.users, "baseline_commit": args.baseline, "baseline": base, "now": now,

@@ -2,7 +2,7 @@
 """SCIM lookups on a 100,000-user identity store (issue 15; goal >= 1,000/s).
 
 What it measures, in one process on one store file:
-- the store filled as a full sync fills it (``IdentityStore.apply_batch``, chunks of 1,000);
+- the store filled as a full sync fills it (``DirectoryStore.apply_batch``, chunks of 1,000);
 - ``GET /Users?filter=userName eq "..."`` per second through the SCIM Starlette app
   (home/api/scim.py) called in process as ASGI (no sockets, no TLS: the listener is
   api-core's), each request a different random user, p50/p99 per request;
@@ -35,12 +35,12 @@ from starlette.routing import Mount
 
 ROOT = Path(__file__).resolve().parent.parent
 from tether.home.api.scim import scim_routes  # noqa: E402
-from tether.home.identity import IdentityStore  # noqa: E402
+from tether.home.directorystore import DirectoryStore  # noqa: E402
 
 DIRECTORY = "corp"
 
 
-def fill(store: IdentityStore, users: int) -> float:
+def fill(store: DirectoryStore, users: int) -> float:
     started = time.perf_counter()
     seq = 1
     store.apply_batch(DIRECTORY, "bench", [{"seq": seq, "message": {"type": "begin", "mode": "full"}}])
@@ -89,7 +89,7 @@ def figures(times: list[float]) -> dict:
             "p99_ms": round(times[int(len(times) * 0.99) - 1] * 1000, 3)}
 
 
-async def run(store: IdentityStore, users: int, requests: int) -> dict:
+async def run(store: DirectoryStore, users: int, requests: int) -> dict:
     async def authorize(request, scope):
         return None
 
@@ -159,7 +159,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tether-bench-scim-") as tmp:
-        store = IdentityStore(Path(tmp) / "identity.db")
+        store = DirectoryStore(Path(tmp) / "identity.db")
         print(f"scim: filling an identity store with {args.users:,} users...", flush=True)
         fill_s = fill(store, args.users)
         print(f"scim: filled in {fill_s:.1f} s; {args.requests:,} lookups each way...", flush=True)

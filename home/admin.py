@@ -21,7 +21,7 @@ from cryptography import x509
 from tether import configsig, sealing
 from tether import protocol as p
 from tether.home import directories, pki, updatekeys
-from tether.home.identity import IdentityStore
+from tether.home.directorystore import DirectoryStore
 from tether.home.paths import StatePaths, StateError, write_private, write_public
 from tether.home.store import Store, StoreError
 
@@ -341,7 +341,7 @@ def list_clusters(paths: StatePaths) -> list[dict]:
 def directory_report(paths: StatePaths, live: dict | None) -> list[dict]:
     """Per directory: connectors, policy, leader (when running), cursor, counts."""
     store = open_store(paths)
-    identity = IdentityStore.open_existing(paths.identity_db)
+    identity = DirectoryStore.open_existing(paths.identity_db)
     try:
         return directories.report(store, identity, live)
     finally:
@@ -353,7 +353,7 @@ def directory_report(paths: StatePaths, live: dict | None) -> list[dict]:
 def export_csv(paths: StatePaths, directory: str, out: Path) -> dict:
     """Write a directory's synced users and groups as CSV (works with home stopped)."""
     store = open_store(paths)
-    identity = IdentityStore.open_existing(paths.identity_db)
+    identity = DirectoryStore.open_existing(paths.identity_db)
     try:
         configured = directories.serving_map(store)
         seen = identity.directories() if identity is not None else []

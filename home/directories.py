@@ -19,7 +19,7 @@ Rules (docs/CONTRACTS.md "Directory routing"):
   set`` and on ``cluster set``. The new leader gets ``sync follow`` with home's
   stored cursor, the previous one (if still connected) ``sync stop``.
 * ``directory.changes`` from the leader are applied (exactly once, see
-  :mod:`tether.home.identity`); from anyone else dropped with ``leader: false``.
+  :mod:`tether.home.directorystore`); from anyone else dropped with ``leader: false``.
 * ``authenticate``/``search``: failover = leader (or primary) first, then the
   others; round-robin = rotate over the instances. Both retried on the next
   instance when a socket drops or an agent answers ``unavailable``.
@@ -34,17 +34,14 @@ import itertools
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from tether import protocol as p
+from tether.home.agentsockets import AgentSocket, ConnectedAgents
+from tether.home.directorystore import DirectoryStore, DirectoryStoreError
 from tether.home.errors import AgentUnavailable, HomeError, RequestFailed
-from tether.home.identity import IdentityError, IdentityStore
 from tether.home.logs import event
-from tether.home.store import Store
-
-if TYPE_CHECKING:
-    from tether.home.hub import Hub
-    from tether.home.peer import AgentPeer
+from tether.home.stores import Configurations, Routing
 
 log = logging.getLogger("tether.home.directories")
 STREAM_TYPES = frozenset({"begin", "chunk", "end", "error", p.PART_TYPE})
@@ -57,7 +54,12 @@ FLOW_TEXT = 400
 PROVISION_TIMEOUT = 120.0
 
 
-def serving_map(store: Store) -> dict[str, list[str]]:
+class DirectoryTopology(Routing, Configurations, Protocol):
+    """What the router reads of home's state: connectors, their clusters' policies and
+    the configurations that list the directories."""
+
+
+def serving_map(store: DirectoryTopology) -> dict[str, list[str]]:
     """directory id -> connectors whose newest configuration lists it (sorted)."""
     serving: dict[str, list[str]] = {}
     for row in store.connectors():
@@ -71,7 +73,7 @@ def serving_map(store: Store) -> dict[str, list[str]]:
     return {d: sorted(c) for d, c in serving.items()}
 
 
-def directory_policy(store: Store, connectors: list[str]) -> dict:
+def directory_policy(store: DirectoryTopology, connectors: list[str]) -> dict:
     """The effective cluster policy for a directory served by ``connectors``."""
     clusters = {row["name"]: row["cluster"] for row in store.connectors()}
     cluster = clusters.get(connectors[0]) if connectors else None
@@ -133,9 +135,11 @@ def refusal_error(exc: RequestFailed) -> dict:
 class DirectoryRouter:
     """Leaders, change intake and request routing for every configured directory."""
 
-    def __init__(self, hub: Hub, identity: IdentityStore) -> None:
+    def __init__(self, hub: ConnectedAgents, store: DirectoryTopology,
+                 identity: DirectoryStore) -> None:
+        #: the connected sockets and "ask these agents" (the hub; only that part of it)
         self.hub = hub
-        self.store: Store = hub.store
+        self.store = store
         self.identity = identity
         #: directory -> instance id of its leader
         self.leaders: dict[str, str] = {}
@@ -178,10 +182,10 @@ class DirectoryRouter:
             self._policies[directory] = found
         return found
 
-    def _instances(self, directory: str) -> dict[str, list[AgentPeer]]:
+    def _instances(self, directory: str) -> dict[str, list[AgentSocket]]:
         """Connected instances serving ``directory`` -> their open sockets (non-draining
         first), ordered by (connector, instance id)."""
-        found: dict[tuple[str, str], list[AgentPeer]] = {}
+        found: dict[tuple[str, str], list[AgentSocket]] = {}
         for connector in self.serving().get(directory, []):
             for peer in self.hub.agents(connector):
                 if peer.ws.close_code is None and peer.identity.instance_id:
@@ -189,10 +193,10 @@ class DirectoryRouter:
         return {iid: sorted(peers, key=lambda pe: pe.draining)
                 for (_, iid), peers in sorted(found.items())}
 
-    def _connector_of(self, instances: dict[str, list[AgentPeer]], iid: str) -> str:
+    def _connector_of(self, instances: dict[str, list[AgentSocket]], iid: str) -> str:
         return instances[iid][0].identity.connector
 
-    def _ranked(self, directory: str, instances: dict[str, list[AgentPeer]]) -> list[str]:
+    def _ranked(self, directory: str, instances: dict[str, list[AgentSocket]]) -> list[str]:
         """Instance ids in policy order (failover: primary's first)."""
         order = list(instances)
         policy = self.policy(directory)
@@ -267,14 +271,14 @@ class DirectoryRouter:
               directory=directory, instance=iid, mode=body["mode"], ok=outcome["ok"],
               code=outcome.get("code"), detail=outcome.get("detail"))
 
-    def _socket(self, iid: str) -> AgentPeer | None:
+    def _socket(self, iid: str) -> AgentSocket | None:
         peers = [pe for pe in self.hub.peers.values()
                  if pe.identity.instance_id == iid and pe.session.established
                  and pe.ws.close_code is None]
         peers.sort(key=lambda pe: pe.draining)
         return peers[0] if peers else None
 
-    def on_hello(self, peer: AgentPeer) -> None:
+    def on_hello(self, peer: AgentSocket) -> None:
         """A (re)connected instance may be the better leader, or the first one."""
         iid = peer.identity.instance_id
         for refused in self.refused.values():
@@ -282,7 +286,7 @@ class DirectoryRouter:
         self.refresh()
         self.elect_all()
 
-    def on_detach(self, peer: AgentPeer) -> None:
+    def on_detach(self, peer: AgentSocket) -> None:
         """Re-elect when a leader's last socket closed."""
         iid = peer.identity.instance_id
         if iid is None or self._socket(iid) is not None:
@@ -312,7 +316,7 @@ class DirectoryRouter:
 
     # ------------------------------------------------------------ changes
 
-    def handle_changes(self, peer: AgentPeer, body: dict) -> dict:
+    def handle_changes(self, peer: AgentSocket, body: dict) -> dict:
         """Apply a batch from the leader; acknowledge and drop one from anyone else."""
         entries = check_batch(body)
         directory, iid = body["directory"], peer.identity.instance_id
@@ -329,7 +333,7 @@ class DirectoryRouter:
         after = body.get("after")
         try:
             result = self.identity.apply_batch(directory, iid, entries, after)
-        except IdentityError as exc:
+        except DirectoryStoreError as exc:
             # The agent retries this batch forever: say so in `directory status` now.
             self.identity.record_error(directory, iid, {
                 "code": "changes_refused", "message": f"home refused a batch of changes: {exc}",
@@ -362,7 +366,7 @@ class DirectoryRouter:
 
     # ------------------------------------------------------------ requests
 
-    def candidates(self, directory: str, *, rotate: bool = True) -> list[AgentPeer]:
+    def candidates(self, directory: str, *, rotate: bool = True) -> list[AgentSocket]:
         """Sockets to try for a request about ``directory``, in policy order."""
         serving = self.serving().get(directory)
         if not serving:
@@ -510,7 +514,7 @@ def stall(connectors: list[str], running: dict | None, error: dict | None) -> di
     return None
 
 
-def report(store: Store, identity: IdentityStore | None, live: dict | None) -> list[dict]:
+def report(store: DirectoryTopology, identity: DirectoryStore | None, live: dict | None) -> list[dict]:
     """``directory status``: per directory its connectors, policy, leader (server
     running), cursor, counts, applied_through per instance, last change."""
     serving = serving_map(store)

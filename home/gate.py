@@ -11,15 +11,16 @@ as far as the protocol.
 from __future__ import annotations
 
 import http
-import sqlite3
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography import x509
 
 from tether import enrolproof
 from tether.home import pki
-from tether.home.store import Store
+from tether.home.sqlite import ENGINE_ERRORS
+from tether.home.stores import Certificates, Instances
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,11 @@ class Refusal(Exception):
         self.text = text
 
 
-def identify(store: Store, cert: x509.Certificate | None, now: float | None = None) -> Identity:
+class CertificateRecords(Certificates, Instances, Protocol):
+    """What the gate reads (and, for an instance enrolled before home kept keys, writes)."""
+
+
+def identify(store: CertificateRecords, cert: x509.Certificate | None, now: float | None = None) -> Identity:
     """Map a client certificate to an :class:`Identity` or raise :class:`Refusal`."""
     now = time.time() if now is None else now
     if cert is None:
@@ -78,7 +83,7 @@ def identify(store: Store, cert: x509.Certificate | None, now: float | None = No
                     not_after=row["not_after"])
 
 
-def _adopt_key(store: Store, instance_id: str, cert: x509.Certificate) -> None:
+def _adopt_key(store: CertificateRecords, instance_id: str, cert: x509.Certificate) -> None:
     """Record the key of an instance enrolled before home kept instance keys.
 
     Its valid certificate proves the key is the instance's, and a re-enrolment
@@ -87,7 +92,7 @@ def _adopt_key(store: Store, instance_id: str, cert: x509.Certificate) -> None:
     """
     try:
         store.set_instance_key(instance_id, enrolproof.public_key_pem(cert.public_key()))
-    except sqlite3.Error:
+    except ENGINE_ERRORS:
         pass
 
 

@@ -1,6 +1,7 @@
 """The running home: connected agents, what they may do, and the in-process API.
 
-:class:`Hub` owns the database handle and every :class:`AgentPeer`. It answers
+:class:`Hub` owns the database handle and every agent socket (an
+:class:`~tether.home.agentsockets.AgentSocket`, made by the server). It answers
 agent requests (hello, enroll, renew, status), records heartbeats (batched: one
 transaction every :data:`FLUSH_SECONDS`, so thousands of agents cost little),
 pushes signed configuration, and gives the rest of home (the directory work)
@@ -23,12 +24,12 @@ from websockets.exceptions import ConnectionClosed
 from tether import __version__, configsig, sealing
 from tether import protocol as p
 from tether.home import enroll
+from tether.home.agentsockets import AgentSocket
 from tether.home.bookkeeping import Bookkeeping
 from tether.home.directories import DirectoryRouter
 from tether.home.errors import AgentUnavailable, HomeError, RequestFailed
-from tether.home.identity import IdentityStore
+from tether.home.directorystore import DirectoryStore
 from tether.home.logs import event
-from tether.home.peer import AgentPeer
 from tether.home.store import Store
 
 log = logging.getLogger("tether.home.hub")
@@ -57,13 +58,13 @@ class Hub:
     """Registry of connected agents and the handlers of their requests."""
 
     def __init__(self, store: Store, authority: enroll.Authority, config_key,
-                 identity: IdentityStore | None = None) -> None:
+                 identity: DirectoryStore | None = None) -> None:
         self.store = store
         self.authority = authority
         self.config_key = config_key
         self.started = time.time()
-        self.peers: dict[str, AgentPeer] = {}
-        self._by_connector: dict[str, list[AgentPeer]] = {}
+        self.peers: dict[str, AgentSocket] = {}
+        self._by_connector: dict[str, list[AgentSocket]] = {}
         self._round_robin: dict[str, itertools.count] = {}
         self._beats: dict[str, dict] = {}
         self._push_locks: dict[str, asyncio.Lock] = {}
@@ -86,7 +87,8 @@ class Hub:
         self._closing: set[asyncio.Task] = set()
         self._closing_ids: set[str] = set()
         #: Directory service (issue 5): leaders, change intake, request routing.
-        self.directories = DirectoryRouter(self, identity) if identity is not None else None
+        self.directories = DirectoryRouter(self, store, identity) \
+            if identity is not None else None
         #: Whole-image updates (issue 14): set by the server (tether.home.updates.Updates).
         self.updates = None
 
@@ -137,10 +139,10 @@ class Hub:
         return sum(1 for pe in self.peers.values()
                    if pe.identity.instance_id == identity.instance_id)
 
-    def attach(self, peer: AgentPeer) -> None:
+    def attach(self, peer: AgentSocket) -> None:
         self.peers[peer.socket_id] = peer
 
-    def detach(self, peer: AgentPeer) -> None:
+    def detach(self, peer: AgentSocket) -> None:
         self.peers.pop(peer.socket_id, None)
         group = self._by_connector.get(peer.identity.connector, [])
         if peer in group:
@@ -160,7 +162,7 @@ class Hub:
 
     # --------------------------------------------------------- agent → home
 
-    async def handle_request(self, peer: AgentPeer, message: p.Message) -> dict:
+    async def handle_request(self, peer: AgentSocket, message: p.Message) -> dict:
         """The response body for an agent's request, or :class:`HomeError`."""
         op, ident = message.op, peer.identity
         if op is p.Op.HELLO:
@@ -193,7 +195,7 @@ class Hub:
         response.pop("serial", None)
         return response
 
-    def _close_after_reply(self, peer: AgentPeer, reason: str) -> None:
+    def _close_after_reply(self, peer: AgentSocket, reason: str) -> None:
         """Close a socket that spent its rate limit, once its error reply is out.
 
         The peer queues the reply as soon as the handler raises (no await in
@@ -215,7 +217,7 @@ class Hub:
         task.add_done_callback(self._closing.discard)
         task.add_done_callback(lambda _: self._closing_ids.discard(peer.socket_id))
 
-    def _hello(self, peer: AgentPeer, body: dict) -> dict:
+    def _hello(self, peer: AgentSocket, body: dict) -> dict:
         ident = peer.identity
         if body["image_id"] != ident.image_id:
             raise HomeError(p.ErrorCode.UNAUTHORIZED,
@@ -263,7 +265,7 @@ class Hub:
                 "config_version": latest["version"] if latest else None,
                 "config_key_pem": self.authority.config_key_pem}
 
-    async def after_hello(self, peer: AgentPeer) -> None:
+    async def after_hello(self, peer: AgentSocket) -> None:
         """Push the newest configuration unless the agent runs the version home
         confirmed for it (see :meth:`reconcile`)."""
         if peer.identity.role != "instance":
@@ -275,7 +277,7 @@ class Hub:
         if self.updates is not None and peer.session.established and peer.ws.close_code is None:
             self.updates.on_hello(peer)
 
-    def _status_for(self, peer: AgentPeer) -> dict:
+    def _status_for(self, peer: AgentSocket) -> dict:
         row = self.store.instance(peer.identity.instance_id) if peer.identity.instance_id else None
         latest = self.store.config(peer.identity.connector)
         return {"server_time": time.time(), "home_version": __version__,
@@ -283,7 +285,7 @@ class Hub:
                 "cert_not_after": row["cert_not_after"] if row else None,
                 "config_version": latest["version"] if latest else None}
 
-    def on_event(self, peer: AgentPeer, message: p.Message) -> None:
+    def on_event(self, peer: AgentSocket, message: p.Message) -> None:
         """Heartbeats are batched; config acks are written at once."""
         iid = peer.identity.instance_id
         if iid is None:
@@ -328,7 +330,7 @@ class Hub:
                                          connector=connector, instance_id=instance_id)
         return latest["version"], document
 
-    def _report(self, peer: AgentPeer, version: int | None) -> None:
+    def _report(self, peer: AgentSocket, version: int | None) -> None:
         """The agent's own word (hello, ``config.ack``) on the version it runs."""
         self._reported[peer.socket_id] = version
         self._reports[peer.socket_id] = self._reports.get(peer.socket_id, 0) + 1
@@ -340,7 +342,7 @@ class Hub:
         row = self.store.instance(instance_id)
         return row["config_confirmed"] if row else None
 
-    def _in_step(self, peer: AgentPeer) -> bool:
+    def _in_step(self, peer: AgentSocket) -> bool:
         """The socket reports the version home confirmed, and that is the newest."""
         latest = self.store.config(peer.identity.connector)
         if latest is None:
@@ -348,7 +350,7 @@ class Hub:
         reported = self._reported.get(peer.socket_id)
         return reported == self.confirmed_version(peer.identity.instance_id) == latest["version"]
 
-    def _after_ack(self, peer: AgentPeer, status: str) -> None:
+    def _after_ack(self, peer: AgentSocket, status: str) -> None:
         """An ack that reports another version than home confirmed (lost file, restored
         state, a document home never signed) gets the newest pushed again. A refused
         push is not retried here (the agent said why), and acks may trigger only
@@ -363,7 +365,7 @@ class Hub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def reconcile(self, peer: AgentPeer) -> str:
+    async def reconcile(self, peer: AgentSocket) -> str:
         """Make the instance behind ``peer`` run home's newest configuration.
 
         Home trusts only what it confirmed itself: the version it pushed and the
@@ -398,11 +400,11 @@ class Hub:
                       reported=reported, newest=version, peer=peer.peer)
             return await self._push(peer, version, body)
 
-    async def push_config(self, peer: AgentPeer) -> bool:
+    async def push_config(self, peer: AgentSocket) -> bool:
         """Bring one socket's instance to the newest configuration; True when it runs it."""
         return await self.reconcile(peer) in ("current", "applied")
 
-    async def _push(self, peer: AgentPeer, version: int, extra: dict) -> str:
+    async def _push(self, peer: AgentSocket, version: int, extra: dict) -> str:
         iid = peer.identity.instance_id
         made = self.signed_config_for(iid, peer.identity.connector)
         if made is None:
@@ -442,7 +444,7 @@ class Hub:
         that did not answer within :data:`PUSH_TIMEOUT`: they get it when they
         reconnect) and ``refused`` (instance id -> error code).
         """
-        chosen: dict[str, AgentPeer] = {}
+        chosen: dict[str, AgentSocket] = {}
         peers = self._by_connector.get(connector, [])
         for peer in sorted(peers, key=lambda pe: pe.draining):  # sockets staying open first
             chosen.setdefault(peer.identity.instance_id, peer)
@@ -473,7 +475,7 @@ class Hub:
     # ------------------------------------------------------ in-process API
 
     def agents(self, connector: str | None = None, *,
-               cluster: str | None = None) -> list[AgentPeer]:
+               cluster: str | None = None) -> list[AgentSocket]:
         """Established instance sockets of a connector, or of every connector in a cluster."""
         if cluster is not None:
             names = [row["name"] for row in self.store.connectors() if row["cluster"] == cluster]
@@ -482,7 +484,7 @@ class Hub:
         return [pe for name in names for pe in self._by_connector.get(name, [])
                 if pe.session.established]
 
-    def _candidates(self, connector: str | None, cluster: str | None) -> list[AgentPeer]:
+    def _candidates(self, connector: str | None, cluster: str | None) -> list[AgentSocket]:
         """Sockets to try in order: round-robin over the ones not draining, then the
         draining ones (they still answer, but are about to close)."""
         key = f"cluster:{cluster}" if cluster is not None else str(connector)
@@ -493,12 +495,12 @@ class Hub:
         rotated = group[start:] + group[:start]
         return [pe for pe in rotated if not pe.draining] + [pe for pe in rotated if pe.draining]
 
-    def _pick(self, connector: str | None, cluster: str | None = None) -> AgentPeer:
+    def _pick(self, connector: str | None, cluster: str | None = None) -> AgentSocket:
         return self._candidates(connector, cluster)[0]
 
     async def request(self, connector: str | None, op: p.Op, body: dict, timeout: float = 30.0,
                       *, cluster: str | None = None, failover: bool | None = None,
-                      peers: list[AgentPeer] | None = None,
+                      peers: list[AgentSocket] | None = None,
                       chunks: list[p.Message] | None = None) -> p.Message:
         """Send ``op`` to a connected agent of ``connector`` (or of ``cluster``, or to
         the explicit ``peers`` in the order given: the directory router's choice).
@@ -537,7 +539,7 @@ class Hub:
         raise last or AgentUnavailable(f"every socket of {who} closed")
 
     @staticmethod
-    async def _ask(peer: AgentPeer, op: p.Op, body: dict, timeout: float,
+    async def _ask(peer: AgentSocket, op: p.Op, body: dict, timeout: float,
                    chunks: list[p.Message] | None) -> p.Message:
         """One attempt on one socket; a streamed op's chunks are collected."""
         if chunks is None or op not in p.STREAM_OPS:

@@ -40,7 +40,7 @@ from tether import protocol as p
 from tether.home import control, enroll, gate, pki, tlsconf
 from tether.home.errors import HomeError
 from tether.home.hub import Hub
-from tether.home.identity import IdentityStore
+from tether.home.directorystore import DirectoryStore
 from tether.home.logs import event
 from tether.home.paths import StateError, StatePaths
 from tether.home.peer import ENROLL_SECONDS, HELLO_TIMEOUT, AgentPeer, PeerLimits
@@ -153,7 +153,7 @@ class HomeServer:
         self.store = Store(paths.db)
         try:
             self.store.check()
-            self.identity = IdentityStore(paths.identity_db)
+            self.identity = DirectoryStore(paths.identity_db)
         except Exception:
             self.store.close()
             raise

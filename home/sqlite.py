@@ -17,6 +17,10 @@ from tether.home.paths import StateError
 #: error, damaged file): callers that only keep records catch these and go on.
 WRITE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError,
                                                  sqlite3.DatabaseError, OSError)
+#: Any failure of the database engine behind a store (damaged file, full disk, locked
+#: database, a statement it refused). Callers outside the store modules catch this,
+#: never the engine's own exception classes, so another engine changes only the stores.
+ENGINE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
 
 class Transaction:

@@ -1,8 +1,10 @@
 """Home's database: one SQLite file in the state directory.
 
 SQLite in WAL mode lets the admin CLI read and write while ``serve`` runs (the
-one-process server owns the sockets, the CLI only touches rows). All SQL lives
-here so the rest of home speaks in plain Python values.
+one-process server owns the sockets, the CLI only touches rows). All SQL about
+connectors, certificates, images, instances, configurations and sockets lives here
+so the rest of home speaks in plain Python values; :class:`Store` implements the
+narrow interfaces of :mod:`tether.home.stores` that home's parts are typed against.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from tether import imageversion
 from tether import protocol as p
 from tether.home import rollout, updatekeys
+from tether.home.agentsockets import AgentSocket
 from tether.home.errors import AgentUnavailable, HomeError, RequestFailed
 from tether.home.logs import event
 from tether.home.paths import StatePaths
@@ -31,7 +32,6 @@ from tether.home.updatestore import UpdateStore
 
 if TYPE_CHECKING:
     from tether.home.hub import Hub
-    from tether.home.peer import AgentPeer
 
 log = logging.getLogger("tether.home.updates")
 #: How long a trial boot of the new slot may take to become healthy (the agent's
@@ -213,7 +213,7 @@ class Updates:
 
     # ---- hello
 
-    def on_hello(self, peer: AgentPeer) -> None:
+    def on_hello(self, peer: AgentSocket) -> None:
         ident = peer.identity
         if ident.role != "instance" or peer.hello is None:
             return
@@ -223,7 +223,7 @@ class Updates:
         self._spawn(self._resume(peer))
         self._spawn(self.drive(ident.connector))
 
-    async def _resume(self, peer: AgentPeer) -> None:
+    async def _resume(self, peer: AgentSocket) -> None:
         """Home has this instance offered or downloading the rollout's version, and it said
         hello: it may have restarted (power lost, agent restarted) half way, and an agent
         keeps no download task across a restart. The offer again: the agent resumes from
@@ -365,7 +365,7 @@ class Updates:
                 event(log, logging.WARNING, "update_abort_failed", instance=row["instance_id"],
                       version=version, code=exc.code.value)
 
-    async def _offer(self, peer: AgentPeer, bundle: dict, connector: str, deadline: int) -> bool:
+    async def _offer(self, peer: AgentSocket, bundle: dict, connector: str, deadline: int) -> bool:
         iid, version = peer.identity.instance_id, bundle["version"]
         self.store.set_progress(iid, version, connector, rollout.OFFERED)
         body = {"version": version, "sha256": bundle["sha256"], "size": bundle["size"],
@@ -388,7 +388,7 @@ class Updates:
 
     # ---- agent requests
 
-    def _offered(self, peer: AgentPeer, version: str) -> dict:
+    def _offered(self, peer: AgentSocket, version: str) -> dict:
         iid = peer.identity.instance_id
         row = self.store.progress(iid, version) if iid else None
         if row is None or row["state"] not in rollout.IN_PROGRESS:
@@ -396,7 +396,7 @@ class Updates:
                                                    "instance")
         return row
 
-    def handle_fetch(self, peer: AgentPeer, body: dict) -> dict:
+    def handle_fetch(self, peer: AgentSocket, body: dict) -> dict:
         version, offset, length = body["version"], body["offset"], body["length"]
         self._offered(peer, version)
         bundle = self.store.bundle(version)
@@ -411,7 +411,7 @@ class Updates:
         return {"data": base64.b64encode(data).decode("ascii"), "size": bundle["size"],
                 "eof": offset + len(data) >= bundle["size"]}
 
-    def handle_report(self, peer: AgentPeer, body: dict) -> dict:
+    def handle_report(self, peer: AgentSocket, body: dict) -> dict:
         ident = peer.identity
         version, state = body["version"], body["state"]
         row = self.store.progress(ident.instance_id, version)

@@ -9,7 +9,7 @@ connector of the directory by ``provision``, exactly as ``tether-home provision`
 
 Read-your-writes: every order asks the agent to read the entry back
 (``read_back``) on the same LDAP connection; that record, of the very shape the
-sync sends, is stored at once (:meth:`IdentityStore.put_provisioned`), so the
+sync sends, is stored at once (:meth:`DirectoryStore.put_provisioned`), so the
 answer and a GET right after it show the directory's state, id included. The
 change feed brings the same whole state later and rewrites the same row.
 
@@ -690,7 +690,7 @@ def _list(model, items: list[dict], total: int, start: int) -> dict:
 def scim_routes(*, identity, provision: Provision, authorize: Authorize) -> list[BaseRoute]:
     """The SCIM routes for ``Mount("/scim/v2/{directory}", routes=...)``.
 
-    ``identity``: home's :class:`~tether.home.identity.IdentityStore`;
+    ``identity``: home's :class:`~tether.home.directorystore.DirectoryStore`;
     ``provision(directory, order)``: the control socket's ``provision`` answer;
     ``authorize(request, scope)``: None to go on, or the response to send as is.
     """

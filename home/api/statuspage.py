@@ -12,7 +12,7 @@ import html
 import time
 
 from tether.home import directories, status
-from tether.home.identity import IdentityStore
+from tether.home.directorystore import DirectoryStore
 from tether.home.store import Store
 
 STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
@@ -21,7 +21,7 @@ text-align:left;vertical-align:top}th{background:#f3f3f3}.ok{color:#060}.bad{col
 .muted{color:#777}"""
 
 
-def collect(store: Store, identity: IdentityStore | None, live: dict,
+def collect(store: Store, identity: DirectoryStore | None, live: dict,
             update_states: dict[str, str] | None = None) -> dict:
     """Per connector its instances (connection, sockets, version, addresses, self-check,
     update state: `updates.instance_states`), and per directory its sync state."""

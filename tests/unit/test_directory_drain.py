@@ -9,7 +9,7 @@ from tether.agent.directory import drain as drain_mod
 from tether.agent.directory.drain import Drain, DrainError
 from tether.agent.directory.spool import Spool
 from tether.home.directories import check_batch
-from tether.home.identity import IdentityStore
+from tether.home.directorystore import DirectoryStore
 
 
 class FakeLink:
@@ -18,7 +18,7 @@ class FakeLink:
 
     draining = False
 
-    def __init__(self, store: IdentityStore, lose: set[int] = frozenset()):
+    def __init__(self, store: DirectoryStore, lose: set[int] = frozenset()):
         self.store, self.lose = store, set(lose)
         self.sent, self.inflight, self.most_inflight = 0, 0, 0
 
@@ -64,7 +64,7 @@ def spool_full_sync(spool: Spool, users: int, per_chunk: int) -> None:
 
 def test_pipelined_drain_applies_everything_once_in_order(tmp_path, monkeypatch):
     monkeypatch.setattr(drain_mod, "BATCH_BUDGET", 4000)  # many small batches
-    store = IdentityStore(tmp_path / "identity.db")
+    store = DirectoryStore(tmp_path / "identity.db")
     spool = Spool(tmp_path / "spool")
     spool_full_sync(spool, 200, 10)
     link = FakeLink(store)
@@ -84,7 +84,7 @@ def test_lost_batch_is_not_skipped_by_the_ones_sent_after_it(tmp_path, monkeypat
     """The second request of a window is lost; the third reaches home but names
     the second's last seq in `after`, so home refuses it instead of skipping."""
     monkeypatch.setattr(drain_mod, "BATCH_BUDGET", 4000)
-    store = IdentityStore(tmp_path / "identity.db")
+    store = DirectoryStore(tmp_path / "identity.db")
     spool = Spool(tmp_path / "spool")
     spool_full_sync(spool, 200, 10)
     link = FakeLink(store, lose={2})
@@ -113,7 +113,7 @@ def test_lost_batch_is_not_skipped_by_the_ones_sent_after_it(tmp_path, monkeypat
 
 def test_home_applying_nothing_is_an_error_not_a_loop(tmp_path):
     """A batch whose `after` home has not applied comes back with nothing applied."""
-    store = IdentityStore(tmp_path / "identity.db")
+    store = DirectoryStore(tmp_path / "identity.db")
     spool = Spool(tmp_path / "spool")
     spool_full_sync(spool, 5, 1)
     spool.ack(2)  # seqs 1-2 "went elsewhere": home has applied nothing of this instance

@@ -1,6 +1,6 @@
 """A record larger than a frame travels in parts (tether/protocol/parts.py): the
 agent's spool entries (agent/directory/managed.py) and home's reassembly
-(home/identity.py), exactly once across batches, re-sends and abandoned sets."""
+(home/directorystore/), exactly once across batches, re-sends and abandoned sets."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from tether.agent.directory.drain import BATCH_BUDGET, ENTRY_OVERHEAD
 from tether.agent.directory.managed import ENTRY_BUDGET, spool_entries
 from tether.home import directories
 from tether.home.errors import HomeError
-from tether.home.identity import IdentityError, IdentityStore
+from tether.home.directorystore import DirectoryStoreError, DirectoryStore
 
 MEMBERS = [f"uid=m{i:06d},ou=people,dc=example,dc=org" for i in range(100_000)]
 
 
 @pytest.fixture
 def store(tmp_path):
-    s = IdentityStore(tmp_path / "identity.db")
+    s = DirectoryStore(tmp_path / "identity.db")
     yield s
     s.close()
 
@@ -83,7 +83,7 @@ def test_an_abandoned_set_is_dropped_and_the_replay_applies(store):
 def test_a_part_without_its_predecessors_is_refused(store):
     sent = [e for e in entries(stream("incremental", [big_group()]))
             if e["message"]["type"] == p.PART_TYPE]
-    with pytest.raises(IdentityError, match="part 1 of"):
+    with pytest.raises(DirectoryStoreError, match="part 1 of"):
         store.apply_batch("d", "i1", [{"seq": 1, "message": sent[1]["message"]}])
     assert store.applied_through("d", "i1") == 0
 

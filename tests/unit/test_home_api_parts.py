@@ -14,7 +14,7 @@ from starlette.routing import Mount
 from tether.home.api.app import Api, Backend
 from tether.home.api.tokens import Tokens, load_signing_key
 from tether.home.apistore import ApiStore, ApiStoreError
-from tether.home.identity import IdentityStore
+from tether.home.directorystore import DirectoryStore
 from tether.image import wheelhouse
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -54,7 +54,7 @@ def _api(tmp_path) -> tuple[Api, str]:
     store = ApiStore(tmp_path / "api.sqlite3")
     store.create_client("scim", ["directory:read"])
     _, token = store.create_token("scim")
-    identity = IdentityStore(tmp_path / "identity.db")
+    identity = DirectoryStore(tmp_path / "identity.db")
     identity.apply_batch("corp", "inst-1", [
         {"seq": 1, "message": {"type": "begin", "mode": "full"}},
         {"seq": 2, "message": {"type": "chunk", "changes": [

@@ -18,13 +18,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount
 
 from tether.home.api.scim import MAX_BODY, ScimError, _outcome, scim_routes
-from tether.home.identity import IdentityStore
+from tether.home.directorystore import DirectoryStore
 
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 USER_URN = "urn:ietf:params:scim:schemas:core:2.0:User"
 
 
-def seed(store: IdentityStore, n: int = 30) -> None:
+def seed(store: DirectoryStore, n: int = 30) -> None:
     """A full sync, through the store's own API, as the agent streams it."""
     users = [{"op": "upsert", "kind": "user", "id": f"id-{i:03d}", "dn": f"uid=u{i:03d},ou=people,dc=x",
               "attributes": {"username": f"u{i:03d}", "name": f"User {i}",
@@ -49,7 +49,7 @@ class Rig:
     """The SCIM app, the store behind it, and what reached ``provision``."""
 
     def __init__(self, tmp_path, scopes=("directory:read", "directory:write")):
-        self.store = IdentityStore(tmp_path / "identity.db")
+        self.store = DirectoryStore(tmp_path / "identity.db")
         seed(self.store)
         self.orders: list = []
         self.scopes = set(scopes)

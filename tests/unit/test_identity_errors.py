@@ -1,4 +1,4 @@
-"""Home keeps why a directory does not sync (home/identity.py `error` messages,
+"""Home keeps why a directory does not sync (home/directorystore/ `error` messages,
 home/directories.py check_batch / refusal_error / render)."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import pytest
 from tether import protocol as p
 from tether.home import directories
 from tether.home.errors import HomeError, RequestFailed
-from tether.home.identity import IdentityError, IdentityStore
+from tether.home.directorystore import DirectoryStoreError, DirectoryStore
 
 
 @pytest.fixture
 def store(tmp_path):
-    s = IdentityStore(tmp_path / "identity.db")
+    s = DirectoryStore(tmp_path / "identity.db")
     yield s
     s.close()
 
@@ -92,7 +92,7 @@ def test_resent_error_applies_once(store):
 @pytest.mark.parametrize("bad", [{"code": 5}, {"message": None}, {"code": ""},
                                  {"at": "yesterday"}, {"at": True}])
 def test_malformed_error_refuses_the_batch(store, bad):
-    with pytest.raises(IdentityError):
+    with pytest.raises(DirectoryStoreError):
         store.apply_batch("d", "i1", entries([stream("full", [], "c1")[0], error(**bad)]))
     assert store.applied_through("d", "i1") == 0
     assert store.last_error("d") is None
@@ -106,13 +106,13 @@ def test_record_error_from_home(store):
 
 def test_schema_added_to_an_older_file(tmp_path):
     path = tmp_path / "identity.db"
-    IdentityStore(path).close()
+    DirectoryStore(path).close()
     db = sqlite3.connect(path)
     db.execute("DROP TABLE directory_errors")  # as a file written before errors were kept
     db.commit()
     db.close()
     for _ in range(2):  # opening twice changes nothing more
-        s = IdentityStore(path)
+        s = DirectoryStore(path)
         s.apply_batch("d", "i1", entries([error()]))
         assert s.last_error("d")["code"] == "bind_failed"
         s.close()

@@ -9,12 +9,12 @@ import sqlite3
 
 import pytest
 
-from tether.home.identity import IdentityStore
+from tether.home.directorystore import DirectoryStore
 
 
 @pytest.fixture
 def store(tmp_path):
-    s = IdentityStore(tmp_path / "identity.db")
+    s = DirectoryStore(tmp_path / "identity.db")
     yield s
     s.close()
 
@@ -146,14 +146,14 @@ def test_migration_from_version_0_keeps_everything(tmp_path):
     db.execute("INSERT INTO applied VALUES ('d', 'i1', 42, 0)")
     db.commit()
     db.close()
-    store = IdentityStore(path)
+    store = DirectoryStore(path)
     try:
         assert store.cursor("d") == "c0" and store.applied_through("d", "i1") == 42
         assert store.groups_of("d", "u1") == [{"id": "g1", "dn": "cn=g,dc=x"}]
         assert store.entry("d", "g1")["members"] == [SMITH_MEMBER]
     finally:
         store.close()
-    again = IdentityStore(path)  # a second open does not migrate twice
+    again = DirectoryStore(path)  # a second open does not migrate twice
     assert again.members_of("d", "g1")[0]["id"] == "u1"
     again.close()
 

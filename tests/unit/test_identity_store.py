@@ -1,4 +1,4 @@
-"""Home's identity store (home/identity.py): snapshot swap, exactly once, ids, export."""
+"""Home's identity store (home/directorystore/): snapshot swap, exactly once, ids, export."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import stat
 
 import pytest
 
-from tether.home.identity import IdentityError, IdentityStore, csv_columns
+from tether.home.directorystore import DirectoryStoreError, DirectoryStore, csv_columns
 
 
 @pytest.fixture
 def store(tmp_path):
-    s = IdentityStore(tmp_path / "identity.db")
+    s = DirectoryStore(tmp_path / "identity.db")
     yield s
     s.close()
 
@@ -116,10 +116,10 @@ def test_bad_batch_applies_nothing(store):
     bad = entries([{"type": "begin", "mode": "incremental"},
                    {"type": "chunk", "changes": [user("2", "bob"), {"op": "upsert", "id": "3"}]}],
                   first_seq=10)
-    with pytest.raises(IdentityError, match="lacks"):
+    with pytest.raises(DirectoryStoreError, match="lacks"):
         store.apply_batch("d", "i1", bad)
     assert names(store) == ["ann"] and store.applied_through("d", "i1") == 3
-    with pytest.raises(IdentityError, match="type"):
+    with pytest.raises(DirectoryStoreError, match="type"):
         store.apply_batch("d", "i1", entries([{"type": "nope"}], first_seq=10))
 
 

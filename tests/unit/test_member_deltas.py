@@ -10,7 +10,7 @@ import pytest
 
 from tether import protocol as p
 from tether.agent.directory.deltas import MemberMemory
-from tether.home.identity import IdentityStore
+from tether.home.directorystore import DirectoryStore
 
 BASE = "ou=people,dc=example,dc=org"
 GROUP_DN = "cn=everyone,ou=groups,dc=example,dc=org"
@@ -98,7 +98,7 @@ def test_received_deltas_are_checked():
 
 @pytest.fixture
 def store(tmp_path):
-    s = IdentityStore(tmp_path / "identity.db")
+    s = DirectoryStore(tmp_path / "identity.db")
     yield s
     s.close()
 
@@ -158,9 +158,9 @@ def test_a_malformed_member_in_a_delta_is_reported_with_its_group(store):
 
 
 def test_a_malformed_delta_refuses_the_batch(store):
-    from tether.home.identity import IdentityError
+    from tether.home.directorystore import DirectoryStoreError
     apply(store, stream("full", [group(members(3))]), 1)
-    with pytest.raises(IdentityError):
+    with pytest.raises(DirectoryStoreError):
         apply(store, [chunk([{**p.member_delta(group(members(3)), 3, [], []), "add": [5]}])], 10)
 
 

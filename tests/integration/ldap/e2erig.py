@@ -268,7 +268,7 @@ def ldap_rows(conn, base: str, user_filter: str, group_filter: str, mapping: dic
               id_attr: str = "entryUUID", member_attr: str = "member", ad: bool = False) -> list[dict]:
     """What home's export CSV must hold, built from a plain ldap3 search of the directory.
 
-    Same format as ``IdentityStore.export_csv``: users then groups, each by DN
+    Same format as ``DirectoryStore.export_csv``: users then groups, each by DN
     (SQLite's binary order), multi-valued cells joined with ``|``.
     """
     records = []

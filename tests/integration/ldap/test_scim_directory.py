@@ -21,7 +21,7 @@ from ldapfix_helpers import AD_BASE, ad_user, slapd_config
 from ldapfix_slapd import SUFFIX
 from tether.agent.directory import DirectoryService
 from tether.home.api.scim import scim_routes
-from tether.home.identity import IdentityStore
+from tether.home.directorystore import DirectoryStore
 
 USER_URN = "urn:ietf:params:scim:schemas:core:2.0:User"
 GROUP_URN = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -34,7 +34,7 @@ class Home:
 
     def __init__(self, raw: dict, tmp_path, directory: str = "corp"):
         self.svc = DirectoryService(raw)
-        self.store = IdentityStore(tmp_path / "identity.db")
+        self.store = DirectoryStore(tmp_path / "identity.db")
         self.directory, self.seq, self.cursor = directory, 0, None
         self.sync()
 

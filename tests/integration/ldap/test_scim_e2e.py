@@ -20,7 +20,7 @@ from ldapfix_helpers import slapd_config
 from ldapfix_slapd import SUFFIX
 from tether.home import control
 from tether.home.api.scim import scim_routes
-from tether.home.identity import IdentityStore
+from tether.home.directorystore import DirectoryStore
 from tether.home.paths import StatePaths
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
@@ -46,7 +46,7 @@ def test_scim_through_a_running_home_and_agent(seeded_ldap, test_ca, tmp_path):
         expected = lambda: ldap_rows(conn, SUFFIX, USERS_F, GROUPS_F, OPENLDAP_MAPPING)  # noqa: E731
         rig.wait_store_equals("corp", expected)
         paths = StatePaths(rig.state)
-        store = IdentityStore(paths.identity_db)
+        store = DirectoryStore(paths.identity_db)
         sent: list[dict] = []
 
         async def provision(directory, order):
