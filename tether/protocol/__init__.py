@@ -8,8 +8,9 @@ both sides write ``from tether import protocol as p`` and never name a submodule
 Shaped like python-websockets' ``protocol.py``: a *sans-I/O* state machine. Text
 goes in (:meth:`Session.receive`), events come out (:meth:`Session.events_received`)
 and text to send piles up (:meth:`Session.data_to_send`); no sockets, no asyncio.
-The I/O layers on each side (home's server, the agent's dialer) are thin loops
-around a :class:`Session`, so the rules below are tested without any network.
+The I/O layer is one class both sides subclass, :class:`Connection` (``connection``):
+a thin asyncio loop around a :class:`Session`, so the rules below are tested
+without any network and kept by one piece of code.
 
 Transport
 =========
@@ -107,6 +108,7 @@ event (it may drop a connection that keeps violating, see
 from __future__ import annotations
 
 from .codec import Message, RawJSON, decode, encode, new_id, validate
+from .connection import Connection, HandlerError, RequestFailed
 from .parts import MAX_MESSAGE_BYTES, MAX_PART_BYTES, MAX_PARTS, PART_TYPE, Part
 from .parts import join as join_parts, split as split_parts
 from .records import MAX_DELTA_VALUES, MEMBER_DELTA_OP, check_member_delta, member_delta
@@ -133,4 +135,5 @@ __all__ = [
     "MAX_DELTA_VALUES", "MEMBER_DELTA_OP", "check_member_delta", "member_delta",
     "AckReceived", "CancelReceived", "ChunkReceived", "ErrorReceived", "Event", "EventReceived",
     "ProtocolViolation", "RequestReceived", "ResponseReceived", "Role", "SeenIds", "Session",
+    "Connection", "HandlerError", "RequestFailed",
 ]
