@@ -134,18 +134,22 @@ class Connection:
         :class:`ConnectionError` when the socket closes first, :class:`TimeoutError`
         when time runs out (the request is then cancelled at the peer).
         """
+        return _result(await self.exchange(op, body, timeout))
+
+    async def exchange(self, op: Op, body: dict,
+                       timeout: float = REQUEST_TIMEOUT) -> ResponseReceived | ErrorReceived:
+        """:meth:`request`, but the answer is returned as it came, error or not."""
         sent = self.session.request(op, body)
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[sent.id] = waiter
         try:
             await self.flush()
-            event = await asyncio.wait_for(waiter, timeout)
+            return await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
             self.withdraw(sent.id, f"gave up waiting after {timeout:.0f} s")
             raise
         finally:
             self._waiters.pop(sent.id, None)
-        return _result(event)
 
     async def stream(self, op: Op, body: dict,
                      timeout: float = REQUEST_TIMEOUT) -> AsyncIterator[Message]:
@@ -259,7 +263,7 @@ class Connection:
 
     def _dispatch(self, event) -> None:
         if isinstance(event, RequestReceived):
-            self._start(event.message)
+            self.serve(event.message)
         elif isinstance(event, CancelReceived):
             task = self._serving.get(event.request.id)
             if task is not None and not task.done():
@@ -289,7 +293,9 @@ class Connection:
             return True
         return False
 
-    def _start(self, message: Message) -> None:
+    def serve(self, message: Message) -> None:
+        """Serve a request of the peer in a task of the connection (the reader calls
+        this; so may a caller that drove the session by hand before :meth:`run`)."""
         self.in_flight += 1
         self.last_request_at = time.monotonic()
         self._serving[message.id] = self.spawn(self._serve(message))
