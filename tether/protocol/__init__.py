@@ -107,6 +107,7 @@ event (it may drop a connection that keeps violating, see
 
 from __future__ import annotations
 
+from . import changes
 from .codec import Message, RawJSON, decode, encode, new_id, validate
 from .connection import Connection, HandlerError, RequestFailed
 from .parts import MAX_MESSAGE_BYTES, MAX_PART_BYTES, MAX_PARTS, PART_TYPE, Part
@@ -135,5 +136,5 @@ __all__ = [
     "MAX_DELTA_VALUES", "MEMBER_DELTA_OP", "check_member_delta", "member_delta",
     "AckReceived", "CancelReceived", "ChunkReceived", "ErrorReceived", "Event", "EventReceived",
     "ProtocolViolation", "RequestReceived", "ResponseReceived", "Role", "SeenIds", "Session",
-    "Connection", "HandlerError", "RequestFailed",
+    "Connection", "HandlerError", "RequestFailed", "changes",
 ]
