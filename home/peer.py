@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from websockets.exceptions import ConnectionClosed
 
 from tether import protocol as p
-from tether.home.errors import AgentUnavailable, HomeError, RequestFailed
+from tether.home.errors import AgentUnavailable, HomeError
 from tether.home.gate import Identity
 from tether.home.logs import PeerLog, event
 from tether.home.ratelimit import RateLimit
@@ -204,7 +204,7 @@ class AgentPeer(p.Connection):
     async def request(self, op: p.Op, body: dict, timeout: float = REQUEST_TIMEOUT) -> p.Message:
         """Send a request to this agent and return its response message.
 
-        Raises :class:`RequestFailed` when the agent answers with an error,
+        Raises :class:`~tether.protocol.RequestFailed` when the agent answers with an error,
         :class:`AgentUnavailable` when the socket closes or time runs out.
         """
         try:
