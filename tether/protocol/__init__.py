@@ -1,14 +1,16 @@
 """The tether wire protocol (agent ⇄ home), version 1: one package both sides import.
 
 The rules are here; ``schema`` names what messages are (kinds, operations, error
-codes, body fields, limits), ``codec`` turns one message to and from JSON, and
-``session`` is the conversation. Everything is re-exported from this package, so
-both sides write ``from tether import protocol as p`` and never name a submodule.
+codes, body fields, limits), ``codec`` turns one message to and from JSON,
+``session`` is the conversation, ``connection`` drives it over a socket and
+``changes`` types the directory change stream (``p.changes``). Everything else is
+re-exported from this package, so both sides write ``from tether import protocol
+as p`` and never name another submodule.
 
 Shaped like python-websockets' ``protocol.py``: a *sans-I/O* state machine. Text
 goes in (:meth:`Session.receive`), events come out (:meth:`Session.events_received`)
-and text to send piles up (:meth:`Session.data_to_send`); no sockets, no asyncio.
-The I/O layer is one class both sides subclass, :class:`Connection` (``connection``):
+and text to send piles up (:meth:`Session.data_to_send`); no sockets, no asyncio
+there. The I/O layer is one class both sides subclass, :class:`Connection` (``connection``):
 a thin asyncio loop around a :class:`Session`, so the rules below are tested
 without any network and kept by one piece of code.
 
