@@ -44,7 +44,7 @@ class HelloRefused(Exception):
 
     def __init__(self, failure: RequestFailed) -> None:
         super().__init__(str(failure))
-        self.code = failure.code
+        self.code = failure.code.value
         self.failure = failure
 
 

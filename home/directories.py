@@ -44,7 +44,6 @@ from tether.home.logs import event
 from tether.home.stores import Configurations, Routing
 
 log = logging.getLogger("tether.home.directories")
-STREAM_TYPES = frozenset({"begin", "chunk", "end", "error", p.PART_TYPE})
 SYNC_TIMEOUT = 30.0
 #: Seconds spooled changes may wait on the leader before `directory status` calls it a stall.
 STALL_SECONDS = 20.0
@@ -82,35 +81,12 @@ def directory_policy(store: DirectoryTopology, connectors: list[str]) -> dict:
 
 
 def check_batch(body: dict) -> list[dict]:
-    """A ``directory.changes`` body's entries, or ``bad_type`` saying what is wrong."""
-    entries = body.get("entries")
-    if not isinstance(entries, list):
-        raise HomeError(p.ErrorCode.BAD_TYPE, "entries must be a list of {seq, message}")
-    last = None
-    for n, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}] is not an object")
-        seq, message = entry.get("seq"), entry.get("message")
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}].seq must be an int >= 0")
-        if last is not None and seq <= last:
-            raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}].seq {seq} is not above the "
-                            f"previous {last}: send spool entries in increasing seq order")
-        if not isinstance(message, dict) or message.get("type") not in STREAM_TYPES:
-            raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}].message must be a begin, "
-                            "chunk, end or error stream message, or a part of one (agent/directory/README.md)")
-        if message["type"] == p.PART_TYPE:
-            try:
-                p.Part.from_message(message)
-            except p.ProtocolError as exc:
-                raise HomeError(p.ErrorCode.BAD_TYPE, f"entries[{n}]: {exc.detail}") from None
-        last = seq
-    after = body.get("after")
-    if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0
-                              or (entries and after >= entries[0]["seq"])):
-        raise HomeError(p.ErrorCode.BAD_TYPE, "after must be an int >= 0 below the batch's "
-                        "first seq (the last seq of the batch sent before it)")
-    return entries
+    """A ``directory.changes`` body's entries, or ``bad_type`` saying what is wrong
+    (the protocol's one check of a batch, :func:`tether.protocol.changes.check_entries`)."""
+    try:
+        return p.changes.check_entries(body)
+    except p.ProtocolError as exc:
+        raise HomeError(p.ErrorCode.BAD_TYPE, exc.detail) from None
 
 
 def refusal_error(exc: RequestFailed) -> dict:

@@ -1,28 +1,20 @@
-"""The one exception home's request handlers raise: a protocol error code plus advice."""
+"""The exceptions home's request handlers raise: a protocol error code plus advice.
+
+Both are the protocol's own (:class:`tether.protocol.HandlerError`,
+:class:`tether.protocol.RequestFailed`), one per concept for agent and home;
+home names the first ``HomeError`` as its handlers always have.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from tether.protocol import ErrorCode, HandlerError, RequestFailed
 
-from tether.protocol import ErrorCode
+#: Refuse a request with a specific :class:`~tether.protocol.ErrorCode`.
+#: ``detail`` tells the peer (and the log) what was wrong and what to do;
+#: ``extra`` fields travel in the error body (e.g. ``limit`` for clones).
+HomeError = HandlerError
 
-
-class HomeError(Exception):
-    """Refuse a request with a specific :class:`~tether.protocol.ErrorCode`.
-
-    ``detail`` tells the peer (and the log) what was wrong and what to do;
-    ``extra`` fields travel in the error body (e.g. ``limit`` for clones).
-    """
-
-    def __init__(self, code: ErrorCode, detail: str, **extra: Any) -> None:
-        super().__init__(f"{code.value}: {detail}")
-        self.code = ErrorCode(code)
-        self.detail = detail
-        self.extra = extra
-
-
-class RequestFailed(HomeError):
-    """An agent answered one of home's requests with an error message."""
+__all__ = ["AgentUnavailable", "HomeError", "RequestFailed"]
 
 
 class AgentUnavailable(HomeError):

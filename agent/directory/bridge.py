@@ -21,7 +21,6 @@ from pathlib import Path
 
 from tether import protocol as p
 
-from ..link import HandlerError
 from .drain import Drain
 from .errors import ConfigError, DirectoryError
 from .managed import (
@@ -58,14 +57,14 @@ FLOW_MAX_DIRECTORIES = 32
 FLOW_TEXT = 400
 
 
-def error_reply(ident: str, exc: DirectoryError, refused: bool = False) -> HandlerError:
+def error_reply(ident: str, exc: DirectoryError, refused: bool = False) -> p.HandlerError:
     """The protocol error for an engine failure; detail = the engine's to_dict() as JSON.
 
     A directory whose configuration was refused answers `bad_config` whatever
     the engine's code (a bad filter there is the configuration's, not the request's).
     """
     code = p.ErrorCode.BAD_CONFIG if refused else ERROR_CODES.get(exc.code, p.ErrorCode.INTERNAL)
-    return HandlerError(code, json.dumps({"directory": ident, **exc.to_dict()}))
+    return p.HandlerError(code, json.dumps({"directory": ident, **exc.to_dict()}))
 
 
 def parse_entries(directories) -> tuple[dict[str, dict], dict[str, DirectoryError]]:
@@ -214,7 +213,7 @@ class Bridge:
                 return await self.provision(directory, message.body)
         except DirectoryError as exc:
             raise error_reply(directory.id, exc) from None
-        raise HandlerError(p.ErrorCode.UNKNOWN_OP, f"{message.op.value} is not a directory operation")
+        raise p.HandlerError(p.ErrorCode.UNKNOWN_OP, f"{message.op.value} is not a directory operation")
 
     def lookup(self, ident) -> ManagedDirectory:
         """The configured, working directory `ident`, or the error home should see."""
@@ -223,7 +222,7 @@ class Bridge:
             raise error_reply(ident, self.refused[ident], refused=True)
         if directory is None:
             known = ", ".join(sorted(self.directories)) or "none"
-            raise HandlerError(p.ErrorCode.NOT_FOUND, f"directory {ident!r} is not configured on "
+            raise p.HandlerError(p.ErrorCode.NOT_FOUND, f"directory {ident!r} is not configured on "
                                f"this agent; configured: {known}")
         if directory.service is None:
             raise error_reply(ident, directory.error, refused=True)
@@ -233,7 +232,7 @@ class Bridge:
         """follow / full: lead the directory (spool + drain); stop: stop, keep draining."""
         mode = body.get("mode")
         if mode not in SYNC_MODES:
-            raise HandlerError(p.ErrorCode.BAD_TYPE, f"sync mode must be one of "
+            raise p.HandlerError(p.ErrorCode.BAD_TYPE, f"sync mode must be one of "
                                f"{', '.join(SYNC_MODES)}, not {mode!r}")
         async with self._lock(directory.id):
             if mode == "stop":
@@ -249,12 +248,12 @@ class Bridge:
         body = message.body
         kind, limit = body.get("kind", "user"), body.get("limit", 100)
         if kind not in SEARCH_KINDS:
-            raise HandlerError(p.ErrorCode.BAD_TYPE, f"search kind must be 'user' or 'group', not {kind!r}")
+            raise p.HandlerError(p.ErrorCode.BAD_TYPE, f"search kind must be 'user' or 'group', not {kind!r}")
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
-            raise HandlerError(p.ErrorCode.BAD_TYPE, f"search limit must be 1..10000, not {limit!r}")
+            raise p.HandlerError(p.ErrorCode.BAD_TYPE, f"search limit must be 1..10000, not {limit!r}")
         found = await asyncio.to_thread(directory.service.search, kind, body.get("filter") or None, limit)
         for part in split_by_size(found["results"], SEARCH_CHUNK_BUDGET):
-            await send_chunk(link, message, {"entries": part})
+            await link.send_chunk(message, {"entries": part}, STREAM_ACK_TIMEOUT)
         return {"entries": len(found["results"]), "truncated": bool(found["truncated"])}
 
     async def authenticate(self, directory: ManagedDirectory, body: dict) -> dict:
@@ -280,19 +279,3 @@ class Bridge:
     async def provision(self, directory: ManagedDirectory, body: dict) -> dict:
         result = await asyncio.to_thread(directory.service.provision, body["order"])
         return {"ok": result.get("status") == "done", "result": result}
-
-
-async def send_chunk(link, request: p.Message, body: dict) -> None:
-    """Queue one chunk once the stream window has room (home acks as it stores them)."""
-    session = link.session
-    waited = 0.0
-    while session.is_open(request) and session.stream_credit(request) <= 0:
-        if waited >= STREAM_ACK_TIMEOUT:
-            raise HandlerError(p.ErrorCode.TIMEOUT, f"home acknowledged no {request.op.value} chunk "
-                               f"for {STREAM_ACK_TIMEOUT:.0f} s")
-        await asyncio.sleep(0.01)  # Link consumes acks without telling anyone: poll the window
-        waited += 0.01
-    if not session.is_open(request):
-        raise asyncio.CancelledError  # home withdrew the request: send nothing more
-    session.chunk(request, body)
-    await link.flush()

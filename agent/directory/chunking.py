@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from tether.protocol import changes
 
-def chunked(records, chunk_size: int, first_seq: int = 1) -> Iterator[dict]:
-    """Group records into numbered `chunk` messages."""
-    seq, pending = first_seq, []
+
+def chunked(records, chunk_size: int, first_number: int = 1) -> Iterator[dict]:
+    """Group records into `chunk` messages numbered from `first_number` (encoded)."""
+    number, pending = first_number, []
     for record in records:
         pending.append(record)
         if len(pending) >= chunk_size:
-            yield {"type": "chunk", "seq": seq, "changes": pending}
-            seq, pending = seq + 1, []
+            yield changes.Chunk(number, pending).encode()
+            number, pending = number + 1, []
     if pending:
-        yield {"type": "chunk", "seq": seq, "changes": pending}
+        yield changes.Chunk(number, pending).encode()

@@ -20,6 +20,8 @@ from ldap3.utils.dn import escape_rdn
 
 from tether import dn as dnmeaning
 
+from tether.protocol.changes import INCREMENTAL, Begin, End
+
 from . import cursor as cursors
 from .chunking import chunked
 from .config import DirectoryConfig
@@ -166,19 +168,19 @@ def _affected_groups(session, config, records: list[dict]) -> list[dict]:
 
 def _stream(config, session: PoolSession, usn: int, dse: dict, chunk_size: int):
     try:
-        yield {"type": "begin", "mode": "incremental", "directory": config.name}
+        yield Begin(INCREMENTAL, config.name).encode()
         high = int(dse["highestCommittedUSN"])  # read before searching: later changes come next time
         nc = dse["defaultNamingContext"]
         changes = _changed_live(session, config, usn, nc) + _deleted(session, config, usn, nc)
         changes.sort(key=lambda pair: pair[0])
         records = [rec for _, rec in changes]
         records += _affected_groups(session, config, records)
-        seq = 0
+        number = 0
         for chunk in chunked(records, chunk_size):
-            seq = chunk["seq"]
+            number = chunk["seq"]
             yield chunk
-        yield {"type": "end", "seq": seq + 1, "mode": "incremental", "count": len(records),
-               "cursor": cursors.encode(KIND, usn=high, dc=dse["dsServiceName"], t=int(time.time())),
-               "server": session.server, "failovers": session.failovers}
+        cursor = cursors.encode(KIND, usn=high, dc=dse["dsServiceName"], t=int(time.time()))
+        yield End(INCREMENTAL, len(records), cursor, number + 1,
+                  {"server": session.server, "failovers": session.failovers}).encode()
     finally:
         session.close()

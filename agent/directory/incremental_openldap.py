@@ -27,6 +27,8 @@ import ldap3
 
 from tether import dn as dnmeaning
 
+from tether.protocol.changes import INCREMENTAL, Begin, End
+
 from . import cursor as cursors
 from .chunking import chunked
 from .config import DirectoryConfig
@@ -178,7 +180,7 @@ def changes_since(config: DirectoryConfig, cursor: str, chunk_size: int, pool: P
 def _stream(config: DirectoryConfig, session: PoolSession, csn: str | None, chunk_size: int,
             remembered: Remembered | None = None):
     try:
-        yield {"type": "begin", "mode": "incremental", "directory": config.name}
+        yield Begin(INCREMENTAL, config.name).encode()
         log = _log_records(session, config, csn)
         last: dict[str, dict] = {}
         renamed: dict[str, str] = {}
@@ -211,13 +213,12 @@ def _stream(config: DirectoryConfig, session: PoolSession, csn: str | None, chun
                 records.append(out)
             else:
                 records.append({"op": "delete", "id": entry_id, "dn": rec["new_dn"] or rec["dn"]})
-        seq = 0
+        number = 0
         for chunk in chunked(records, chunk_size):
-            seq = chunk["seq"]
+            number = chunk["seq"]
             yield chunk
         new_csn = log[-1]["csn"] if log else csn
-        yield {"type": "end", "seq": seq + 1, "mode": "incremental", "count": len(records),
-               "cursor": cursors.encode(KIND, csn=new_csn), "server": session.server,
-               "failovers": session.failovers}
+        yield End(INCREMENTAL, len(records), cursors.encode(KIND, csn=new_csn), number + 1,
+                  {"server": session.server, "failovers": session.failovers}).encode()
     finally:
         session.close()

@@ -1,6 +1,6 @@
 """Full synchronization: every user and group, streamed in ordered chunks.
 
-Why a generator of plain dicts: the agent forwards each chunk to home (through
+Why a generator of encoded messages (`tether.protocol.changes`): the agent forwards each chunk to home (through
 the spool) as soon as it is ready, so memory stays flat for any directory
 size; home replaces its snapshot only when it sees the `end` message. The
 `end` carries the cursor from which incremental sync continues; it is taken
@@ -11,6 +11,8 @@ replayed by the next incremental sync instead of being lost.
 from __future__ import annotations
 
 from typing import Iterator
+
+from tether.protocol import changes
 
 from . import incremental
 from .config import DirectoryConfig
@@ -29,8 +31,8 @@ def full_sync(config: DirectoryConfig, chunk_size: int = DEFAULT_CHUNK, pool: Po
         conn = session.connection()
         check_mapping(config, conn)
         cursor = incremental.start_cursor(config, conn)
-        yield {"type": "begin", "mode": "full", "directory": config.name, "reason": reason}
-        seq, count, pending = 0, 0, []
+        yield changes.Begin(changes.FULL, config.name, reason).encode()
+        number, count, pending = 0, 0, []
         seen: set[str] = set()
         for kind, flt in (("user", config.user_filter), ("group", config.group_filter)):
             attrs = search_attributes(config, kind)
@@ -44,16 +46,16 @@ def full_sync(config: DirectoryConfig, chunk_size: int = DEFAULT_CHUNK, pool: Po
                         seen.add(record["id"])
                         pending.append(record)
                         if len(pending) >= chunk_size:
-                            seq += 1
+                            number += 1
                             count += len(pending)
-                            yield {"type": "chunk", "seq": seq, "changes": pending}
+                            yield changes.Chunk(number, pending).encode()
                             pending = []
         if pending:
-            seq += 1
+            number += 1
             count += len(pending)
-            yield {"type": "chunk", "seq": seq, "changes": pending}
-        yield {"type": "end", "seq": seq + 1, "mode": "full", "count": count, "cursor": cursor,
-               "server": session.server, "failovers": session.failovers}
+            yield changes.Chunk(number, pending).encode()
+        yield changes.End(changes.FULL, count, cursor, number + 1, {
+            "server": session.server, "failovers": session.failovers}).encode()
     finally:
         session.close()
 

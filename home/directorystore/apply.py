@@ -103,33 +103,27 @@ class ChangeWriter:
 
     def _message(self, directory: str, instance_id: str, message: dict, state: dict,
                  result: BatchResult) -> None:
-        kind = message.get("type")
-        if kind == protocol.PART_TYPE:
+        try:
+            checked = protocol.changes.decode(message)
+        except protocol.ProtocolError as exc:
+            raise DirectoryStoreError(exc.detail) from None
+        if isinstance(checked, protocol.Part):
             self._part(directory, instance_id, message, state, result)
             return
         # any other message ends an unfinished set of parts: the agent replays from its cursor
         self._drop_parts(directory, instance_id)
         owner = state["stream_instance"] == instance_id and state["stream_mode"] is not None
-        if kind == "begin":
-            mode = message.get("mode")
-            if mode not in ("full", "incremental"):
-                raise DirectoryStoreError(f"begin with mode {mode!r}; expected full or incremental")
+        if isinstance(checked, protocol.changes.Begin):
             # Whatever stream was open is abandoned: its staged rows must never swap in.
             self.db.execute("DELETE FROM staging WHERE directory = ?", (directory,))
             self.db.execute("DELETE FROM staging_memberships WHERE directory = ?", (directory,))
-            state["stream_mode"], state["stream_instance"] = mode, instance_id
-        elif kind == "chunk":
-            changes = message.get("changes")
-            if not isinstance(changes, list):
-                raise DirectoryStoreError("chunk without a changes list")
+            state["stream_mode"], state["stream_instance"] = checked.mode, instance_id
+        elif isinstance(checked, protocol.changes.Chunk):
             # A chunk of a stream whose begin home did not see (sent while this
             # instance was not the leader) holds whole states: apply it live.
             table = "staging" if owner and state["stream_mode"] == "full" else "entries"
-            result.records += self.records(directory, table, changes, result)
-        elif kind == "end":
-            cursor = message.get("cursor")
-            if cursor is not None and not isinstance(cursor, str):
-                raise DirectoryStoreError("end with a cursor that is not a string")
+            result.records += self.records(directory, table, checked.changes, result)
+        elif isinstance(checked, protocol.changes.End):
             if not owner:
                 result.resync_wanted = True
                 result.notes.append("end without its begin: cursor not stored")
@@ -138,28 +132,20 @@ class ChangeWriter:
                     self._swap(directory)
                     result.swapped = True
                     state["full_synced_at"] = time.time()
-                state["cursor"] = cursor
+                state["cursor"] = checked.cursor
                 state["synced_at"] = time.time()
-                result.cursor = cursor
+                result.cursor = checked.cursor
                 self.db.execute("DELETE FROM directory_errors WHERE directory = ?", (directory,))
             state["stream_mode"] = state["stream_instance"] = None
-        elif kind == "error":
-            self.store_error(directory, instance_id, message)
         else:
-            raise DirectoryStoreError(f"stream message type {kind!r}; expected begin, chunk, end or error")
+            self.store_error(directory, instance_id, checked)
 
-    def store_error(self, directory: str, instance_id: str, error: dict) -> None:
-        """Keep `error` ({code, message, hint?, server?, at?}) as the directory's last error."""
-        code, text, at = error.get("code"), error.get("message"), error.get("at")
-        if not (isinstance(code, str) and code and isinstance(text, str)):
-            raise DirectoryStoreError(f"error message needs string code and message: {str(error)[:200]}")
-        if at is not None and (not isinstance(at, (int, float)) or isinstance(at, bool)):
-            raise DirectoryStoreError(f"error message 'at' must be a unix time: {str(error)[:200]}")
-        hint, server = error.get("hint"), error.get("server")
+    def store_error(self, directory: str, instance_id: str | None,
+                    error: protocol.changes.Error) -> None:
+        """Keep ``error`` (checked by the protocol) as the directory's last error."""
         self.db.execute("INSERT OR REPLACE INTO directory_errors VALUES (?,?,?,?,?,?,?,?)",
-                        (directory, instance_id, code, text,
-                         hint if isinstance(hint, str) else None,
-                         server if isinstance(server, str) else None, at, time.time()))
+                        (directory, instance_id, error.code, error.message, error.hint,
+                         error.server, error.at, time.time()))
 
     def records(self, directory: str, table: str, changes: list,
                  result: BatchResult | None = None) -> int:

@@ -37,11 +37,12 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from tether import protocol
 from tether.home import sqlite as sqlite_helpers
 from tether.home.directorystore import members
 from tether.home.directorystore.apply import ChangeWriter
 from tether.home.directorystore.export import write_csv
-from tether.home.directorystore.records import BatchResult, decode_row
+from tether.home.directorystore.records import BatchResult, DirectoryStoreError, decode_row
 from tether.home.directorystore.schema import SCHEMA, migrate
 from tether.home.sqlite import Transaction
 
@@ -132,8 +133,12 @@ class DirectoryStore:
 
     def record_error(self, directory: str, instance_id: str | None, error: dict) -> None:
         """Home's own finding (an instance refused ``sync``) as the directory's last error."""
+        try:
+            checked = protocol.changes.decode({**error, "type": "error"})
+        except protocol.ProtocolError as exc:
+            raise DirectoryStoreError(exc.detail) from None
         with self._tx():
-            self.changes.store_error(directory, instance_id, error)
+            self.changes.store_error(directory, instance_id, checked)
 
     def last_error(self, directory: str) -> dict | None:
         """``{code, message, hint, server, at, instance, received_at}`` or None when syncing."""

@@ -75,13 +75,15 @@ class FakeConnector:
 
     ``handlers[op](message)`` returns a response body, ``("fail", code, detail)``
     for an error reply, or ``"drop"`` to abort the socket without answering.
+    The socket is driven by the protocol's :class:`~tether.protocol.Connection`,
+    like a real agent's.
     """
 
     def __init__(self, name: str, agent: RawAgent, iid: str) -> None:
         self.name, self.agent, self.iid = name, agent, iid
         self.received: list[p.Message] = []
         self.handlers: dict = {}
-        self.waiters: dict[str, asyncio.Future] = {}
+        self.connection = _Served(self)
         self.task: asyncio.Task | None = None
 
     @classmethod
@@ -94,29 +96,11 @@ class FakeConnector:
         conn = cls(name, agent, iid)
         for ev in agent.inbox:  # requests that arrived with the hello answer
             if isinstance(ev, p.RequestReceived):
-                await conn._answer(ev.message)
-        conn.task = asyncio.create_task(conn._run())
+                conn.connection.serve(ev.message)
+        conn.task = asyncio.create_task(conn.connection.run())
         return conn
 
-    async def _run(self) -> None:
-        from websockets.exceptions import ConnectionClosed
-
-        try:
-            while True:
-                data = await self.agent.ws.recv()
-                self.agent.session.receive(data)
-                for ev in self.agent.session.events_received():
-                    if isinstance(ev, p.RequestReceived):
-                        await self._answer(ev.message)
-                    elif isinstance(ev, (p.ResponseReceived, p.ErrorReceived)) and ev.request:
-                        waiter = self.waiters.pop(ev.request.id, None)
-                        if waiter and not waiter.done():
-                            waiter.set_result(ev)
-                await self.agent.flush()
-        except (ConnectionClosed, asyncio.CancelledError):
-            pass
-
-    async def _answer(self, msg: p.Message) -> None:
+    async def _answer(self, msg: p.Message) -> dict:
         self.received.append(msg)
         handler = self.handlers.get(msg.op)
         if handler is not None:
@@ -132,24 +116,18 @@ class FakeConnector:
             result = ("fail", "unavailable", "not scripted")
         if result == "drop":
             self.agent.ws.transport.abort()
-            return
+            raise asyncio.CancelledError  # answer nothing
         if isinstance(result, tuple) and result[0] == "chunks":
             for body in result[1]:
-                self.agent.session.chunk(msg, body)
-            self.agent.session.respond(msg, result[2])
-        elif isinstance(result, tuple):
-            self.agent.session.fail(msg, result[1], result[2])
-        else:
-            self.agent.session.respond(msg, result)
-        await self.agent.flush()
+                await self.connection.send_chunk(msg, body)
+            return result[2]
+        if isinstance(result, tuple):
+            raise p.HandlerError(result[1], result[2])
+        return result
 
     async def changes(self, entries: list[dict], directory: str = "corp"):
-        sent = self.agent.session.request(p.Op.DIRECTORY_CHANGES,
-                                          {"directory": directory, "entries": entries})
-        waiter = asyncio.get_running_loop().create_future()
-        self.waiters[sent.id] = waiter
-        await self.agent.flush()
-        return await asyncio.wait_for(waiter, 30)
+        return await self.connection.exchange(p.Op.DIRECTORY_CHANGES,
+                                              {"directory": directory, "entries": entries})
 
     def syncs(self) -> list[dict]:
         return [m.body for m in self.received if m.op is p.Op.SYNC]
@@ -163,6 +141,17 @@ class FakeConnector:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
+
+
+class _Served(p.Connection):
+    """A FakeConnector's socket: home's requests go to its scripted answers."""
+
+    def __init__(self, fake: FakeConnector) -> None:
+        super().__init__(fake.agent.ws, fake.agent.session, name=fake.name)
+        self.fake = fake
+
+    async def handle_request(self, message: p.Message) -> dict:
+        return await self.fake._answer(message)
 
 
 async def until(predicate, what: str, timeout: float = 30.0):

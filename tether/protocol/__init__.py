@@ -1,15 +1,18 @@
 """The tether wire protocol (agent ⇄ home), version 1: one package both sides import.
 
 The rules are here; ``schema`` names what messages are (kinds, operations, error
-codes, body fields, limits), ``codec`` turns one message to and from JSON, and
-``session`` is the conversation. Everything is re-exported from this package, so
-both sides write ``from tether import protocol as p`` and never name a submodule.
+codes, body fields, limits), ``codec`` turns one message to and from JSON,
+``session`` is the conversation, ``connection`` drives it over a socket and
+``changes`` types the directory change stream (``p.changes``). Everything else is
+re-exported from this package, so both sides write ``from tether import protocol
+as p`` and never name another submodule.
 
 Shaped like python-websockets' ``protocol.py``: a *sans-I/O* state machine. Text
 goes in (:meth:`Session.receive`), events come out (:meth:`Session.events_received`)
-and text to send piles up (:meth:`Session.data_to_send`); no sockets, no asyncio.
-The I/O layers on each side (home's server, the agent's dialer) are thin loops
-around a :class:`Session`, so the rules below are tested without any network.
+and text to send piles up (:meth:`Session.data_to_send`); no sockets, no asyncio
+there. The I/O layer is one class both sides subclass, :class:`Connection` (``connection``):
+a thin asyncio loop around a :class:`Session`, so the rules below are tested
+without any network and kept by one piece of code.
 
 Transport
 =========
@@ -106,7 +109,9 @@ event (it may drop a connection that keeps violating, see
 
 from __future__ import annotations
 
+from . import changes
 from .codec import Message, RawJSON, decode, encode, new_id, validate
+from .connection import Connection, HandlerError, RequestFailed
 from .parts import MAX_MESSAGE_BYTES, MAX_PART_BYTES, MAX_PARTS, PART_TYPE, Part
 from .parts import join as join_parts, split as split_parts
 from .records import MAX_DELTA_VALUES, MEMBER_DELTA_OP, check_member_delta, member_delta
@@ -133,4 +138,5 @@ __all__ = [
     "MAX_DELTA_VALUES", "MEMBER_DELTA_OP", "check_member_delta", "member_delta",
     "AckReceived", "CancelReceived", "ChunkReceived", "ErrorReceived", "Event", "EventReceived",
     "ProtocolViolation", "RequestReceived", "ResponseReceived", "Role", "SeenIds", "Session",
+    "Connection", "HandlerError", "RequestFailed", "changes",
 ]

@@ -63,36 +63,60 @@ class FakeHome:
         assert seqs == list(range(1, len(seqs) + 1)), seqs
 
 
-class FakeLink:
-    """A Link look-alike: a real agent Session whose peer is a real home Session in memory."""
+class HomeWire:
+    """The socket under a FakeLink: what the agent sends goes into a home Session in
+    memory; what home sends is read back by the link's reader."""
+
+    def __init__(self, on_home_text) -> None:
+        self.on_home_text = on_home_text
+        self.inbox: asyncio.Queue = asyncio.Queue()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        return await self.inbox.get()
+
+    async def send(self, text: str) -> None:
+        self.on_home_text(text)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        pass
+
+
+class FakeLink(p.Connection):
+    """A Link look-alike: the protocol's Connection over an agent Session whose peer is
+    a real home Session in memory (so every message is checked as on the wire)."""
 
     def __init__(self, agent: FakeAgent, index: int = 0):
+        super().__init__(HomeWire(self._home_receives), p.Session(role=p.Role.AGENT),
+                         name="fake-home")
         self.agent, self.index, self.draining = agent, index, False
-        self.session = p.Session(role=p.Role.AGENT)
         self.home = p.Session(role=p.Role.HOME)
-        self.answers: dict[str, p.Message] = {}
+        self.answers: dict[str, asyncio.Future] = {}
         self.chunks: dict[str, list[p.Message]] = {}
         self.violations: list = []
         self.session.request(p.Op.HELLO, {"agent_version": "test", "image_id": "img"})
-        self._to_home()
-        self._to_agent()
-        assert self.session.established
-
-    # ---- plumbing
-    def _to_home(self) -> None:
         for text in self.session.data_to_send():
             self.home.receive(text)
         for event in self.home.events_received():
             self._home_event(event)
+        for text in self.home.data_to_send():
+            self.session.receive(text)
+        self.session.events_received()
+        assert self.session.established
+        self.reader = asyncio.get_running_loop().create_task(self.run())
+
+    # ---- home's side
+    def _home_receives(self, text: str) -> None:
+        self.home.receive(text)
+        for event in self.home.events_received():
+            self._home_event(event)
+        self._to_agent()
 
     def _to_agent(self) -> None:
         for text in self.home.data_to_send():
-            self.session.receive(text)
-        for event in self.session.events_received():
-            if isinstance(event, p.ProtocolViolation):
-                self.violations.append(event)
-            elif isinstance(event, (p.ResponseReceived, p.ErrorReceived, p.RequestReceived)):
-                self.answers[event.message.re or event.message.id] = event.message
+            self.ws.inbox.put_nowait(text)
 
     def _home_event(self, event) -> None:
         if isinstance(event, p.RequestReceived) and event.message.op is p.Op.HELLO:
@@ -109,7 +133,9 @@ class FakeLink:
             self.chunks.setdefault(event.message.re, []).append(event.message)
             asyncio.get_running_loop().call_later(0.02, self._late_ack, event.message)
         elif isinstance(event, (p.ResponseReceived, p.ErrorReceived)):
-            self.answers[event.message.re] = event.message
+            answer = self.answers.get(event.message.re)
+            if answer is not None and not answer.done():
+                answer.set_result(event.message)
         elif isinstance(event, p.ProtocolViolation):
             self.violations.append(event)
 
@@ -118,36 +144,39 @@ class FakeLink:
         self.home.ack(chunk)
         self._to_agent()
 
-    # ---- what Link offers the bridge
+    # ---- the agent's side, as Link
+    def on_event(self, event) -> None:
+        if isinstance(event, p.ProtocolViolation):
+            self.violations.append(event)
+
     async def flush(self) -> None:
         try:
-            self._to_home()
+            await super().flush()
         except ConnectionError:
             self.agent.drop(self)
             raise
-        self._to_agent()
 
     async def request(self, op: p.Op, body: dict, timeout: float = 30.0) -> p.Message:
-        message = self.session.request(op, body)
-        await self.flush()
-        answer = self.answers.pop(message.id)
-        if answer.kind is p.Kind.ERROR:
-            raise RuntimeError(answer.body)
-        return answer
-
-    # ---- home's requests to the agent, served like Link._serve does
-    async def call(self, bridge: Bridge, op: p.Op, body: dict) -> p.Message:
-        request = self.home.request(op, body)
-        self._to_agent()
-        served = self.answers.pop(request.id)
         try:
-            reply = await bridge.handle(self, served)
-            self.session.respond(served, reply)
-        except bridge_mod.HandlerError as exc:
-            self.session.fail(served, exc.code, exc.detail)
-        self._to_home()
+            return await super().request(op, body, timeout)
+        except p.RequestFailed as exc:
+            raise RuntimeError(exc.body) from None
+
+    # ---- home's requests to the agent, served by the Connection (as Link serves them)
+    async def call(self, bridge: Bridge, op: p.Op, body: dict) -> p.Message:
+        self.bridge = bridge
+        request = self.home.request(op, body)
+        answer = self.answers[request.id] = asyncio.get_running_loop().create_future()
+        self._to_agent()
+        try:
+            message = await asyncio.wait_for(answer, WAIT)
+        finally:
+            self.answers.pop(request.id, None)
         assert not self.violations, self.violations
-        return self.answers.pop(request.id)
+        return message
+
+    async def handle_request(self, message: p.Message) -> dict:
+        return await self.bridge.handle(self, message)
 
 
 class FakeAgent:
