@@ -8,6 +8,7 @@ act on (new configuration, revocation) are announced through
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import re
@@ -104,14 +105,10 @@ def create_connector(paths: StatePaths, name: str, cluster: str | None,
     """A connector: the unit images are issued for and configuration applies to."""
     check_name("connector", name)
     cluster = check_name("cluster", cluster or name)
-    if max_instances < 1:
-        raise StoreError("--max-instances must be at least 1 (1 = an OVA, never cloned)")
-    store = open_store(paths)
-    try:
+    _check_max_instances(max_instances)
+    with contextlib.closing(open_store(paths)) as store:
         store.add_connector(name, cluster, max_instances)
         return store.connector(name)
-    finally:
-        store.close()
 
 
 def update_connector(paths: StatePaths, name: str, cluster: str | None,
@@ -121,14 +118,16 @@ def update_connector(paths: StatePaths, name: str, cluster: str | None,
         raise StoreError("give --cluster and/or --max-instances to change")
     if cluster is not None:
         check_name("cluster", cluster)
-    if max_instances is not None and max_instances < 1:
-        raise StoreError("--max-instances must be at least 1 (1 = an OVA, never cloned)")
-    store = open_store(paths)
-    try:
+    if max_instances is not None:
+        _check_max_instances(max_instances)
+    with contextlib.closing(open_store(paths)) as store:
         store.update_connector(name, cluster, max_instances)
         return store.connector(name)
-    finally:
-        store.close()
+
+
+def _check_max_instances(max_instances: int) -> None:
+    if max_instances < 1:
+        raise StoreError("--max-instances must be at least 1 (1 = an OVA, never cloned)")
 
 
 def issue_image(paths: StatePaths, connector: str, out: Path, home_urls: list[str],

@@ -268,6 +268,15 @@ def _directory_parsers(sub, common) -> None:
     d.add_argument("--json", action="store_true")
 
 
+def _show(args, doc, render) -> int:
+    """A report as JSON (``--json``, for scripts) or as ``render(doc)`` text for people."""
+    if args.json:
+        _print(doc)
+    else:
+        print(render(doc))
+    return 0
+
+
 def _print(doc: dict) -> None:
     print(json.dumps(doc, indent=2, sort_keys=True, default=str))
 
@@ -425,11 +434,7 @@ def _status(paths, args) -> int:
     finally:
         store.close()
     doc["directories"] = admin.directory_report(paths, (live or {}).get("directories"))
-    if args.json:
-        _print(doc)
-    else:
-        print(status.render(doc))
-    return 0
+    return _show(args, doc, status.render)
 
 
 # ------------------------------------------------------------------ whole-image updates
@@ -446,11 +451,7 @@ def _update_status(paths, args) -> int:
     from tether.home import updates
 
     doc = updates.report(paths)
-    if args.json:
-        _print(doc)
-    else:
-        print(updates.render(doc))
-    return 0
+    return _show(args, doc, updates.render)
 
 
 def _update_rollout(paths, args) -> int:
@@ -660,11 +661,8 @@ def _directory_status(paths, args) -> int:
     paths.require_initialized()
     live = control.call(paths.control_socket, {"cmd": "directories"}, timeout=10)
     rows = admin.directory_report(paths, (live or {}).get("directories"))
-    if args.json:
-        _print({"running": live is not None, "directories": rows})
-    else:
-        print(directories.render(rows, live is not None))
-    return 0
+    return _show(args, {"running": live is not None, "directories": rows},
+                 lambda doc: directories.render(doc["directories"], doc["running"]))
 
 
 def main(argv: list[str] | None = None) -> int:
