@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import identity, machine, selfcheck, tlsctx
+from . import instancekeys, machine, selfcheck, tlsctx
 from .dialer import DialOptions, open_socket
 from .journal import setup as setup_logging
 from .probes import probe_home
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .service import Agent, RunOptions
+    from .runner import Agent, RunOptions
 
     sink = setup_logging(getattr(logging, str(args.log_level).upper(), logging.INFO))
     logging.getLogger("tether.agent").info("tether-agent starting (logs to %s)", sink)
@@ -69,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def _probe(settings) -> selfcheck.HomeProbe:
     """Reach the first home URL with the best certificate we have."""
-    cert, key = identity.cert_path(settings.state_dir), identity.key_path(settings.state_dir)
+    cert, key = instancekeys.cert_path(settings.state_dir), instancekeys.key_path(settings.state_dir)
     if not (cert.exists() and key.exists()):
         cert, key = settings.image_cert, settings.image_key
     options = DialOptions(ssl_context=lambda: tlsctx.client_context(settings.ca_cert, cert, key),
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"tether-agent: {exc}", file=sys.stderr)
         return 2
-    except identity.IdentityError as exc:
+    except instancekeys.InstanceKeyError as exc:
         print(f"tether-agent: {exc}", file=sys.stderr)
         return 3
 

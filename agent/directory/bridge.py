@@ -23,7 +23,7 @@ from tether import protocol as p
 
 from ..link import HandlerError
 from .drain import Drain
-from .errors import ConfigError, DirectoryError
+from .errors import DirectoryConfigError, DirectoryError
 from .managed import (
     ID_RE,
     ManagedDirectory,
@@ -75,15 +75,15 @@ def parse_entries(directories) -> tuple[dict[str, dict], dict[str, DirectoryErro
     if directories is None:
         return entries, refused
     if not isinstance(directories, list):
-        refused["directories"] = ConfigError("'directories' must be a list of directory objects")
+        refused["directories"] = DirectoryConfigError("'directories' must be a list of directory objects")
         return entries, refused
     for n, raw in enumerate(directories):
         ident = raw.get("id") if isinstance(raw, dict) else None
         if not isinstance(ident, str) or not ID_RE.match(ident):
-            refused[f"#{n}"] = ConfigError(f"directory #{n} needs an 'id' of letters, digits, '_', "
+            refused[f"#{n}"] = DirectoryConfigError(f"directory #{n} needs an 'id' of letters, digits, '_', "
                                            f"'.' or '-' (at most 64), not {ident!r}")
         elif ident in entries:
-            refused[ident] = ConfigError(f"directory id {ident!r} appears twice; ids must be unique")
+            refused[ident] = DirectoryConfigError(f"directory id {ident!r} appears twice; ids must be unique")
         else:
             entries[ident] = raw
     return entries, refused

@@ -29,7 +29,7 @@ from cryptography import x509
 from tether import __version__, configsig
 from tether import protocol as p
 
-from . import identity, machine, netfacts, selfcheck, tlsctx, updater
+from . import instancekeys, machine, netfacts, selfcheck, tlsctx, updater
 from .atomicfile import write_atomic
 from .backoff import Backoff
 from .channel import DialPlan
@@ -38,7 +38,7 @@ from .dialer import DialOptions, dial
 from .link import HandlerError, Link, RequestFailed
 from .listening import listening_sockets
 from .probes import host_port
-from .sdnotify import Notifier, watchdog_interval_s
+from .sdnotify import SystemdNotifier, watchdog_interval_s
 from .settings import Settings
 from .slots import Slot
 
@@ -82,11 +82,11 @@ class Agent:
     """One agent process: identity, configuration and its socket slots."""
 
     def __init__(self, settings: Settings, options: RunOptions | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: SystemdNotifier | None = None) -> None:
         self.settings = settings
         self.local_address: str | None = None  # our end of the socket home: reported address
         self.options = options or RunOptions()
-        self.notifier = notifier or Notifier()
+        self.notifier = notifier or SystemdNotifier()
         self.state = settings.state_dir
         self.started = time.monotonic()
         self.stopping = asyncio.Event()
@@ -108,7 +108,7 @@ class Agent:
     def prepare(self) -> None:
         """Everything local: keys, machine identity, last good config, self-check."""
         self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.keys, created = identity.load_or_create_keys(self.state)
+        self.keys, created = instancekeys.load_or_create_keys(self.state)
         if created:
             log.info("first boot: generated the instance keys",
                      extra={"tether_key_fingerprint": self.keys.signing_fingerprint()})
@@ -157,8 +157,8 @@ class Agent:
     # ------------------------------------------------------------------ TLS / proxy
 
     def instance_ssl(self):
-        return tlsctx.client_context(self.settings.ca_cert, identity.cert_path(self.state),
-                                     identity.key_path(self.state))
+        return tlsctx.client_context(self.settings.ca_cert, instancekeys.cert_path(self.state),
+                                     instancekeys.key_path(self.state))
 
     def image_ssl(self):
         return tlsctx.client_context(self.settings.ca_cert, self.settings.image_cert,
@@ -242,8 +242,8 @@ class Agent:
     # ------------------------------------------------------------------ enrollment
 
     def has_identity(self) -> bool:
-        cert = identity.load_cert(self.state)
-        return bool(cert and self.instance_id and not identity.is_expired(cert))
+        cert = instancekeys.load_cert(self.state)
+        return bool(cert and self.instance_id and not instancekeys.is_expired(cert))
 
     async def ensure_enrolled(self) -> bool:
         """Enroll with the image certificate unless a valid instance cert exists."""
@@ -260,7 +260,7 @@ class Agent:
             link, reader = got
             self.after_hello(link)
             try:
-                response = await link.request(p.Op.ENROLL, identity.enroll_body(
+                response = await link.request(p.Op.ENROLL, instancekeys.enroll_body(
                     self.keys, self.settings.image_id, self.machine.as_dict(),
                     time.time() + link.session.clock_offset))
                 self.store_issued(response.body)
@@ -268,7 +268,7 @@ class Agent:
                 log.info("enrolled as instance %s", self.instance_id,
                          extra={"tether_instance": self.instance_id})
                 return True
-            except (RequestFailed, identity.IdentityError, ConnectionError,
+            except (RequestFailed, instancekeys.InstanceKeyError, ConnectionError,
                     asyncio.TimeoutError) as exc:
                 self.enroll_error = getattr(exc, "code", type(exc).__name__)
                 delay = plan.backoff.next_delay()
@@ -284,9 +284,9 @@ class Agent:
 
     def store_issued(self, body: dict) -> x509.Certificate:
         """Check and keep the instance certificate from an enroll/renew response."""
-        cert = identity.check_issued_cert(body["cert_pem"], self.keys,
+        cert = instancekeys.check_issued_cert(body["cert_pem"], self.keys,
                                           self.settings.ca_cert.read_bytes())
-        identity.store_cert(self.state, cert)
+        instancekeys.store_cert(self.state, cert)
         self.instance_id = body["instance_id"]
         self.config.instance_id = self.instance_id
         write_atomic(self.state / INSTANCE_FILE, json.dumps({
@@ -301,11 +301,11 @@ class Agent:
         """Renew the instance certificate after 2/3 of its life, over a live socket."""
         last_attempt = -float("inf")
         while not self.stopping.is_set():
-            cert = identity.load_cert(self.state)
-            if cert is None or identity.is_expired(cert):
+            cert = instancekeys.load_cert(self.state)
+            if cert is None or instancekeys.is_expired(cert):
                 await self.ensure_enrolled()
                 continue
-            due_in = max((identity.renew_at(cert) - _utcnow()).total_seconds(),
+            due_in = max((instancekeys.renew_at(cert) - _utcnow()).total_seconds(),
                          last_attempt + self.options.renew_min_interval_s - time.monotonic())
             if due_in > 0:
                 await sleep_or_stop(self.stopping, min(due_in, 300))
@@ -317,7 +317,7 @@ class Agent:
             last_attempt = time.monotonic()
             try:
                 response = await link.request(p.Op.RENEW, {
-                    "csr_pem": identity.make_csr(self.keys, self.instance_id or "instance")})
+                    "csr_pem": instancekeys.make_csr(self.keys, self.instance_id or "instance")})
                 cert = self.store_issued(response.body)
                 log.info("instance certificate renewed; valid until %s",
                          cert.not_valid_after_utc.isoformat(),
