@@ -196,14 +196,14 @@ def test_journal_native_encoding_and_handler(tmp_path):
 
 def test_proxy_from_config_overrides_firstboot_and_takes_sealed_password(tmp_path):
     from tether.agent.config import ConfigStore
-    from tether.agent.runner import Agent
+    from tether.agent.configapply import ConfigApplier
 
     etc = write_etc(tmp_path, proxy="http://first:boot@proxy-a:3128")
-    agent = Agent(settings.load(etc, tmp_path / "state", None))
-    agent.config = ConfigStore(tmp_path, "corp", sealing.generate_private_key())
-    assert agent.proxy() == "http://first:boot@proxy-a:3128"
-    agent.config.secrets_open = {"agent": {"proxy": "http://svc@proxy-b:8080",
+    config = ConfigApplier(ConfigStore(tmp_path, "corp", sealing.generate_private_key()),
+                           settings.load(etc, tmp_path / "state", None))
+    assert config.proxy() == "http://first:boot@proxy-a:3128"
+    config.store.secrets_open = {"agent": {"proxy": "http://svc@proxy-b:8080",
                                            "proxy_password": "p@ss/word"}}
-    assert agent.proxy() == "http://svc:p%40ss%2Fword@proxy-b:8080"
-    agent.config.secrets_open = {"agent": {"proxy": ""}}
-    assert agent.proxy() is None  # home can switch the proxy off
+    assert config.proxy() == "http://svc:p%40ss%2Fword@proxy-b:8080"
+    config.store.secrets_open = {"agent": {"proxy": ""}}
+    assert config.proxy() is None  # home can switch the proxy off
