@@ -46,10 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-version-file", type=Path, default=Path("/usr/local/lib/tether/image-version"),
                      help=argparse.SUPPRESS)
     run.add_argument("--log-level", default="INFO")
+    run.set_defaults(func=cmd_run)
     check = sub.add_parser("selfcheck", help="check resources and the way to home")
     _common(check)
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--offline", action="store_true", help="do not contact home")
+    check.set_defaults(func=cmd_selfcheck)
     return parser
 
 
@@ -103,9 +105,7 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        return cmd_selfcheck(args)
+        return args.func(args)
     except SettingsError as exc:
         print(f"tether-agent: {exc}", file=sys.stderr)
         return 2
