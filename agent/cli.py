@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import identity, machine, selfcheck, tlsctx
+from . import instancekeys, machine, selfcheck, tlsctx
 from .dialer import DialOptions, open_socket
 from .journal import setup as setup_logging
 from .probes import probe_home
@@ -46,15 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-version-file", type=Path, default=Path("/usr/local/lib/tether/image-version"),
                      help=argparse.SUPPRESS)
     run.add_argument("--log-level", default="INFO")
+    run.set_defaults(func=cmd_run)
     check = sub.add_parser("selfcheck", help="check resources and the way to home")
     _common(check)
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--offline", action="store_true", help="do not contact home")
+    check.set_defaults(func=cmd_selfcheck)
     return parser
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .service import Agent, RunOptions
+    from .runner import Agent, RunOptions
 
     sink = setup_logging(getattr(logging, str(args.log_level).upper(), logging.INFO))
     logging.getLogger("tether.agent").info("tether-agent starting (logs to %s)", sink)
@@ -69,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def _probe(settings) -> selfcheck.HomeProbe:
     """Reach the first home URL with the best certificate we have."""
-    cert, key = identity.cert_path(settings.state_dir), identity.key_path(settings.state_dir)
+    cert, key = instancekeys.cert_path(settings.state_dir), instancekeys.key_path(settings.state_dir)
     if not (cert.exists() and key.exists()):
         cert, key = settings.image_cert, settings.image_key
     options = DialOptions(ssl_context=lambda: tlsctx.client_context(settings.ca_cert, cert, key),
@@ -103,13 +105,11 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        return cmd_selfcheck(args)
+        return args.func(args)
     except SettingsError as exc:
         print(f"tether-agent: {exc}", file=sys.stderr)
         return 2
-    except identity.IdentityError as exc:
+    except instancekeys.InstanceKeyError as exc:
         print(f"tether-agent: {exc}", file=sys.stderr)
         return 3
 

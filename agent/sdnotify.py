@@ -14,7 +14,7 @@ import os
 import socket
 
 
-class Notifier:
+class SystemdNotifier:
     """Sends notifications when run under systemd; silently does nothing otherwise."""
 
     def __init__(self, address: str | None = None) -> None:

@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 from homeproc import HomeProcess  # noqa: E402
 
 from tether import protocol as p  # noqa: E402
-from tether.agent import identity, tlsctx  # noqa: E402
+from tether.agent import instancekeys, tlsctx  # noqa: E402
 from tether.agent.dialer import DialOptions, open_socket, say_hello  # noqa: E402
 from tether.agent.link import Link  # noqa: E402
 
@@ -132,7 +132,7 @@ async def _noop_handler(link, message):
 async def enroll_one(home: HomeProcess, bundle: dict, image_ctx, n: int, tmp: Path) -> Path:
     """Enroll instance ``n`` the way the agent does; returns its state directory."""
     state = tmp / f"i{n}"
-    keys, _ = identity.load_or_create_keys(state)
+    keys, _ = instancekeys.load_or_create_keys(state)
     ws = await open_socket(home.url, DialOptions(lambda: image_ctx, lambda: None, "bench"))
     link = Link(ws, home.url, 0, _noop_handler)
     reader = asyncio.ensure_future(link.run())
@@ -140,22 +140,22 @@ async def enroll_one(home: HomeProcess, bundle: dict, image_ctx, n: int, tmp: Pa
         await say_hello(link, lambda ln: {"agent_version": "bench", "image_id": bundle["image_id"],
                                           "instance_id": None})
         response = await link.request(p.Op.ENROLL, {
-            "csr_pem": identity.make_csr(keys, bundle["image_id"]),
+            "csr_pem": instancekeys.make_csr(keys, bundle["image_id"]),
             "sealing_public_key": keys.sealing_public,
             "machine": {"fingerprint": f"bench-{n}", "platform": "qemu-kvm"}})
     finally:
         await ws.close()
         reader.cancel()
-    cert = identity.check_issued_cert(response.body["cert_pem"], keys,
+    cert = instancekeys.check_issued_cert(response.body["cert_pem"], keys,
                                       bundle["ca_pem"].encode())
-    identity.store_cert(state, cert)
+    instancekeys.store_cert(state, cert)
     (state / "id").write_text(response.body["instance_id"])
     return state
 
 
 async def connect_one(home: HomeProcess, bundle: dict, ca: Path, state: Path,
                       heartbeat_s: float) -> tuple[Link, asyncio.Task]:
-    ctx = tlsctx.client_context(ca, identity.cert_path(state), identity.key_path(state))
+    ctx = tlsctx.client_context(ca, instancekeys.cert_path(state), instancekeys.key_path(state))
     ws = await open_socket(home.url, DialOptions(lambda: ctx, lambda: None, "bench"))
     link = Link(ws, home.url, 0, _noop_handler)
     reader = asyncio.ensure_future(link.run())

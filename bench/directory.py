@@ -6,7 +6,7 @@ What it measures, all in one run against the same server over LDAPS:
 - full sync entries/s through tether.agent.directory.sync.full_sync versus a
   bare ldap3 paged search of the same entries (ratio; goals >= 0.6 and >= 8,000/s);
 - change -> record latency (write, notification, incremental sync returns the
-  record) p50/p95 through the Notifier + incremental sync, for slapd and Samba AD;
+  record) p50/p95 through the ChangeNotifier + incremental sync, for slapd and Samba AD;
 - authentication throughput and p99 through the Authenticator versus a direct bind;
 - end to end through real processes (a `tether-home serve` and an enrolled
   `tether-agent run` on 127.0.0.1, configuration pushed with `config set`): full
@@ -46,7 +46,7 @@ from tether.agent.directory.auth import Authenticator  # noqa: E402
 from tether.agent.directory.config import load_config  # noqa: E402
 from tether.agent.directory.connection import tune_socket  # noqa: E402
 from tether.agent.directory.incremental import changes_since  # noqa: E402
-from tether.agent.directory.notify import Notifier  # noqa: E402
+from tether.agent.directory.notify import ChangeNotifier  # noqa: E402
 from tether.agent.directory.sync import full_sync  # noqa: E402
 
 PAGE = 1000
@@ -190,7 +190,7 @@ def bench_changes(config, admin, dns: list[str]) -> dict:
     """Write -> notification -> incremental sync returns the changed record (p50/p95)."""
     cursor = next(m for m in _start(config))
     wake = threading.Event()
-    notifier = Notifier(config, lambda e: wake.set())
+    notifier = ChangeNotifier(config, lambda e: wake.set())
     notifier.start()
     time.sleep(0.5)
     latencies = []

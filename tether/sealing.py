@@ -11,7 +11,7 @@ generated at first boot and never leaving the machine:
 * an **X25519** key for sealing (this module) — its public half travels to home
   at enrollment as ``sealing_public_key`` (:func:`public_key_text`);
 * an **EC P-256** key for signing: the CSR and the TLS client certificate
-  (``tether.agent.identity``).
+  (``tether.agent.instancekeys``).
 
 X25519 cannot sign and ECDSA keys are a poor fit for ECIES-style sealing, so one
 key per purpose keeps each use standard and auditable.

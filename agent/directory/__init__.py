@@ -5,7 +5,7 @@ failures `DirectoryError` (stable `code`, `message`, `hint`). Changes for home
 go through `Spool` (ordered, fsync'd, removed on ack).
 """
 
-from .errors import ConfigError, CursorExpired, DirectoryError  # noqa: F401
+from .errors import DirectoryConfigError, CursorExpired, DirectoryError  # noqa: F401
 from .follow import Follower  # noqa: F401
 from .service import DirectoryService  # noqa: F401
 from .spool import Spool, SpoolError  # noqa: F401

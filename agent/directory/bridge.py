@@ -1,15 +1,17 @@
 """The agent's directory bridge: home's directory requests in, spooled changes out.
 
-Why a bridge between `tether.agent.service` and the engine: the channel knows
-links and protocol messages, the engine knows LDAP; this module maps one to the
-other (see `load_directory_bridge` in agent/service.py for the contract):
+Why a bridge between the agent (`tether.agent.directories`) and the engine: the
+channel knows links and protocol messages, the engine knows LDAP; this module
+maps one to the other (the contract is in agent/directories.py). It gets the
+state directory and the agent's socket pool, never the agent:
 
 - `configure(config)` builds one ManagedDirectory per `config["directories"]`
   entry; a refused one answers its requests with `bad_config`, the others work.
 - `handle(link, message)` serves `sync` (follow / full / stop), `search`
   (streamed chunks), `authenticate` and `provision`. The engine blocks (ldap3),
   so every call runs in a worker thread, never on the event loop.
-- the Drain task (drain.py) sends the spools home with `directory.changes`.
+- the Drain task (drain.py) sends the spools home with `directory.changes` over
+  whichever socket of the pool is up.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pathlib import Path
 
 from tether import protocol as p
 
+from ..sockets import Sockets
 from .drain import Drain
-from .errors import ConfigError, DirectoryError
+from .errors import DirectoryConfigError, DirectoryError
 from .managed import (
     ID_RE,
     ManagedDirectory,
@@ -74,26 +77,25 @@ def parse_entries(directories) -> tuple[dict[str, dict], dict[str, DirectoryErro
     if directories is None:
         return entries, refused
     if not isinstance(directories, list):
-        refused["directories"] = ConfigError("'directories' must be a list of directory objects")
+        refused["directories"] = DirectoryConfigError("'directories' must be a list of directory objects")
         return entries, refused
     for n, raw in enumerate(directories):
         ident = raw.get("id") if isinstance(raw, dict) else None
         if not isinstance(ident, str) or not ID_RE.match(ident):
-            refused[f"#{n}"] = ConfigError(f"directory #{n} needs an 'id' of letters, digits, '_', "
+            refused[f"#{n}"] = DirectoryConfigError(f"directory #{n} needs an 'id' of letters, digits, '_', "
                                            f"'.' or '-' (at most 64), not {ident!r}")
         elif ident in entries:
-            refused[ident] = ConfigError(f"directory id {ident!r} appears twice; ids must be unique")
+            refused[ident] = DirectoryConfigError(f"directory id {ident!r} appears twice; ids must be unique")
         else:
             entries[ident] = raw
     return entries, refused
 
 
 class Bridge:
-    """Directory requests for one agent; state under `<agent.state>/directories/<id>/`."""
+    """Directory requests for one agent; state under `<state_dir>/directories/<id>/`."""
 
-    def __init__(self, agent):
-        self.agent = agent
-        self.root = Path(agent.state) / "directories"
+    def __init__(self, state_dir: Path, sockets: Sockets):
+        self.root = Path(state_dir) / "directories"
         # spools and cursors of the directories (user records): owner only, also when an
         # older agent created the directory with the umask's 0755
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -101,7 +103,7 @@ class Bridge:
         self.directories: dict[str, ManagedDirectory] = {}
         self.refused: dict[str, DirectoryError] = {}
         self.spools: dict[str, NotifyingSpool] = {}  # one per id for the process: seqs stay unique
-        self.drain = Drain(self)
+        self.drain = Drain(lambda: list(self.directories.values()), sockets, self.resign)
         self._locks: dict[str, asyncio.Lock] = {}
 
     # ------------------------------------------------------------------ configuration
@@ -153,9 +155,6 @@ class Bridge:
         await self.drain.stop()
         for directory in list(self.directories.values()):
             await asyncio.to_thread(directory.close)
-
-    def has_pending(self) -> bool:
-        return any(len(d.spool) for d in self.directories.values())
 
     def status(self) -> dict:
         out = {ident: d.status() for ident, d in self.directories.items()}

@@ -14,7 +14,7 @@ from cryptography import x509
 from ldap3.core.exceptions import LDAPInvalidFilterError
 from ldap3.operation.search import parse_filter
 
-from .errors import ConfigError, DirectoryError
+from .errors import DirectoryConfigError, DirectoryError
 from .values import Syntaxes
 
 KINDS = ("openldap", "ad")
@@ -82,16 +82,16 @@ class DirectoryConfig:
 
 def _require(raw: dict, key: str, kind=str):
     if key not in raw or raw[key] in (None, ""):
-        raise ConfigError(f"'{key}' is required")
+        raise DirectoryConfigError(f"'{key}' is required")
     if not isinstance(raw[key], kind):
-        raise ConfigError(f"'{key}' must be a {getattr(kind, '__name__', kind)}")
+        raise DirectoryConfigError(f"'{key}' must be a {getattr(kind, '__name__', kind)}")
     return raw[key]
 
 
 def _servers(raw: dict, tls: str) -> tuple[ServerAddress, ...]:
     items = raw.get("servers")
     if not isinstance(items, list) or not items:
-        raise ConfigError("'servers' must be a non-empty list of 'host' or 'host:port' "
+        raise DirectoryConfigError("'servers' must be a non-empty list of 'host' or 'host:port' "
                           "strings or {'host', 'port'} objects, primary first")
     out = []
     for item in items:
@@ -100,13 +100,13 @@ def _servers(raw: dict, tls: str) -> tuple[ServerAddress, ...]:
         elif isinstance(item, str):
             host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", DEFAULT_PORTS[tls])
         else:
-            raise ConfigError(f"server {item!r}: give 'host', 'host:port' or {{'host', 'port'}}")
+            raise DirectoryConfigError(f"server {item!r}: give 'host', 'host:port' or {{'host', 'port'}}")
         try:
             port = int(port)
         except (TypeError, ValueError):
-            raise ConfigError(f"server {item!r}: port must be a number") from None
+            raise DirectoryConfigError(f"server {item!r}: port must be a number") from None
         if not host or not 0 < port < 65536:
-            raise ConfigError(f"server {item!r}: needs a host name and a port in 1..65535")
+            raise DirectoryConfigError(f"server {item!r}: needs a host name and a port in 1..65535")
         out.append(ServerAddress(host, port))
     return tuple(out)
 
@@ -127,7 +127,7 @@ def _mapping(raw: dict, kind: str, which: str) -> dict:
     if given is not None:
         if not isinstance(given, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
                                                   for k, v in given.items()):
-            raise ConfigError(f"'attribute_mapping.{which}' must map field names to attribute names")
+            raise DirectoryConfigError(f"'attribute_mapping.{which}' must map field names to attribute names")
         mapping = dict(given)
     return mapping
 
@@ -146,51 +146,51 @@ def _trust(raw: dict, tls: str) -> tuple[str | None, str | None]:
     if tls == "plain":
         return ca_file, ca_pem
     if not ca_file and not ca_pem:
-        raise ConfigError("'ca_pem' (PEM text) or 'ca_file' (path) is required with TLS: the CA that "
+        raise DirectoryConfigError("'ca_pem' (PEM text) or 'ca_file' (path) is required with TLS: the CA that "
                           "signed the directory servers' certificates")
     if ca_file and not os.path.isfile(ca_file):
-        raise ConfigError(f"'ca_file' {ca_file!r} does not exist")
+        raise DirectoryConfigError(f"'ca_file' {ca_file!r} does not exist")
     if ca_pem:
         try:
             if not x509.load_pem_x509_certificates(ca_pem.encode()):
                 raise ValueError("no certificate")
         except (ValueError, AttributeError):
-            raise ConfigError("'ca_pem' holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+            raise DirectoryConfigError("'ca_pem' holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
     return ca_file, ca_pem
 
 
 def load_config(raw: dict) -> DirectoryConfig:
     """Check a configuration dict and return the normalized, immutable config."""
     if not isinstance(raw, dict):
-        raise ConfigError("the directory configuration must be a JSON object")
+        raise DirectoryConfigError("the directory configuration must be a JSON object")
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(map(repr, unknown))}; known keys: "
+        raise DirectoryConfigError(f"unknown key(s) {', '.join(map(repr, unknown))}; known keys: "
                           f"{', '.join(sorted(KNOWN_KEYS))}")
     kind = raw.get("kind", "openldap")
     if kind not in KINDS:
-        raise ConfigError(f"'kind' must be one of {', '.join(KINDS)}, not {kind!r}")
+        raise DirectoryConfigError(f"'kind' must be one of {', '.join(KINDS)}, not {kind!r}")
     tls = raw.get("tls", "ldaps")
     if tls not in TLS_MODES:
-        raise ConfigError(f"'tls' must be one of {', '.join(TLS_MODES)}, not {tls!r}")
+        raise DirectoryConfigError(f"'tls' must be one of {', '.join(TLS_MODES)}, not {tls!r}")
     if tls == "plain" and raw.get("allow_plain") is not True:
-        raise ConfigError("'tls': 'plain' sends passwords in clear text; use 'ldaps' or 'starttls', "
+        raise DirectoryConfigError("'tls': 'plain' sends passwords in clear text; use 'ldaps' or 'starttls', "
                           "or set 'allow_plain': true if this network is trusted")
     ca_file, ca_pem = _trust(raw, tls)
     base_dns = raw.get("base_dns")
     if isinstance(base_dns, str):
         base_dns = [base_dns]
     if not isinstance(base_dns, list) or not base_dns or not all(isinstance(b, str) and b for b in base_dns):
-        raise ConfigError("'base_dns' must be a non-empty list of DNs to synchronize")
+        raise DirectoryConfigError("'base_dns' must be a non-empty list of DNs to synchronize")
     user_filter, group_filter = DEFAULT_FILTERS[kind]
     user_mapping = _mapping(raw, kind, "user")
     page_size = raw.get("page_size", 500)
     if not isinstance(page_size, int) or not 1 <= page_size <= 10000:
-        raise ConfigError("'page_size' must be an integer between 1 and 10000")
+        raise DirectoryConfigError("'page_size' must be an integer between 1 and 10000")
     auth_connections = raw.get("auth_connections", DEFAULT_AUTH_CONNECTIONS)
     if not isinstance(auth_connections, int) or isinstance(auth_connections, bool) \
             or not 1 <= auth_connections <= MAX_AUTH_CONNECTIONS:
-        raise ConfigError(f"'auth_connections' must be an integer between 1 and "
+        raise DirectoryConfigError(f"'auth_connections' must be an integer between 1 and "
                           f"{MAX_AUTH_CONNECTIONS} (logins checked at once; default "
                           f"{DEFAULT_AUTH_CONNECTIONS})")
     return DirectoryConfig(
@@ -219,10 +219,10 @@ def _range_size(raw: dict, kind: str) -> int | None:
     if size is None:
         return None
     if kind != "ad":
-        raise ConfigError("'member_range_size' applies to kind 'ad' only (OpenLDAP sends every "
+        raise DirectoryConfigError("'member_range_size' applies to kind 'ad' only (OpenLDAP sends every "
                           "value at once); remove it")
     if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 100_000:
-        raise ConfigError("'member_range_size' must be an integer between 1 and 100000 (AD's own "
+        raise DirectoryConfigError("'member_range_size' must be an integer between 1 and 100000 (AD's own "
                           "page is 1500), or absent to let the server decide")
     return size
 
@@ -231,6 +231,6 @@ def _binary_attributes(raw: dict) -> tuple[str, ...]:
     """Attributes to carry as base64 whatever the schema says (a server that hides its schema)."""
     given = raw.get("binary_attributes", [])
     if not isinstance(given, list) or not all(isinstance(a, str) and a for a in given):
-        raise ConfigError("'binary_attributes' must be a list of attribute names whose values "
+        raise DirectoryConfigError("'binary_attributes' must be a list of attribute names whose values "
                           "are bytes (sent home as base64)")
     return tuple(given)

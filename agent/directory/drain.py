@@ -13,15 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 from tether import protocol as p
 
 from ..backoff import Backoff
+from ..sockets import Sockets
 from .managed import ManagedDirectory
-
-if TYPE_CHECKING:
-    from .bridge import Bridge
 
 log = logging.getLogger("tether.agent.directory")
 
@@ -47,10 +45,18 @@ class DrainError(Exception):
 
 
 class Drain:
-    """Moves spooled changes home over whichever link is up, in order, a few batches in flight."""
+    """Moves spooled changes home over whichever link is up, in order, a few batches in flight.
 
-    def __init__(self, bridge: Bridge):
-        self.bridge = bridge
+    It gets what it needs, not the bridge: ``directories()`` (the configured ones
+    now), the agent's socket pool, and ``resign(directory)`` for when home names
+    another leader.
+    """
+
+    def __init__(self, directories: Callable[[], list[ManagedDirectory]], sockets: Sockets,
+                 resign: Callable[[ManagedDirectory], Awaitable[None]]):
+        self.directories = directories
+        self.sockets = sockets
+        self.resign = resign
         self.wake: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task | None = None
@@ -104,7 +110,10 @@ class Drain:
                 await self._nap(self.backoff.next_delay())
                 continue
             if not progressed:
-                await self._nap(LINK_POLL if self.bridge.has_pending() else IDLE_POLL)
+                await self._nap(LINK_POLL if self.has_pending() else IDLE_POLL)
+
+    def has_pending(self) -> bool:
+        return any(len(d.spool) for d in self.directories())
 
     async def _nap(self, seconds: float) -> None:
         try:
@@ -115,7 +124,7 @@ class Drain:
     async def drain_all(self) -> bool:
         """One batch per directory with pending changes; True if any batch was sent."""
         progressed = False
-        for directory in list(self.bridge.directories.values()):
+        for directory in self.directories():
             link = self.pick_link()
             if link is None:
                 return progressed
@@ -125,8 +134,7 @@ class Drain:
 
     def pick_link(self):
         """An established link home that is not being rotated out, or None."""
-        links = getattr(self.bridge.agent, "links", {}) or {}
-        return next((ln for ln in links.values() if not ln.draining), None)
+        return self.sockets.pick()
 
     async def drain_one(self, link, directory: ManagedDirectory) -> bool:
         """Send `directory`'s oldest pending entries, up to WINDOW batches in flight.
@@ -195,7 +203,7 @@ class Drain:
             await asyncio.to_thread(directory.spool.ack, applied)
         self.sent_batches += 1
         if response.body.get("leader") is False:
-            await self.bridge.resign(directory)
+            await self.resign(directory)
             return False
         if applied < first:
             raise DrainError(f"home applied none of seqs {first}..{last} of directory "

@@ -45,7 +45,7 @@ class DirectoryError(Exception):
         return out
 
 
-class ConfigError(DirectoryError):
+class DirectoryConfigError(DirectoryError):
     """The configuration dict is invalid; raised before any connection is made."""
 
     def __init__(self, message: str):

@@ -27,7 +27,7 @@ from tether import protocol as p
 
 from ..atomicfile import write_atomic
 from .deltas import MemberMemory
-from .errors import ConfigError, DirectoryError
+from .errors import DirectoryConfigError, DirectoryError
 from .follow import CursorFile, Follower
 from .service import DirectoryService
 from .spool import Spool, encode_item
@@ -248,7 +248,7 @@ def refusal(ident: str, exc: Exception) -> DirectoryError:
     """Any failure to build a directory's engine as a DirectoryError (code `config` if unknown)."""
     if isinstance(exc, DirectoryError):
         return exc
-    return ConfigError(f"directory {ident!r} cannot be set up: {type(exc).__name__}: {exc}")
+    return DirectoryConfigError(f"directory {ident!r} cannot be set up: {type(exc).__name__}: {exc}")
 
 
 class ManagedDirectory:

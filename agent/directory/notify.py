@@ -32,7 +32,7 @@ REFRESH_AND_PERSIST = bytes.fromhex("30030a0103")  # SEQUENCE { mode ENUMERATED 
 SHOW_DELETED_OID = "1.2.840.113556.1.4.417"
 
 
-class Notifier:
+class ChangeNotifier:
     """Calls `on_change(event_dict)` from a background thread for every directory write."""
 
     def __init__(self, config: DirectoryConfig, on_change: Callable[[dict], None],

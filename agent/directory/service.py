@@ -15,7 +15,7 @@ from . import lookup, sync as syncing
 from .auth import AuthPool
 from .config import load_config
 from .connection import Pool
-from .notify import Notifier
+from .notify import ChangeNotifier
 from .provision import provision
 
 
@@ -50,9 +50,9 @@ class DirectoryService:
     def search(self, kind: str, extra_filter: str | None = None, limit: int = 100) -> dict:
         return lookup.search(self.config, kind, extra_filter, limit, self.pool)
 
-    def watch(self, on_change: Callable[[dict], None]) -> Notifier:
+    def watch(self, on_change: Callable[[dict], None]) -> ChangeNotifier:
         """Start change notifications; the caller runs `sync(cursor)` on each event and stops it."""
-        notifier = Notifier(self.config, on_change, Pool(self.config))
+        notifier = ChangeNotifier(self.config, on_change, Pool(self.config))
         notifier.start()
         return notifier
 

@@ -14,7 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tether.agent import identity
+from tether.agent import instancekeys
 from tether.home import pki
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -26,8 +26,8 @@ DUE_AT_ONCE_HOURS = 0.04
 def issue_due_cert(home, state, instance_id: str) -> x509.Certificate:
     ca_key = pki.load_key_pem((home.state / "ca.key").read_bytes())
     ca_cert = pki.load_cert_pem((home.state / "ca.crt").read_bytes())
-    keys, _ = identity.load_or_create_keys(state)
-    csr = pki.load_csr(identity.make_csr(keys, instance_id))
+    keys, _ = instancekeys.load_or_create_keys(state)
+    csr = pki.load_csr(instancekeys.make_csr(keys, instance_id))
     return pki.issue_instance(ca_key, ca_cert, csr, instance_id, home.connector,
                               hours=DUE_AT_ONCE_HOURS).cert
 
@@ -41,8 +41,8 @@ def test_agent_renews_a_due_certificate_and_uses_it(home_factory, agent_factory,
     agent.stop()
     instance_id = home.status()["instances"][0]["instance_id"]
     due = issue_due_cert(home, agent.state, instance_id)
-    identity.store_cert(agent.state, due)
-    assert identity.needs_renewal(identity.load_cert(agent.state))
+    instancekeys.store_cert(agent.state, due)
+    assert instancekeys.needs_renewal(instancekeys.load_cert(agent.state))
     home.stop()
 
     ca_key = pki.load_key_pem((home.state / "ca.key").read_bytes())
@@ -67,14 +67,14 @@ def test_agent_renews_a_due_certificate_and_uses_it(home_factory, agent_factory,
         renewals_in_window = len(issued) - window_start
         rotated = agent.log().count("rotated: old socket closed")
 
-    stored = identity.load_cert(agent.state)
+    stored = instancekeys.load_cert(agent.state)
     assert stored.serial_number in {c.cert.serial_number for c in issued}
     assert stored.serial_number != due.serial_number
     # the same key: the private key never left the machine and was not replaced
     agent_key = serialization.load_pem_private_key(
         (agent.state / "instance.key").read_bytes(), None)
-    assert identity.spki_fingerprint(stored.public_key()) == \
-        identity.spki_fingerprint(agent_key.public_key())
+    assert instancekeys.spki_fingerprint(stored.public_key()) == \
+        instancekeys.spki_fingerprint(agent_key.public_key())
     # a certificate that is due at once is not renewed in a tight loop
     assert 1 <= renewals_in_window <= 4, renewals_in_window
     assert all(m.op.value in ("hello", "renew") for m in peer.requests)

@@ -23,7 +23,7 @@ import pytest
 from homeproc import RawAgent, client_context, enroll
 from tether import configsig, sealing
 from tether import protocol as p
-from tether.agent import identity
+from tether.agent import instancekeys
 from tether.home import pki
 from tether.home.paths import StatePaths
 from tether.home.store import Store
@@ -129,8 +129,8 @@ def _expired_cert(home, state, instance_id: str):
     """A certificate for the agent's own key, from home's CA, already expired."""
     ca_key = pki.load_key_pem((home.state / "ca.key").read_bytes())
     ca_cert = pki.load_cert_pem((home.state / "ca.crt").read_bytes())
-    keys, _ = identity.load_or_create_keys(state)
-    csr = pki.load_csr(identity.make_csr(keys, instance_id))
+    keys, _ = instancekeys.load_or_create_keys(state)
+    csr = pki.load_csr(instancekeys.make_csr(keys, instance_id))
     return pki.issue_instance(ca_key, ca_cert, csr, instance_id, home.connector,
                               hours=-0.01).cert  # not_after 36 s ago
 
@@ -143,7 +143,7 @@ def test_agent_whose_certificate_expired_while_home_was_away_re_enrols(home_fact
     (row,) = home.status()["instances"]
     agent.stop()
     home.stop()
-    identity.store_cert(agent.state, _expired_cert(home, agent.state, row["instance_id"]))
+    instancekeys.store_cert(agent.state, _expired_cert(home, agent.state, row["instance_id"]))
     home.serve()
     agent.start()
     agent.wait_log("enrolled as instance", count=2)

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tether import sealing
-from tether.agent import atomicfile, identity, journal, sdnotify, settings
+from tether.agent import atomicfile, instancekeys, journal, sdnotify, settings
 
 
 def test_write_atomic_replaces_with_mode(tmp_path):
@@ -81,20 +81,20 @@ def test_settings_missing_file(tmp_path):
 
 def test_instance_keys_made_once_0600(tmp_path):
     state = tmp_path / "state"
-    keys, created = identity.load_or_create_keys(state)
+    keys, created = instancekeys.load_or_create_keys(state)
     assert created
     for name in ("instance.key", "sealing.key"):
         assert stat.S_IMODE((state / name).stat().st_mode) == 0o600
-    again, created = identity.load_or_create_keys(state)
+    again, created = instancekeys.load_or_create_keys(state)
     assert not created and again.sealing_public == keys.sealing_public
     assert sealing.unseal(again.sealing, sealing.seal(keys.sealing_public, b"pw")) == b"pw"
 
 
 def test_loose_key_mode_refused(tmp_path):
-    identity.load_or_create_keys(tmp_path)
+    instancekeys.load_or_create_keys(tmp_path)
     os.chmod(tmp_path / "instance.key", 0o644)
-    with pytest.raises(identity.IdentityError, match="0600"):
-        identity.load_or_create_keys(tmp_path)
+    with pytest.raises(instancekeys.InstanceKeyError, match="0600"):
+        instancekeys.load_or_create_keys(tmp_path)
 
 
 def issue(ca_key, ca_name, public_key, days=1, start=None):
@@ -122,21 +122,21 @@ def ca():
 def test_csr_and_issued_cert_checks(tmp_path, ca):
     from cryptography.hazmat.primitives import serialization
     ca_key, ca_name, ca_pem = ca
-    keys, _ = identity.load_or_create_keys(tmp_path)
-    csr = x509.load_pem_x509_csr(identity.make_csr(keys, "img-1").encode())
+    keys, _ = instancekeys.load_or_create_keys(tmp_path)
+    csr = x509.load_pem_x509_csr(instancekeys.make_csr(keys, "img-1").encode())
     assert csr.is_signature_valid
     cert = issue(ca_key, ca_name, csr.public_key())
     pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    identity.store_cert(tmp_path, identity.check_issued_cert(pem, keys, ca_pem))
-    assert identity.load_cert(tmp_path).serial_number == cert.serial_number
+    instancekeys.store_cert(tmp_path, instancekeys.check_issued_cert(pem, keys, ca_pem))
+    assert instancekeys.load_cert(tmp_path).serial_number == cert.serial_number
     other = issue(ca_key, ca_name, ec.generate_private_key(ec.SECP256R1()).public_key())
-    with pytest.raises(identity.IdentityError, match="another key"):
-        identity.check_issued_cert(other.public_bytes(serialization.Encoding.PEM).decode(),
+    with pytest.raises(instancekeys.InstanceKeyError, match="another key"):
+        instancekeys.check_issued_cert(other.public_bytes(serialization.Encoding.PEM).decode(),
                                    keys, ca_pem)
     rogue_key = ec.generate_private_key(ec.SECP256R1())
     rogue = issue(rogue_key, ca_name, csr.public_key())
-    with pytest.raises(identity.IdentityError, match="signature|CA"):
-        identity.check_issued_cert(rogue.public_bytes(serialization.Encoding.PEM).decode(),
+    with pytest.raises(instancekeys.InstanceKeyError, match="signature|CA"):
+        instancekeys.check_issued_cert(rogue.public_bytes(serialization.Encoding.PEM).decode(),
                                    keys, ca_pem)
 
 
@@ -145,11 +145,11 @@ def test_renewal_after_two_thirds(ca):
     start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     cert = issue(ca_key, ca_name, ec.generate_private_key(ec.SECP256R1()).public_key(),
                  days=3, start=start)
-    assert identity.renew_at(cert) == start + dt.timedelta(days=2)
-    assert not identity.needs_renewal(cert, start + dt.timedelta(days=1, hours=23))
-    assert identity.needs_renewal(cert, start + dt.timedelta(days=2))
-    assert not identity.is_expired(cert, start + dt.timedelta(days=2))
-    assert identity.is_expired(cert, start + dt.timedelta(days=3))
+    assert instancekeys.renew_at(cert) == start + dt.timedelta(days=2)
+    assert not instancekeys.needs_renewal(cert, start + dt.timedelta(days=1, hours=23))
+    assert instancekeys.needs_renewal(cert, start + dt.timedelta(days=2))
+    assert not instancekeys.is_expired(cert, start + dt.timedelta(days=2))
+    assert instancekeys.is_expired(cert, start + dt.timedelta(days=3))
 
 
 def test_sd_notify_sends_datagrams(tmp_path):
@@ -157,14 +157,14 @@ def test_sd_notify_sends_datagrams(tmp_path):
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(path)
     try:
-        n = sdnotify.Notifier(path)
+        n = sdnotify.SystemdNotifier(path)
         assert n.ready("connected") and n.watchdog()
         assert receiver.recv(100) == b"READY=1\nSTATUS=connected"
         assert receiver.recv(100) == b"WATCHDOG=1"
         n.close()
     finally:
         receiver.close()
-    assert not sdnotify.Notifier("").ready()
+    assert not sdnotify.SystemdNotifier("").ready()
 
 
 def test_watchdog_interval():
@@ -196,14 +196,14 @@ def test_journal_native_encoding_and_handler(tmp_path):
 
 def test_proxy_from_config_overrides_firstboot_and_takes_sealed_password(tmp_path):
     from tether.agent.config import ConfigStore
-    from tether.agent.service import Agent
+    from tether.agent.configapply import ConfigApplier
 
     etc = write_etc(tmp_path, proxy="http://first:boot@proxy-a:3128")
-    agent = Agent(settings.load(etc, tmp_path / "state", None))
-    agent.config = ConfigStore(tmp_path, "corp", sealing.generate_private_key())
-    assert agent.proxy() == "http://first:boot@proxy-a:3128"
-    agent.config.secrets_open = {"agent": {"proxy": "http://svc@proxy-b:8080",
+    config = ConfigApplier(ConfigStore(tmp_path, "corp", sealing.generate_private_key()),
+                           settings.load(etc, tmp_path / "state", None))
+    assert config.proxy() == "http://first:boot@proxy-a:3128"
+    config.store.secrets_open = {"agent": {"proxy": "http://svc@proxy-b:8080",
                                            "proxy_password": "p@ss/word"}}
-    assert agent.proxy() == "http://svc:p%40ss%2Fword@proxy-b:8080"
-    agent.config.secrets_open = {"agent": {"proxy": ""}}
-    assert agent.proxy() is None  # home can switch the proxy off
+    assert config.proxy() == "http://svc:p%40ss%2Fword@proxy-b:8080"
+    config.store.secrets_open = {"agent": {"proxy": ""}}
+    assert config.proxy() is None  # home can switch the proxy off

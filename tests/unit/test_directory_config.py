@@ -6,7 +6,7 @@ import pytest
 
 from tether.agent.directory import cursor as cursors
 from tether.agent.directory.config import load_config
-from tether.agent.directory.errors import ConfigError, CursorExpired, DirectoryError
+from tether.agent.directory.errors import DirectoryConfigError, CursorExpired, DirectoryError
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_defaults_and_normalized_servers(raw):
 ])
 def test_bad_values_name_the_key(raw, change, words):
     raw.update(change)
-    with pytest.raises(ConfigError, match=words if "\\" in words else words.replace("(", r"\(")):
+    with pytest.raises(DirectoryConfigError, match=words if "\\" in words else words.replace("(", r"\(")):
         load_config(raw)
 
 

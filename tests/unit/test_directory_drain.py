@@ -8,6 +8,7 @@ from tether import protocol as p
 from tether.agent.directory import drain as drain_mod
 from tether.agent.directory.drain import Drain, DrainError
 from tether.agent.directory.spool import Spool
+from tether.agent.sockets import Sockets
 from tether.home.directories import check_batch
 from tether.home.directorystore import DirectoryStore
 
@@ -47,10 +48,14 @@ class Directory:
         self.id, self.spool = "d", spool
 
 
-class Bridge:
-    def __init__(self, directory, link):
-        self.directories = {"d": directory}
-        self.agent = type("Agent", (), {"links": {1: link}})()
+def drain_for(directory, link) -> Drain:
+    """A drain of one directory whose agent has one socket up, ``link``."""
+    sockets = Sockets()
+    sockets.connected(1, link)
+
+    async def resign(directory):
+        raise AssertionError("home named another leader")
+    return Drain(lambda: [directory], sockets, resign)
 
 
 def spool_full_sync(spool: Spool, users: int, per_chunk: int) -> None:
@@ -68,10 +73,11 @@ def test_pipelined_drain_applies_everything_once_in_order(tmp_path, monkeypatch)
     spool = Spool(tmp_path / "spool")
     spool_full_sync(spool, 200, 10)
     link = FakeLink(store)
-    drain = Drain(Bridge(Directory(spool), link))
+    directory = Directory(spool)
+    drain = drain_for(directory, link)
 
     async def run():
-        while await drain.drain_one(link, drain.bridge.directories["d"]):
+        while await drain.drain_one(link, directory):
             pass
     asyncio.run(run())
     assert link.most_inflight == drain_mod.WINDOW  # batches really overlapped
@@ -89,7 +95,7 @@ def test_lost_batch_is_not_skipped_by_the_ones_sent_after_it(tmp_path, monkeypat
     spool_full_sync(spool, 200, 10)
     link = FakeLink(store, lose={2})
     directory = Directory(spool)
-    drain = Drain(Bridge(directory, link))
+    drain = drain_for(directory, link)
 
     async def first_window():
         try:
@@ -119,7 +125,7 @@ def test_home_applying_nothing_is_an_error_not_a_loop(tmp_path):
     spool.ack(2)  # seqs 1-2 "went elsewhere": home has applied nothing of this instance
     link = FakeLink(store)
     directory = Directory(spool)
-    drain = Drain(Bridge(directory, link))
+    drain = drain_for(directory, link)
 
     async def send_with_unmet_after():
         batch = await drain._next_batch(directory, 0)

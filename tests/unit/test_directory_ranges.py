@@ -8,7 +8,7 @@ import pytest
 
 from tether.agent.directory import ranges
 from tether.agent.directory.config import load_config
-from tether.agent.directory.errors import ConfigError, DirectoryError
+from tether.agent.directory.errors import DirectoryConfigError, DirectoryError
 from tether.agent.directory.mapping import search_attributes
 
 
@@ -75,7 +75,7 @@ def test_member_range_size_asks_for_pages():
     assert "member;range=0-99" in search_attributes(config, "group")
     assert "member" in search_attributes(load_config(base), "group")
     for bad in (0, "5", True, 100_001):
-        with pytest.raises(ConfigError):
+        with pytest.raises(DirectoryConfigError):
             load_config({**base, "member_range_size": bad})
-    with pytest.raises(ConfigError):
+    with pytest.raises(DirectoryConfigError):
         load_config({**base, "kind": "openldap", "member_range_size": 10})

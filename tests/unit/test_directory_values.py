@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from tether.agent.directory.config import load_config
-from tether.agent.directory.errors import ConfigError
+from tether.agent.directory.errors import DirectoryConfigError
 from tether.agent.directory.mapping import to_record
 from tether.agent.directory.values import Syntaxes, encode, sid_bytes, sid_text
 
@@ -115,5 +115,5 @@ def test_member_value_not_utf8_is_escaped_not_replaced(cfg):
 
 def test_binary_attributes_config_checked(cfg):
     assert cfg(binary_attributes=["myPhoto"]).syntaxes.encoding("MYPHOTO") == "base64"
-    with pytest.raises(ConfigError, match="binary_attributes"):
+    with pytest.raises(DirectoryConfigError, match="binary_attributes"):
         cfg(binary_attributes="jpegPhoto")

@@ -22,6 +22,7 @@ from tether import protocol as p
 from tether.agent.directory import Spool
 from tether.agent.directory import bridge as bridge_mod
 from tether.agent.directory.bridge import Bridge
+from tether.agent.sockets import Sockets
 
 WAIT = 30.0  # upper bound on a loaded machine, never a speed assertion
 
@@ -182,7 +183,8 @@ class FakeLink(p.Connection):
 class FakeAgent:
     def __init__(self, state: Path, home: FakeHome | None = None):
         self.state, self.home = state, home or FakeHome()
-        self.links: dict[int, FakeLink] = {}
+        self.sockets = Sockets()  # what the agent hands the bridge
+        self.links: dict[int, FakeLink] = self.sockets.live
 
     def connect(self) -> FakeLink:
         link = FakeLink(self)
@@ -230,7 +232,7 @@ async def bridged(state: Path, config: dict, home: FakeHome | None = None, conne
     (``connect=False``) a link that serves home's requests while no slot is up."""
     agent = FakeAgent(state, home)
     link = agent.connect() if connect else FakeLink(agent)
-    bridge = Bridge(agent)
+    bridge = Bridge(agent.state, agent.sockets)
     bridge.configure(config)
     try:
         yield agent, link, bridge
@@ -322,7 +324,7 @@ def test_restart_while_home_is_away_loses_nothing(ldap_raw, ldap_admin, tmp_path
         # leaving the block closed the bridge: the agent stops
         set_mail(ldap_admin, "u013", "while-down@example.com")
 
-        again = Bridge(agent)  # agent starts again: it led corp, so it follows without home
+        again = Bridge(agent.state, agent.sockets)  # agent starts again: it led corp, so it follows without home
         again.configure(corp_config(ldap_raw))
         try:
             assert again.directories["corp"].following

@@ -81,7 +81,7 @@ def test_wrong_bind_password_is_reported_and_good_directory_syncs(
     async def scenario():
         agent = FakeAgent(tmp_path)
         link = agent.connect()
-        bridge = Bridge(agent)
+        bridge = Bridge(agent.state, agent.sockets)
         bridge.configure({"directories": [{**ldap_raw, "id": "bad", "bind_password": "wrong"},
                                           {**ldap_raw, "id": "good"}]})
         try:
@@ -115,7 +115,7 @@ def test_server_down_then_back_reports_then_ends_again(ldap_raw, slapd_factory, 
     async def scenario():
         agent = FakeAgent(tmp_path / "agent")
         link = agent.connect()
-        bridge = Bridge(agent)
+        bridge = Bridge(agent.state, agent.sockets)
         bridge.configure({"directories": [{**slapd_config(flaky, test_ca), "id": "flaky"},
                                           {**ldap_raw, "id": "good"}]})
         try:
@@ -152,7 +152,7 @@ def test_leader_reconfigured_with_a_refused_config_tells_home(ldap_raw, tmp_path
     async def scenario():
         agent = FakeAgent(tmp_path)
         link = agent.connect()
-        bridge = Bridge(agent)
+        bridge = Bridge(agent.state, agent.sockets)
         bridge.configure({"directories": [{**ldap_raw, "id": "corp"}]})
         try:
             await follow(link, bridge, "corp")

@@ -10,7 +10,7 @@ import pytest
 from ldapfix_helpers import ad_user, admin_connection, slapd_config
 from ldapfix_slapd import SUFFIX, user_ldif
 from tether.agent.directory.config import load_config
-from tether.agent.directory.notify import Notifier
+from tether.agent.directory.notify import ChangeNotifier
 
 WAIT = 15  # generous upper bound for a loaded machine; not a speed assertion
 
@@ -33,7 +33,7 @@ def test_openldap_write_is_notified_and_reconnect_fails_over(slapd_factory, test
     raw = slapd_config(primary, test_ca)
     raw["servers"] = [f"localhost:{primary.tls_port}", f"localhost:{secondary.tls_port}"]
     events: queue.Queue = queue.Queue()
-    notifier = Notifier(load_config(raw), events.put, check_interval=0.1)
+    notifier = ChangeNotifier(load_config(raw), events.put, check_interval=0.1)
     notifier.start()
     try:
         admin = admin_connection(primary, test_ca)
@@ -54,7 +54,7 @@ def test_openldap_write_is_notified_and_reconnect_fails_over(slapd_factory, test
 @pytest.mark.slow
 def test_ad_persistent_search_notifies(ad_raw, ad_admin):
     events: queue.Queue = queue.Queue()
-    notifier = Notifier(load_config(ad_raw), events.put)
+    notifier = ChangeNotifier(load_config(ad_raw), events.put)
     notifier.start()
     try:
         dn = ad_user(ad_admin, "notified")

@@ -37,7 +37,7 @@ SEALING_KEY = "sealing.key"
 RENEW_FRACTION = 2 / 3
 
 
-class IdentityError(RuntimeError):
+class InstanceKeyError(RuntimeError):
     """Key or certificate files are unusable; the message says what to do."""
 
 
@@ -69,12 +69,12 @@ def _pkcs8(key) -> bytes:
 def _load_key(path: Path):
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        raise IdentityError(f"{path} has mode {mode:o}; a private key must be 0600 "
+        raise InstanceKeyError(f"{path} has mode {mode:o}; a private key must be 0600 "
                             f"(chmod 600 {path}) or removed to make a new identity")
     try:
         return serialization.load_pem_private_key(path.read_bytes(), password=None)
     except ValueError as exc:
-        raise IdentityError(f"{path} is not a readable PEM private key ({exc}); remove "
+        raise InstanceKeyError(f"{path} is not a readable PEM private key ({exc}); remove "
                             "it and the instance certificate to enroll afresh") from None
 
 
@@ -92,10 +92,10 @@ def load_or_create_keys(state_dir: Path) -> tuple[InstanceKeys, bool]:
         created = True
     signing = _load_key(signing_path)
     if not isinstance(signing, ec.EllipticCurvePrivateKey):
-        raise IdentityError(f"{signing_path} is not an EC key; remove it to start afresh")
+        raise InstanceKeyError(f"{signing_path} is not an EC key; remove it to start afresh")
     seal_key = _load_key(sealing_path)
     if not isinstance(seal_key, X25519PrivateKey):
-        raise IdentityError(f"{sealing_path} is not an X25519 key; remove it to start afresh")
+        raise InstanceKeyError(f"{sealing_path} is not an X25519 key; remove it to start afresh")
     return InstanceKeys(signing, seal_key), created
 
 
@@ -129,16 +129,16 @@ def check_issued_cert(cert_pem: str, keys: InstanceKeys, ca_pem: bytes) -> x509.
     try:
         cert = x509.load_pem_x509_certificate(cert_pem.encode("ascii"))
     except ValueError as exc:
-        raise IdentityError(f"home sent an unreadable certificate: {exc}") from None
+        raise InstanceKeyError(f"home sent an unreadable certificate: {exc}") from None
     if spki_fingerprint(cert.public_key()) != keys.signing_fingerprint():
-        raise IdentityError("home issued a certificate for another key; refusing it")
+        raise InstanceKeyError("home issued a certificate for another key; refusing it")
     ca = x509.load_pem_x509_certificate(ca_pem)
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError) as exc:
-        raise IdentityError(f"instance certificate is not signed by home's CA: {exc}") from None
+        raise InstanceKeyError(f"instance certificate is not signed by home's CA: {exc}") from None
     except Exception as exc:  # InvalidSignature
-        raise IdentityError(f"instance certificate signature is invalid: {exc}") from None
+        raise InstanceKeyError(f"instance certificate signature is invalid: {exc}") from None
     return cert
 
 
