@@ -18,7 +18,8 @@ no part holds the agent, each gets what it needs):
   machine fingerprint), ``backoff`` (full jitter, 60 s cap), ``channel`` (URL
   failover, socket TTL and drain), ``settings`` (agent.json + first-boot
   overrides), ``instancekeys`` (instance keys, CSR, certificate, renewal time),
-  ``config`` (signed configuration, last good on disk), ``atomicfile``,
+  ``config`` (signed configuration, last good on disk; files replaced whole through
+  ``tether.atomicfile``),
   ``bootslot`` (A/B slot decisions).
 * I/O: ``dialer`` (websockets client: pinned TLS 1.3, proxy, hello), ``link``
   (one socket driven by ``tether.protocol.Session``), ``probes`` (DNS,

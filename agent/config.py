@@ -19,9 +19,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from tether.atomicfile import write_atomic
 from tether import configsig, sealing
 
-from .atomicfile import write_atomic
 
 log = logging.getLogger("tether.agent.config")
 

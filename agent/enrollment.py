@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 
+from tether.atomicfile import write_atomic
 from tether import protocol as p
 
 from . import instancekeys
-from .atomicfile import write_atomic
 from .backoff import Backoff
 from .channel import DialPlan
 from .config import ConfigStore

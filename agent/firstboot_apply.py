@@ -38,6 +38,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from tether.atomicfile import write_atomic
+
 from . import firstboot, machine
 
 RUN_DIR = machine.FIRSTBOOT_RUN_DIR  # /run/tether, where the agent looks
@@ -198,7 +200,7 @@ def write_network_unit(text: str | None, directory: Path = NETWORK_DIR) -> bool:
         path.unlink()
     else:
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, text, 0o644)
+        write_atomic(path, text, 0o644)
     return True
 
 
@@ -278,13 +280,6 @@ def apply_hostname(name: str | None, sethostname=None) -> bool:
 # ------------------------------------------------------------ outputs
 
 
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def _make_run_dir(run_dir: Path) -> None:
     """/run/tether, world-readable: the agent runs as user tether."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -295,7 +290,7 @@ def write_settings(settings: firstboot.FirstBootSettings, run_dir: Path = RUN_DI
     """/run/tether/firstboot.json, world-readable: the agent runs as user tether."""
     _make_run_dir(run_dir)
     path = run_dir / "firstboot.json"
-    _write_atomic(path, json.dumps(settings.to_json(), indent=2) + "\n", 0o644)
+    write_atomic(path, json.dumps(settings.to_json(), indent=2) + "\n", 0o644)
     return path
 
 

@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import NameOID
 
+from tether.atomicfile import write_atomic
 from tether import enrolproof, sealing
 
-from .atomicfile import write_atomic
 
 INSTANCE_KEY = "instance.key"
 INSTANCE_CERT = "instance.crt"

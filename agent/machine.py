@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from tether.atomicfile import write_atomic
+
 DMI_DIR = Path("/sys/class/dmi/id")
 #: Where tether-firstboot writes ``firstboot.json`` and ``machine-uuid`` (world-readable).
 FIRSTBOOT_RUN_DIR = Path("/run/tether")
@@ -154,10 +156,7 @@ def export_uuid(target: Path, dmi_dir: Path = DMI_DIR) -> bool:
     uuid = _read(dmi_dir, "product_uuid")
     if not _UUID.match(uuid):
         return False
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(uuid.lower() + "\n", encoding="ascii")
-    tmp.chmod(0o644)
-    tmp.replace(target)
+    write_atomic(target, uuid.lower() + "\n", mode=0o644)
     return True
 
 

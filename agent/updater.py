@@ -34,11 +34,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tether.atomicfile import write_atomic
 from tether import imageversion
 from tether import protocol as p
 
 from . import bootslot
-from .atomicfile import write_atomic
 
 log = logging.getLogger("tether.agent.update")
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tether import imageversion
+from tether.atomicfile import replacing
 from tether import protocol as p
 from tether.home import rollout, updatekeys
 from tether.home.agentsockets import AgentSocket
@@ -89,9 +89,8 @@ def publish(paths: StatePaths, bundle: Path, *, verify=None) -> dict:
         raise UpdateError(f"{bundle.name}: {exc}; build it with `make image` / `make bundle`") from None
     target = bundles_dir(paths) / f"{info.version}.raucb"
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    shutil.copyfile(bundle, partial)
-    os.replace(partial, target)
+    with replacing(target, mode=0o644) as partial:
+        shutil.copyfile(bundle, partial)
     store = open_store(paths)
     try:
         store.add_bundle(info.version, target.name, info.sha256, info.size, info.compatible)

@@ -16,6 +16,8 @@ import os
 import threading
 from pathlib import Path
 
+from tether.atomicfile import write_atomic
+
 from .errors import DirectoryError
 from .service import DirectoryService
 from .spool import Spool
@@ -34,17 +36,7 @@ class CursorFile:
             return None
 
     def store(self, cursor: str) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(cursor)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(self.path, cursor, mode=0o644)
 
 
 class Follower:

@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tether.atomicfile import write_atomic
 from tether import protocol as p
 
-from ..atomicfile import write_atomic
 from .deltas import MemberMemory
 from .errors import DirectoryConfigError, DirectoryError
 from .follow import CursorFile, Follower

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tether import sealing
-from tether.agent import atomicfile, instancekeys, journal, sdnotify, settings
+from tether import atomicfile
+from tether.agent import instancekeys, journal, sdnotify, settings
 
 
 def test_write_atomic_replaces_with_mode(tmp_path):
