@@ -215,10 +215,7 @@ def set_enabled(config, conn, order, enable: bool):
 
 
 def delete_user(config, conn, order):
-    dn = _user_dn(config, conn, order)
-    conn.delete(dn)
-    _require_ok(conn, "delete")
-    return dn
+    return _delete(conn, _user_dn(config, conn, order), "delete")
 
 
 def _set_password(config, conn, dn: str, password: str) -> None:
@@ -290,9 +287,14 @@ def create_group(config, conn, order):
 
 
 def delete_group(config, conn, order):
-    dn = _group_dn(config, conn, order)
+    return _delete(conn, _group_dn(config, conn, order), "delete group")
+
+
+def _delete(conn, dn: str, what: str) -> str:
+    """Delete the entry at ``dn`` (found by the order's name or id); ``what`` names the
+    operation in the error when the server refuses."""
     conn.delete(dn)
-    _require_ok(conn, "delete group")
+    _require_ok(conn, what)
     return dn
 
 
