@@ -241,7 +241,10 @@ class BridgeFollower(Follower):
 
 def error_message(directory: str, exc: DirectoryError) -> dict:
     """The stream's `error` message: why following `directory` failed, for home's status."""
-    return {"type": "error", "directory": directory, **exc.to_dict(), "at": time.time()}
+    fields = exc.to_dict()
+    code, message = fields.pop("code"), fields.pop("message")
+    return p.changes.Error(code, message, at=time.time(),
+                           extra={"directory": directory, **fields}).encode()
 
 
 def refusal(ident: str, exc: Exception) -> DirectoryError:
