@@ -97,7 +97,7 @@ async def run(store: DirectoryStore, users: int, requests: int) -> dict:
         raise RuntimeError("the benchmark only reads")
 
     app = Starlette(routes=[Mount("/scim/v2/{directory}", routes=scim_routes(
-        identity=store, provision=provision, authorize=authorize))])
+        directory_store=store, provision=provision, authorize=authorize))])
     rng = random.Random(15)
     picks = [rng.randrange(users) for _ in range(requests)]
     path = f"/scim/v2/{DIRECTORY}/Users"

@@ -340,23 +340,23 @@ def list_clusters(paths: StatePaths) -> list[dict]:
 def directory_report(paths: StatePaths, live: dict | None) -> list[dict]:
     """Per directory: connectors, policy, leader (when running), cursor, counts."""
     store = open_store(paths)
-    identity = DirectoryStore.open_existing(paths.identity_db)
+    directory_store = DirectoryStore.open_existing(paths.identity_db)
     try:
-        return directories.report(store, identity, live)
+        return directories.report(store, directory_store, live)
     finally:
         store.close()
-        if identity is not None:
-            identity.close()
+        if directory_store is not None:
+            directory_store.close()
 
 
 def export_csv(paths: StatePaths, directory: str, out: Path) -> dict:
     """Write a directory's synced users and groups as CSV (works with home stopped)."""
     store = open_store(paths)
-    identity = DirectoryStore.open_existing(paths.identity_db)
+    directory_store = DirectoryStore.open_existing(paths.identity_db)
     try:
         configured = directories.serving_map(store)
-        seen = identity.directories() if identity is not None else []
-        state = identity.status(directory) if directory in seen else {}
+        seen = directory_store.directories() if directory_store is not None else []
+        state = directory_store.status(directory) if directory in seen else {}
         if not state.get("synced_at"):
             known = sorted(set(configured) | set(seen))
             if directory in known:
@@ -368,8 +368,8 @@ def export_csv(paths: StatePaths, directory: str, out: Path) -> dict:
         if not out.parent.is_dir():
             raise StoreError(f"directory {out.parent} does not exist; create it or choose "
                              "another --csv path")
-        return identity.export_csv(directory, out)
+        return directory_store.export_csv(directory, out)
     finally:
         store.close()
-        if identity is not None:
-            identity.close()
+        if directory_store is not None:
+            directory_store.close()

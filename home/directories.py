@@ -112,11 +112,11 @@ class DirectoryRouter:
     """Leaders, change intake and request routing for every configured directory."""
 
     def __init__(self, hub: ConnectedAgents, store: DirectoryTopology,
-                 identity: DirectoryStore) -> None:
+                 directory_store: DirectoryStore) -> None:
         #: the connected sockets and "ask these agents" (the hub; only that part of it)
         self.hub = hub
         self.store = store
-        self.identity = identity
+        self.directory_store = directory_store
         #: directory -> instance id of its leader
         self.leaders: dict[str, str] = {}
         #: directory -> instances that answered ``sync follow`` with an error (not
@@ -219,7 +219,7 @@ class DirectoryRouter:
         async with self._locks.setdefault(directory, asyncio.Lock()):
             if new is not None and self.leaders.get(directory) == new:
                 await self._sync(directory, new, {"directory": directory, "mode": "follow",
-                                                  "cursor": self.identity.cursor(directory)})
+                                                  "cursor": self.directory_store.cursor(directory)})
             if old is not None and old != self.leaders.get(directory):
                 await self._sync(directory, old, {"directory": directory, "mode": "stop"})
 
@@ -234,7 +234,7 @@ class DirectoryRouter:
         except RequestFailed as exc:
             outcome.update(ok=False, code=exc.code.value, detail=exc.detail)
             if body["mode"] != "stop":
-                self.identity.record_error(directory, iid, refusal_error(exc))
+                self.directory_store.record_error(directory, iid, refusal_error(exc))
                 # It cannot lead this directory (configuration not applied, bad bind
                 # password...): let another instance lead until it reconnects.
                 self.refused.setdefault(directory, set()).add(iid)
@@ -300,18 +300,18 @@ class DirectoryRouter:
         if leader is None and directory in self.serving():
             leader = self.elect(directory)
         if iid != leader:
-            top = entries[-1]["seq"] if entries else self.identity.applied_through(directory, iid)
+            top = entries[-1]["seq"] if entries else self.directory_store.applied_through(directory, iid)
             if entries:
-                self.identity.record_dropped(directory, iid, top)
+                self.directory_store.record_dropped(directory, iid, top)
             event(log, logging.INFO, "directory_changes_dropped", directory=directory,
                   instance=iid, leader=leader, entries=len(entries), through=top)
             return {"applied_through": top, "leader": False}
         after = body.get("after")
         try:
-            result = self.identity.apply_batch(directory, iid, entries, after)
+            result = self.directory_store.apply_batch(directory, iid, entries, after)
         except DirectoryStoreError as exc:
             # The agent retries this batch forever: say so in `directory status` now.
-            self.identity.record_error(directory, iid, {
+            self.directory_store.record_error(directory, iid, {
                 "code": "changes_refused", "message": f"home refused a batch of changes: {exc}",
                 "hint": "changes of this directory stop here: fix the entry named above at its "
                         "source (the agent retries the batch until home accepts it)",
@@ -490,16 +490,17 @@ def stall(connectors: list[str], running: dict | None, error: dict | None) -> di
     return None
 
 
-def report(store: DirectoryTopology, identity: DirectoryStore | None, live: dict | None) -> list[dict]:
+def report(store: DirectoryTopology, directory_store: DirectoryStore | None,
+           live: dict | None) -> list[dict]:
     """``directory status``: per directory its connectors, policy, leader (server
     running), cursor, counts, applied_through per instance, last change."""
     serving = serving_map(store)
-    names = set(serving) | set(identity.directories() if identity else []) | set(live or {})
+    names = set(serving) | set(directory_store.directories() if directory_store else []) | set(live or {})
     rows = []
     for directory in sorted(names):
         connectors = serving.get(directory, [])
         policy = directory_policy(store, connectors)
-        state = identity.status(directory) if identity else {}
+        state = directory_store.status(directory) if directory_store else {}
         running = (live or {}).get(directory, {})
         rows.append({
             "directory": directory, "connectors": connectors, "cluster": policy["name"],

@@ -58,7 +58,7 @@ class Hub:
     """Registry of connected agents and the handlers of their requests."""
 
     def __init__(self, store: Store, authority: enroll.Authority, config_key,
-                 identity: DirectoryStore | None = None) -> None:
+                 directory_store: DirectoryStore | None = None) -> None:
         self.store = store
         self.authority = authority
         self.config_key = config_key
@@ -87,8 +87,8 @@ class Hub:
         self._closing: set[asyncio.Task] = set()
         self._closing_ids: set[str] = set()
         #: Directory service (issue 5): leaders, change intake, request routing.
-        self.directories = DirectoryRouter(self, store, identity) \
-            if identity is not None else None
+        self.directories = DirectoryRouter(self, store, directory_store) \
+            if directory_store is not None else None
         #: Whole-image updates (issue 14): set by the server (tether.home.updates.Updates).
         self.updates = None
 

@@ -153,17 +153,17 @@ class HomeServer:
         self.store = Store(paths.db)
         try:
             self.store.check()
-            self.identity = DirectoryStore(paths.identity_db)
+            self.directory_store = DirectoryStore(paths.identity_db)
         except Exception:
             self.store.close()
             raise
         try:
-            self.identity.check()
+            self.directory_store.check()
         except Exception:
             self.store.close()
-            self.identity.close()
+            self.directory_store.close()
             raise
-        self.hub = Hub(self.store, authority, config_key, self.identity)
+        self.hub = Hub(self.store, authority, config_key, self.directory_store)
         self.hub.updates = Updates(self.hub, paths)
         self.bound: list[tuple] = []
         self._stop = asyncio.Event()
@@ -214,7 +214,7 @@ class HomeServer:
                 await server.wait_closed()
                 await self.hub.stop()
                 self.store.close()
-                self.identity.close()
+                self.directory_store.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -387,10 +387,10 @@ class HomeServer:
                                  "groups": groups}),
             provision=lambda d, order: self._directory_command(
                 "provision", {"directory": d, "order": order}),
-            status=lambda: collect(self.store, self.identity,
+            status=lambda: collect(self.store, self.directory_store,
                                    {"addresses": self.addresses(), **self.hub.live()},
                                    self.hub.updates.instance_states()),
-            ready=ready, identity=self.identity)
+            ready=ready, directory_store=self.directory_store)
 
 
 DIRECTORY_COMMANDS = frozenset({"authenticate", "search", "provision"})

@@ -87,7 +87,7 @@ class Backend:
     #: (ready, reason) for /readyz.
     ready: Callable[[], tuple[bool, str]]
     #: Home's identity store (SCIM reads it).
-    identity: object
+    directory_store: object
 
 
 def _json_error(status: int, error: str, description: str, headers: dict | None = None):
@@ -138,7 +138,7 @@ class Api:
     def scim_mount(self) -> list[BaseRoute]:
         """SCIM 2.0 (:mod:`tether.home.api.scim`) under /scim/v2/{directory}."""
         return [Mount("/scim/v2/{directory}",
-                      routes=scim.scim_routes(identity=self.backend.identity,
+                      routes=scim.scim_routes(directory_store=self.backend.directory_store,
                                               provision=self.backend.provision,
                                               authorize=self.authorize))]
 

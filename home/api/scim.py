@@ -128,24 +128,24 @@ class DirectoryView:
     ids and back, so the rest of the module speaks only ids.
     """
 
-    def __init__(self, identity, directory: str) -> None:
-        self.identity, self.directory = identity, directory
+    def __init__(self, directory_store, directory: str) -> None:
+        self.directory_store, self.directory = directory_store, directory
 
     def known(self) -> bool:
-        return self.identity.known(self.directory)
+        return self.directory_store.known(self.directory)
 
     def get(self, kind: str, rid: str) -> dict | None:
-        record = self.identity.entry(self.directory, rid)
+        record = self.directory_store.entry(self.directory, rid)
         return record if record is not None and record["kind"] == kind else None
 
     def count(self, kind: str) -> int:
-        return self.identity.count_kind(self.directory, kind)
+        return self.directory_store.count_kind(self.directory, kind)
 
     def page(self, kind: str, offset: int, limit: int) -> list[dict]:
-        return self.identity.page(self.directory, kind, offset, limit)
+        return self.directory_store.page(self.directory, kind, offset, limit)
 
     def scan(self, kind: str, after_id: str, limit: int) -> list[dict]:
-        return self.identity.after(self.directory, kind, after_id, limit)
+        return self.directory_store.after(self.directory, kind, after_id, limit)
 
     def lookup(self, kind: str, attr: str, value: str) -> list[dict]:
         """Candidates for ``attr eq value`` (attr lower-case) from an index."""
@@ -153,29 +153,29 @@ class DirectoryView:
             record = self.get(kind, value)
             return [record] if record else []
         if attr == "externalid":
-            return self.identity.by_external_id(self.directory, kind, value)
+            return self.directory_store.by_external_id(self.directory, kind, value)
         field = "username" if attr == "username" else "name"
-        return self.identity.find_by_field(self.directory, kind, field, value)
+        return self.directory_store.find_by_field(self.directory, kind, field, value)
 
     def external_ids(self, ids: list[str]) -> dict[str, str]:
-        return self.identity.external_ids(self.directory, ids)
+        return self.directory_store.external_ids(self.directory, ids)
 
     def set_external_id(self, rid: str, value: str | None) -> None:
-        self.identity.set_external_id(self.directory, rid, value)
+        self.directory_store.set_external_id(self.directory, rid, value)
 
     def members(self, record: dict) -> list[dict]:
         """A group's members as ``{id, kind, name}`` (DNs not synced are left out)."""
-        return self.identity.member_entries(self.directory, record["id"])
+        return self.directory_store.member_entries(self.directory, record["id"])
 
     def dn_of(self, rid: str) -> str | None:
-        record = self.identity.entry(self.directory, rid)
+        record = self.directory_store.entry(self.directory, rid)
         return record["dn"] if record else None
 
     def store(self, record: dict) -> None:
-        self.identity.put_provisioned(self.directory, record)
+        self.directory_store.put_provisioned(self.directory, record)
 
     def forget(self, rid: str) -> None:
-        self.identity.drop_provisioned(self.directory, rid)
+        self.directory_store.drop_provisioned(self.directory, rid)
 
 
 @dataclass
@@ -244,8 +244,8 @@ def _named_in_patch(patch) -> _Named:
 class ScimService:
     """The handlers; one per mount, shared by all directories."""
 
-    def __init__(self, identity, provision: Provision, authorize: Authorize) -> None:
-        self.identity, self.provision, self.authorize = identity, provision, authorize
+    def __init__(self, directory_store, provision: Provision, authorize: Authorize) -> None:
+        self.directory_store, self.provision, self.authorize = directory_store, provision, authorize
 
     # ---------------------------------------------------------- plumbing
 
@@ -274,7 +274,7 @@ class ScimService:
         if denied is not None:
             return denied
         try:
-            view = DirectoryView(self.identity, request.path_params["directory"])
+            view = DirectoryView(self.directory_store, request.path_params["directory"])
             if not view.known():
                 raise ScimError(404, f"no directory {view.directory!r} is synced by this home; "
                                 "check the directory id in the URL (tether-home directory status)")
@@ -687,11 +687,11 @@ def _list(model, items: list[dict], total: int, start: int) -> dict:
         scim_ctx=Context.SEARCH_RESPONSE) | {"Resources": items}
 
 
-def scim_routes(*, identity, provision: Provision, authorize: Authorize) -> list[BaseRoute]:
+def scim_routes(*, directory_store, provision: Provision, authorize: Authorize) -> list[BaseRoute]:
     """The SCIM routes for ``Mount("/scim/v2/{directory}", routes=...)``.
 
-    ``identity``: home's :class:`~tether.home.directorystore.DirectoryStore`;
+    ``directory_store``: home's :class:`~tether.home.directorystore.DirectoryStore`;
     ``provision(directory, order)``: the control socket's ``provision`` answer;
     ``authorize(request, scope)``: None to go on, or the response to send as is.
     """
-    return ScimService(identity, provision, authorize).routes()
+    return ScimService(directory_store, provision, authorize).routes()

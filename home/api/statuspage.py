@@ -21,7 +21,7 @@ text-align:left;vertical-align:top}th{background:#f3f3f3}.ok{color:#060}.bad{col
 .muted{color:#777}"""
 
 
-def collect(store: Store, identity: DirectoryStore | None, live: dict,
+def collect(store: Store, directory_store: DirectoryStore | None, live: dict,
             update_states: dict[str, str] | None = None) -> dict:
     """Per connector its instances (connection, sockets, version, addresses, self-check,
     update state: `updates.instance_states`), and per directory its sync state."""
@@ -61,7 +61,7 @@ def collect(store: Store, identity: DirectoryStore | None, live: dict,
                 "addresses": live.get("addresses") or [], "sockets": live.get("sockets", 0),
                 "uptime": live.get("uptime")},
             "connectors": connectors,
-            "directories": directories.report(store, identity, live.get("directories"))}
+            "directories": directories.report(store, directory_store, live.get("directories"))}
 
 
 def _e(value) -> str:

@@ -184,7 +184,7 @@ def incremental(records: list[dict], cursor: str, first_seq: int) -> list[dict]:
 
 
 def usernames(server) -> list[str]:
-    return sorted(e["attributes"]["username"] for e in server.identity.entries("corp"))
+    return sorted(e["attributes"]["username"] for e in server.directory_store.entries("corp"))
 
 
 # ------------------------------------------------------------------ tests
@@ -214,8 +214,8 @@ def test_leader_follow_changes_and_failover_with_cursor(env):
             dropped = await b.changes(full_stream([user("9", "zed")], "b-cursor", 40))
             assert dropped.message.body == {"applied_through": 42, "leader": False}
             assert usernames(server) == ["ann", "bob"]
-            assert server.identity.cursor("corp") == "cursor-1"
-            assert server.identity.status("corp")["applied_through"] == {a.iid: 3, b.iid: 42}
+            assert server.directory_store.cursor("corp") == "cursor-1"
+            assert server.directory_store.status("corp")["applied_through"] == {a.iid: 3, b.iid: 42}
 
             bad = await a.changes([{"seq": 5, "message": {"type": "chunk", "changes": []}},
                                    {"seq": 4, "message": {"type": "end"}}])
@@ -232,7 +232,7 @@ def test_leader_follow_changes_and_failover_with_cursor(env):
             reply = await b.changes(incremental([user("3", "cid")], "cursor-2", 43))
             assert reply.message.body == {"applied_through": 45, "leader": True}
             assert usernames(server) == ["ann", "bob", "cid"]
-            assert server.identity.cursor("corp") == "cursor-2"
+            assert server.directory_store.cursor("corp") == "cursor-2"
 
             status = await cli(state, "directory", "status", "--json")
             assert status.returncode == 0, status.stderr

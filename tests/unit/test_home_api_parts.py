@@ -54,8 +54,8 @@ def _api(tmp_path) -> tuple[Api, str]:
     store = ApiStore(tmp_path / "api.sqlite3")
     store.create_client("scim", ["directory:read"])
     _, token = store.create_token("scim")
-    identity = DirectoryStore(tmp_path / "identity.db")
-    identity.apply_batch("corp", "inst-1", [
+    directory_store = DirectoryStore(tmp_path / "identity.db")
+    directory_store.apply_batch("corp", "inst-1", [
         {"seq": 1, "message": {"type": "begin", "mode": "full"}},
         {"seq": 2, "message": {"type": "chunk", "changes": [
             {"op": "upsert", "kind": "user", "id": "u1", "dn": "uid=ann,ou=people,dc=corp",
@@ -66,7 +66,7 @@ def _api(tmp_path) -> tuple[Api, str]:
         return {"ok": False, "code": "unavailable", "error": "no agent"}
     backend = Backend(authenticate=nothing, provision=nothing,
                       status=lambda: {"connectors": [], "directories": []},
-                      ready=lambda: (True, "test"), identity=identity)
+                      ready=lambda: (True, "test"), directory_store=directory_store)
     tokens = Tokens(store, load_signing_key(tmp_path / "k.pem"), "https://testserver")
     return Api(backend, store, tokens), token
 

@@ -65,7 +65,7 @@ class Rig:
             raise AssertionError(f"no order may be sent here: {order}")
 
         self.app = Starlette(routes=[Mount("/scim/v2/{directory}", routes=scim_routes(
-            identity=self.store, provision=provision, authorize=authorize))])
+            directory_store=self.store, provision=provision, authorize=authorize))])
 
     def run(self, *calls):
         async def go():
@@ -299,7 +299,7 @@ def test_patch_sends_what_it_names_even_when_homes_copy_agrees(tmp_path):
         sent.append(order)
         return {"ok": True, "result": {"result": {"status": "done"}}}
     rig.app = Starlette(routes=[Mount("/scim/v2/{directory}", routes=scim_routes(
-        identity=rig.store, provision=provision,
+        directory_store=rig.store, provision=provision,
         authorize=lambda request, scope: _allowed()))])
     patch = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
     # home's copy: id-003 is not in staff (the directory may say otherwise)

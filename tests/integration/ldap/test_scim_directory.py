@@ -47,7 +47,7 @@ class Home:
             return None
 
         self.app = Starlette(routes=[Mount("/scim/v2/{directory}", routes=scim_routes(
-            identity=self.store, provision=provision, authorize=authorize))])
+            directory_store=self.store, provision=provision, authorize=authorize))])
 
     def sync(self) -> None:
         """One sync stream (full first, then incremental) applied as home applies it."""

@@ -58,7 +58,7 @@ def test_scim_through_a_running_home_and_agent(seeded_ldap, test_ca, tmp_path):
             return None
 
         app = Starlette(routes=[Mount("/scim/v2/{directory}", routes=scim_routes(
-            identity=store, provision=provision, authorize=authorize))])
+            directory_store=store, provision=provision, authorize=authorize))])
 
         def call(method, url, **kw):
             async def go():
