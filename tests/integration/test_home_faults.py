@@ -51,7 +51,8 @@ def stopped_home(tmp_path):
     home.issue_image()
     home.stop()
     assert (home.state / "identity.db").exists()
-    return home
+    yield home
+    home.stop()  # a test that served it again must not leave home running
 
 
 # ------------------------------------------------------------- corrupt state (point 8)
