@@ -254,16 +254,31 @@ def _full_key(dn: str) -> str:
 
 
 def _plain_key(dn: str) -> str | None:
-    """Key of an ASCII DN without escapes or '+'; None: let the full parser decide."""
-    out = []
-    for rdn in dn.split(","):
-        atype, sep, value = rdn.partition("=")
-        atype = atype.strip().lower()
-        if not sep or not _DESCR.fullmatch(atype):
-            return None  # OIDs, empty parts, errors: the parser explains
-        value = " ".join(value.lower().split()).replace("=", "\\3d")
-        out.append(f"{_ALIASES.get(atype, atype)}={value}")
-    return ",".join(out)
+    """Key of an ASCII DN without escapes or '+'; None: let the full parser decide.
+
+    Why the parent apart: the DNs of one directory share a few parents
+    (``ou=people,dc=example,dc=org``), so only the first RDN is new work.
+    """
+    first, comma, parent = dn.partition(",")
+    atype, sep, value = first.partition("=")
+    atype = atype.strip().lower()
+    if not sep or not _DESCR.fullmatch(atype):
+        return None  # OIDs, empty parts, errors: the parser explains
+    value = value.lower()
+    if " " in value:  # the only whitespace a plain DN can hold
+        value = " ".join(value.split())
+    if "=" in value:
+        value = value.replace("=", "\\3d")
+    head = f"{_ALIASES.get(atype, atype)}={value}"
+    if not comma:
+        return head
+    rest = _plain_parent_key(parent)
+    return None if rest is None else f"{head},{rest}"
+
+
+@functools.lru_cache(maxsize=1 << 10)
+def _plain_parent_key(dn: str) -> str | None:
+    return _plain_key(dn)
 
 
 def same(a: str, b: str) -> bool:
