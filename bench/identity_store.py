@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import random
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,16 +46,20 @@ def stream(n: int, plain: bool = False) -> tuple[list[list[dict]], list[str]]:
     """The full sync's batches and the big group's member DNs.
 
     ``plain``: DNs as most directories hold them (ASCII, no escapes), members
-    spelled as the entries' DNs, as slapd returns them; otherwise every DN is
-    escaped and its member spelling differs (the full DN parser's cost).
+    spelled as the entries' DNs, as slapd returns them, and random UUIDs as ids
+    (as entryUUIDs are); otherwise every DN is escaped and its member spelling
+    differs (the full DN parser's cost).
     """
     if plain:
         dns = [f"uid=user{i:06d},ou=people,dc=example,dc=org" for i in range(n)]
         members = list(dns)
+        draw = random.Random(12)  # ids as entryUUIDs are: random, so writes land all over
+        ids = [str(uuid.UUID(int=draw.getrandbits(128), version=4)) for _ in range(n)]
     else:
         dns = [f"cn=User\\2C {i:06d},ou=People,dc=example,dc=org" for i in range(n)]
         members = [f"CN=user\\, {i:06d},OU=people,DC=Example,DC=org" for i in range(n)]
-    records = [{"op": "upsert", "kind": "user", "id": f"u{i}", "dn": d,
+        ids = [f"u{i}" for i in range(n)]
+    records = [{"op": "upsert", "kind": "user", "id": ids[i], "dn": d,
                 "attributes": {"username": f"u{i}", "mail": f"u{i}@example.org"}}
                for i, d in enumerate(dns)]
     records.append({"op": "upsert", "kind": "group", "id": "big", "dn": "cn=big,dc=example,dc=org",

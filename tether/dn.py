@@ -228,6 +228,8 @@ def _fold(value: str | bytes) -> str:
 _NOT_PLAIN = re.compile(r'[\\"+#;<>\x00-\x1f\x7f]')
 _DESCR = re.compile(r"[a-z][a-z0-9-]*")
 _RUN = re.compile(r'[^,+;\\"<>\x00]+')
+#: (first RDN, parent) of a DN without quotes, split at the first unescaped comma
+_FIRST_RDN = re.compile(r'((?:[^\\,"]|\\.)+),(.+)', re.S)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -246,6 +248,14 @@ def key(dn: str) -> str:
         plain = _plain_key(dn)
         if plain is not None:
             return plain
+    split = _FIRST_RDN.match(dn)
+    # the parent is shared by many DNs: its key comes from the cache (a blank part is
+    # an empty RDN, which only the whole DN's parse refuses)
+    if split is not None and not split[1].isspace() and not split[2].isspace():
+        try:
+            return f"{_full_key(split[1])},{key(split[2])}"
+        except DNError:
+            pass  # the whole DN's parse says why, naming the whole DN
     return _full_key(dn)
 
 
