@@ -47,13 +47,14 @@ def stream(n: int, plain: bool = False) -> tuple[list[list[dict]], list[str]]:
 
     ``plain``: DNs as most directories hold them (ASCII, no escapes), members
     spelled as the entries' DNs, as slapd returns them, and random UUIDs as ids
-    (as entryUUIDs are); otherwise every DN is escaped and its member spelling
-    differs (the full DN parser's cost).
+    (as AD's objectGUIDs are; slapd's time-based entryUUIDs arrive nearly in
+    order, which is cheaper); otherwise every DN is escaped and its member
+    spelling differs (the full DN parser's cost).
     """
     if plain:
         dns = [f"uid=user{i:06d},ou=people,dc=example,dc=org" for i in range(n)]
         members = list(dns)
-        draw = random.Random(12)  # ids as entryUUIDs are: random, so writes land all over
+        draw = random.Random(12)  # random ids: each batch writes all over the trees
         ids = [str(uuid.UUID(int=draw.getrandbits(128), version=4)) for _ in range(n)]
     else:
         dns = [f"cn=User\\2C {i:06d},ou=People,dc=example,dc=org" for i in range(n)]
