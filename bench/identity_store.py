@@ -7,7 +7,8 @@ the same stream to the store as it was before issue 12 (the module at commit
 BASELINE, loaded from git), in the same process. Prints records/s for both,
 their ratio, the time to apply a one-member change of the big group, and the
 export time; writes bench/results/identity_store.json.
-Options: --users N (default 100,000), --baseline COMMIT.
+Options: --users N (default 100,000), --baseline COMMIT, --plain (DNs without
+escapes, as most directories hold them; written to identity_store_plain.json).
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import random
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "identity_store.json"
+RESULTS_PLAIN = ROOT / "bench" / "results" / "identity_store_plain.json"
 BASELINE = "a9cca5f"
 
 
@@ -38,10 +42,25 @@ def load_baseline(commit: str, tmp: Path):
     return module
 
 
-def stream(n: int) -> tuple[list[list[dict]], list[str]]:
-    dns = [f"cn=User\\2C {i:06d},ou=People,dc=example,dc=org" for i in range(n)]
-    members = [f"CN=user\\, {i:06d},OU=people,DC=Example,DC=org" for i in range(n)]
-    records = [{"op": "upsert", "kind": "user", "id": f"u{i}", "dn": d,
+def stream(n: int, plain: bool = False) -> tuple[list[list[dict]], list[str]]:
+    """The full sync's batches and the big group's member DNs.
+
+    ``plain``: DNs as most directories hold them (ASCII, no escapes), members
+    spelled as the entries' DNs, as slapd returns them, and random UUIDs as ids
+    (as AD's objectGUIDs are; slapd's time-based entryUUIDs arrive nearly in
+    order, which is cheaper); otherwise every DN is escaped and its member
+    spelling differs (the full DN parser's cost).
+    """
+    if plain:
+        dns = [f"uid=user{i:06d},ou=people,dc=example,dc=org" for i in range(n)]
+        members = list(dns)
+        draw = random.Random(12)  # random ids: each batch writes all over the trees
+        ids = [str(uuid.UUID(int=draw.getrandbits(128), version=4)) for _ in range(n)]
+    else:
+        dns = [f"cn=User\\2C {i:06d},ou=People,dc=example,dc=org" for i in range(n)]
+        members = [f"CN=user\\, {i:06d},OU=people,DC=Example,DC=org" for i in range(n)]
+        ids = [f"u{i}" for i in range(n)]
+    records = [{"op": "upsert", "kind": "user", "id": ids[i], "dn": d,
                 "attributes": {"username": f"u{i}", "mail": f"u{i}@example.org"}}
                for i, d in enumerate(dns)]
     records.append({"op": "upsert", "kind": "group", "id": "big", "dn": "cn=big,dc=example,dc=org",
@@ -90,10 +109,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--baseline", default=BASELINE)
+    parser.add_argument("--plain", action="store_true",
+                        help="plain ASCII DNs without escapes, as most directories hold them")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from tether.home.directorystore import DirectoryStore
-    batches, members = stream(args.users)
+    batches, members = stream(args.users, args.plain)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = run(load_baseline(args.baseline, tmp).IdentityStore, tmp, "baseline", batches,
@@ -101,11 +122,12 @@ def main() -> int:
         now = run(DirectoryStore, tmp, "now", batches, members)
         base["rows_with_member_of"] = member_of_rows(tmp / "baseline.csv")
         now["rows_with_member_of"] = member_of_rows(tmp / "now.csv")
-    result = {"users": args.users, "baseline_commit": args.baseline, "baseline": base, "now": now,
+    result = {"users": args.users, "plain_dns": args.plain, "baseline_commit": args.baseline, "baseline": base, "now": now,
               "ratio_records_per_s": round(now["records_per_s"] / base["records_per_s"], 2)}
     print(json.dumps(result, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    out = RESULTS_PLAIN if args.plain else RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -228,6 +228,8 @@ def _fold(value: str | bytes) -> str:
 _NOT_PLAIN = re.compile(r'[\\"+#;<>\x00-\x1f\x7f]')
 _DESCR = re.compile(r"[a-z][a-z0-9-]*")
 _RUN = re.compile(r'[^,+;\\"<>\x00]+')
+#: (first RDN, parent) of a DN without quotes, split at the first unescaped comma
+_FIRST_RDN = re.compile(r'((?:[^\\,"]|\\.)+),(.+)', re.S)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -246,6 +248,14 @@ def key(dn: str) -> str:
         plain = _plain_key(dn)
         if plain is not None:
             return plain
+    split = _FIRST_RDN.match(dn)
+    # the parent is shared by many DNs: its key comes from the cache (a blank part is
+    # an empty RDN, which only the whole DN's parse refuses)
+    if split is not None and not split[1].isspace() and not split[2].isspace():
+        try:
+            return f"{_full_key(split[1])},{key(split[2])}"
+        except DNError:
+            pass  # the whole DN's parse says why, naming the whole DN
     return _full_key(dn)
 
 
@@ -254,16 +264,31 @@ def _full_key(dn: str) -> str:
 
 
 def _plain_key(dn: str) -> str | None:
-    """Key of an ASCII DN without escapes or '+'; None: let the full parser decide."""
-    out = []
-    for rdn in dn.split(","):
-        atype, sep, value = rdn.partition("=")
-        atype = atype.strip().lower()
-        if not sep or not _DESCR.fullmatch(atype):
-            return None  # OIDs, empty parts, errors: the parser explains
-        value = " ".join(value.lower().split()).replace("=", "\\3d")
-        out.append(f"{_ALIASES.get(atype, atype)}={value}")
-    return ",".join(out)
+    """Key of an ASCII DN without escapes or '+'; None: let the full parser decide.
+
+    Why the parent apart: the DNs of one directory share a few parents
+    (``ou=people,dc=example,dc=org``), so only the first RDN is new work.
+    """
+    first, comma, parent = dn.partition(",")
+    atype, sep, value = first.partition("=")
+    atype = atype.strip().lower()
+    if not sep or not _DESCR.fullmatch(atype):
+        return None  # OIDs, empty parts, errors: the parser explains
+    value = value.lower()
+    if " " in value:  # the only whitespace a plain DN can hold
+        value = " ".join(value.split())
+    if "=" in value:
+        value = value.replace("=", "\\3d")
+    head = f"{_ALIASES.get(atype, atype)}={value}"
+    if not comma:
+        return head
+    rest = _plain_parent_key(parent)
+    return None if rest is None else f"{head},{rest}"
+
+
+@functools.lru_cache(maxsize=1 << 10)
+def _plain_parent_key(dn: str) -> str | None:
+    return _plain_key(dn)
 
 
 def same(a: str, b: str) -> bool:

@@ -40,8 +40,12 @@ class BatchResult:
     notes: list[str] = field(default_factory=list)
 
 
+#: one encoder for every column: ``json.dumps`` with options builds a new one per call
+_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 def db_json(value) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return None if value is None else _JSON.encode(value)
 
 
 def dn_key(dn: str) -> tuple[str, str | None]:
@@ -75,10 +79,11 @@ def encode_record(directory: str, record: dict, known: dict[str, str] | None = N
     member_rows: list[tuple] = []
     if kind == "group" and isinstance(members, list):
         bad = 0
+        known = known or {}
         for member in members:
             if not isinstance(member, str):
                 raise DirectoryStoreError(f"group {rid} lists a member that is not a DN string")
-            mkey = (known or {}).get(member)  # spelled as last time: no need to parse again
+            mkey = known.get(member)  # spelled as last time: no need to parse again
             why = None
             if mkey is None or mkey.startswith(BROKEN):
                 mkey, why = dn_key(member)

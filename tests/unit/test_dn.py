@@ -158,3 +158,32 @@ def test_plain_fast_path_agrees_with_the_parser():
         except dn.DNError:
             continue
         assert dn.key.__wrapped__(text) == want, text
+
+
+def test_keys_built_from_the_parents_key_agree_with_the_whole_parse():
+    """key() keys a DN's first RDN and takes its parent's key from the cache: the
+    result (or the refusal) must be the whole DN's parse, whatever the spelling."""
+    import random
+
+    from tether.dn import _full_key
+    draw = random.Random(5)
+    types = ["cn", "CN", "ou", "dc", "uid", "2.5.4.3", "oid.2.5.4.3", "commonName", " cn", "cn ",
+             "", "1x"]
+    values = ["a", "A b", " x", "x ", "\\2C", "\\,", "\\\\", "\\ ", "\\20", "#04024869", "#0",
+              "Smith\\, John", "é", "\\c3\\a9", '"q,x"', "a=b", "a+b=c", "+", "\\", "\\x", "#",
+              "a\\+b", "  ", "\\#x", ";", "a;b=c", "日本"]
+    seps = [",", ",", ", ", " ,", ";", "+", ",,"]
+    texts = ["  ,cn=Smith\\, John", "ou=A b,  ", "CN=\\,,  ", "cn=a,  ,dc=x", "cn=\\2C x,  dc=y"]
+    for _ in range(5000):
+        parts = [draw.choice(types) + draw.choice(["=", "=", " = ", ""]) + draw.choice(values)
+                 for _ in range(draw.randint(1, 4))]
+        texts.append("".join(p + draw.choice(seps) for p in parts[:-1]) + parts[-1])
+
+    def outcome(fn, text):
+        try:
+            return fn(text)
+        except dn.DNError:
+            return "refused"
+
+    for text in texts:
+        assert outcome(dn.key.__wrapped__, text) == outcome(_full_key, text), text
