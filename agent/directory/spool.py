@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from tether.atomicfile import fsync_dir, write_atomic
+
 NAME = re.compile(r"^(\d{16})\.json$")
 ACKED = "acked"
 
@@ -68,25 +70,13 @@ class Spool:
                              "restore it or write the highest seq home has applied into it") from None
 
     def _store_acked(self, seq: int) -> None:
-        tmp = self.directory / f"{ACKED}.tmp"
-        with open(tmp, "w") as fh:
-            fh.write(str(seq))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.directory / ACKED)
+        write_atomic(self.directory / ACKED, str(seq), mode=0o644)
 
     def _seqs(self) -> list[int]:
         return sorted(int(m.group(1)) for p in self.directory.iterdir() if (m := NAME.match(p.name)))
 
     def _path(self, seq: int) -> Path:
         return self.directory / f"{seq:016d}.json"
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def append(self, item: dict) -> int:
         """Store `item` durably; return its sequence number (only after it is on disk)."""
@@ -99,16 +89,9 @@ class Spool:
         drain sends these bytes home as they are, so nothing is encoded twice.
         """
         seq = self._next
-        tmp = self.directory / f"{seq:016d}.tmp"
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._path(seq))
-            self._fsync_dir()
+            write_atomic(self._path(seq), data, mode=0o644)  # durable: file and directory
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise SpoolError(f"cannot write to the spool in {self.directory}: {exc.strerror or exc}; "
                              "free disk space on the data partition; the change was not stored, "
                              "so the sync must be retried") from None
@@ -173,7 +156,7 @@ class Spool:
             self._path(s).unlink()
             removed += 1
         if removed:
-            self._fsync_dir()
+            fsync_dir(self.directory)
         return removed
 
     def oldest_age(self) -> float | None:

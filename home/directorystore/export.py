@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from tether.atomicfile import replacing
 from tether.home.directorystore.records import dn_key
 
 #: Separator of multi-valued cells in the CSV export (DNs contain commas, rarely "|").
@@ -25,10 +26,8 @@ def write_csv(rows: list[dict], member_of: dict[str, list[str]], out: Path) -> d
     base64_fields = {f for r in rows for f, enc in (r["encodings"] or {}).items()
                      if enc == "base64"}
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # personal data
-        with open(fd, "w", newline="", encoding="utf-8") as fh:
+    with replacing(out, mode=0o600) as tmp:  # personal data
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(csv_columns(fields, base64_fields))
             for r in rows:
@@ -40,9 +39,6 @@ def write_csv(rows: list[dict], member_of: dict[str, list[str]], out: Path) -> d
                        _cell(r["members"] if r["kind"] == "group" else None)])
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     users = sum(1 for r in rows if r["kind"] == "user")
     return {"out": str(out), "users": users, "groups": len(rows) - users, "fields": fields}
 
