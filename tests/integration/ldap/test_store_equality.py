@@ -104,7 +104,11 @@ def test_openldap_store_equals_directory(ldap_raw, ldap_admin, tmp_path):
             assert a.modify(f"uid=u008,{PEOPLE}", {"mail": [(ldap3.MODIFY_DELETE, [])]})
         return [round1, round2, round3]
 
-    run_scenario(ldap_raw, tmp_path, list(zip(rounds("1", "u009"), rounds("2", "u017"))))
+    # The victims exist before the first sync, like the seed users, but are the test's
+    # own: the seed users on the session's slapd are other tests' (u009, u017 log in).
+    for victim in ("eqvictim1", "eqvictim2"):
+        assert a.add(f"uid={victim},{PEOPLE}", ["inetOrgPerson"], {"uid": victim, "cn": "v", "sn": "v"})
+    run_scenario(ldap_raw, tmp_path, list(zip(rounds("1", "eqvictim1"), rounds("2", "eqvictim2"))))
 
 
 @pytest.mark.slow
