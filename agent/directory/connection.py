@@ -62,13 +62,44 @@ def tune_socket(conn: ldap3.Connection) -> None:
             pass
 
 
+# ldap3 strategies that read the socket in a receiver thread of their own.
+THREADED_STRATEGIES = (ldap3.ASYNC, ldap3.ASYNC_STREAM)
+# A dead peer of a long-lived (notification) connection is found within
+# KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT seconds.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
+
+
+def keep_alive(conn: ldap3.Connection) -> None:
+    """TCP keepalive on a connection that waits for the server for hours (a persistent search).
+
+    Why not a receive timeout: ldap3's receiver thread treats *every* socket
+    error as a timeout when one is set and reads again, so a connection reset
+    left it spinning on the dead socket forever while the connection still
+    looked open. Threaded connections therefore block without a timeout (any
+    error ends the thread and closes the connection), and keepalive probes turn
+    a silently vanished server into such an error.
+    """
+    sock = getattr(conn, "socket", None)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except OSError:
+        pass
+
+
 def open_connection(config: DirectoryConfig, address: ServerAddress, user: str | None = None,
                     password: str | None = None, strategy=ldap3.SYNC) -> ldap3.Connection:
     """Connect to one server, secure it, bind; raise DirectoryError with a clear code."""
     user = config.bind_dn if user is None else user
     password = config.bind_password if password is None else password
+    threaded = strategy in THREADED_STRATEGIES
     conn = ldap3.Connection(make_server(config, address), user=user, password=password,
-                            client_strategy=strategy, receive_timeout=config.receive_timeout,
+                            client_strategy=strategy,
+                            receive_timeout=None if threaded else config.receive_timeout,
                             raise_exceptions=False, auto_range=False, return_empty_attributes=False,
                             read_only=False,
                             check_names=False)
@@ -77,6 +108,8 @@ def open_connection(config: DirectoryConfig, address: ServerAddress, user: str |
     try:
         conn.open()
         tune_socket(conn)
+        if threaded:
+            keep_alive(conn)
         if config.tls == "starttls" and not conn.start_tls():
             raise DirectoryError("tls", f"StartTLS refused by {where}: {conn.result.get('message')}", where)
         if not conn.bind():
