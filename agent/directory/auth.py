@@ -21,6 +21,7 @@ from ldap3.utils.conv import escape_filter_chars
 from .config import DirectoryConfig
 from .connection import DOWN_ERRORS, Pool, check_result
 from .errors import DirectoryError
+from . import requestber
 from .groups import groups_of
 from .mapping import ADMIN_LOCK  # noqa: F401 (provision.py imports it from here)
 
@@ -56,7 +57,7 @@ def find_user(config: DirectoryConfig, conn, username: str) -> dict | None:
     attrs = ["pwdAccountLockedTime"] if config.kind == "openldap" else ["userAccountControl"]
     hits = []
     for base in config.base_dns:
-        conn.search(base, flt, attributes=attrs, size_limit=2)
+        requestber.search(conn, base, flt, attrs, size_limit=2)
         if (conn.result or {}).get("result") == 32:
             continue
         check_result(conn, f"looking up user {username!r}")
@@ -226,8 +227,7 @@ def _authenticate(config: DirectoryConfig, pool: Pool, service, binder, username
 
 def _bind_as(config, pool: Pool, binder, dn: str, password: str, controls, entry) -> tuple[str, str | None]:
     """Bind as `dn` on the open bind connection; classify a refusal."""
-    binder.user, binder.password = dn, password
-    ok = binder.bind(controls=controls)
+    ok = requestber.bind(binder, dn, password, controls)
     result = binder.result or {}
     if ok:
         return "success", None

@@ -12,6 +12,7 @@ from ldap3.utils.conv import escape_filter_chars
 from tether import dn as dnmeaning
 
 from .config import DirectoryConfig
+from . import requestber
 from .connection import check_result
 from .mapping import search_attributes, to_record
 
@@ -27,7 +28,7 @@ def _groups_with_member(config: DirectoryConfig, conn, dns: list[str], chain: bo
              if a.split(";")[0].lower() != config.member_attribute.lower()]
     out = []
     for base in config.base_dns:
-        conn.search(base, flt, attributes=attrs)
+        requestber.search(conn, base, flt, attrs)
         if (conn.result or {}).get("result") == 32:
             continue
         check_result(conn, f"group lookup for {dns[0]!r}")
