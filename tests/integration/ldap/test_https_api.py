@@ -522,6 +522,32 @@ def test_bad_input_leaves_everything_alone(api):
             ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
         tls.sendall(b"POST /v1/directories/corp/authenticate HTTP/1.1\r\nHost: x\r\n")
         assert tls.recv(1024) == b""  # closed by home, no answer
+    # an endless request head (one header of 1 MiB): 431 once 64 KiB arrived, connection closed,
+    # long before the head is complete or home holds it
+    with socket.create_connection(("127.0.0.1", api.port), timeout=60) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        answer, sent = b"", 0
+        try:
+            while sent < 1 << 20 and not answer:
+                tls.sendall(b"a" * 16384)
+                sent += 16384
+                tls.settimeout(0.05)
+                try:
+                    answer = tls.recv(4096)
+                except (TimeoutError, ssl.SSLWantReadError):
+                    pass
+                tls.settimeout(60)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            pass  # home closed the connection while we were still sending
+        tls.settimeout(60)
+        try:
+            while chunk := tls.recv(4096):
+                answer += chunk
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert sent < 1 << 20, "home read the whole 1 MiB head"
     # a body that stops half way: 408 in JSON once the body deadline passed, connection closed
     with socket.create_connection(("127.0.0.1", api.port), timeout=60) as raw, \
             ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
