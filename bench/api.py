@@ -223,7 +223,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--users", type=int, default=5000)
     ap.add_argument("--auth", type=int, default=2000, help="authentications per measurement")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32],
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[4, 8, 32],
                     help="requests in flight through the API (1 is always measured)")
     ap.add_argument("--auth-connections", type=int, default=None,
                     help="the directory's auth_connections (default: the agent's default)")
