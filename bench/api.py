@@ -9,7 +9,9 @@ serving the directory. Measured, each with per-second rate and p50/p99:
 - direct rebind on one kept LDAPS connection (the floor of an LDAP password check);
 - the agent's own engine without home (``AuthPool``: user look-up, bind, nested
   groups) with 1 and --concurrency threads: the ceiling of any login through an
-  agent on this machine, since every API login does that work;
+  agent on this machine, since every API login does that work; and once more in
+  one thread with the requests built by ldap3/pyasn1 (before requestber), whose
+  CPU per login over requestber's is printed as a ratio;
 - ``POST /v1/directories/<d>/authenticate`` through the API (TLS, keep-alive, a
   long-lived bearer token): home -> agent over its WebSocket -> user look-up,
   bind, nested groups; with 1 and --concurrency clients in flight; and the same
@@ -126,8 +128,26 @@ def direct(server, ca, names: list[str]) -> dict:
     return out
 
 
-def engine(raw: dict, names: list[str], threads: int, groups: bool = True) -> dict:
-    """Logins through the agent's AuthPool in `threads` threads, no home, no WebSocket."""
+def engine(raw: dict, names: list[str], threads: int, groups: bool = True,
+           through_ldap3: bool = False) -> dict:
+    """Logins through the agent's AuthPool in `threads` threads, no home, no WebSocket.
+
+    `through_ldap3`: the look-up, bind and group searches built and encoded by
+    ldap3/pyasn1, as before requestber (the baseline of the same run).
+    """
+
+    from tether.agent.directory import requestber
+
+    fast = requestber._fast
+    if through_ldap3:
+        requestber._fast = lambda conn: False
+    try:
+        return _engine(raw, names, threads, groups)
+    finally:
+        requestber._fast = fast
+
+
+def _engine(raw: dict, names: list[str], threads: int, groups: bool) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     pool = AuthPool(load_config(raw), size=threads)
@@ -259,14 +279,19 @@ def main() -> int:
             raw["auth_connections"] = args.auth_connections
         pool_size = load_config(raw).auth_connections
         for groups, tag in ((True, ""), (False, "_password_only")):
-            for threads in sorted({1, pool_size}):
+            for threads, via in [(t, "") for t in sorted({1, pool_size})] + [(1, "_through_ldap3")]:
                 meter = CpuMeter({"engine": os.getpid(), "slapd": server.proc.pid})
-                r = engine(raw, names, threads, groups)
+                r = engine(raw, names, threads, groups, through_ldap3=bool(via))
                 r["cpu_ms_per_login"] = meter.per_login_ms(len(names))
-                result[f"engine{tag}_threads_{threads}"] = r
-                print(f"  agent engine{tag}, {threads:2d} threads  {r['per_s']:8.1f}/s  p50 "
+                result[f"engine{tag}{via}_threads_{threads}"] = r
+                print(f"  agent engine{tag}{via}, {threads:2d} threads  {r['per_s']:8.1f}/s  p50 "
                       f"{r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['outcomes']}  cpu ms/login "
                       f"{r['cpu_ms_per_login']}", flush=True)
+            one = result[f"engine{tag}_threads_1"]["cpu_ms_per_login"]["engine"]
+            before = result[f"engine{tag}_through_ldap3_threads_1"]["cpu_ms_per_login"]["engine"]
+            result[f"engine{tag}_cpu_ratio_ldap3_requests_to_requestber"] = round(before / one, 2)
+            print(f"  agent engine{tag}: CPU per login through ldap3's request encoding / "
+                  f"requestber = {before / one:.2f}", flush=True)
         home = HomeProcess.start(tmp / "home", connector="c-a",
                                  serve_args=("--api-listen", "127.0.0.1:0", "--log-level", "INFO"))
         rig = Rig(home, ("c-a",))
