@@ -1,9 +1,13 @@
 """Active Directory incremental sync: uSNChanged plus deleted objects (tombstones).
 
-Why USNs rather than DirSync: the start cursor of a full sync is one rootDSE
-read (highestCommittedUSN) instead of a whole extra DirSync pass, and ldap3's
-DirSync control encoding is broken for incremental values on 64-bit Linux.
-USNs are local to one DC, so the cursor names the DC (dsServiceName); if
+Why USNs for entries: the start cursor of a full sync is one rootDSE read
+(highestCommittedUSN) instead of a whole extra DirSync pass. Large groups'
+member lists are the exception: AD logs no values, so a changed group would be
+re-read whole; the cursor also carries a DirSync cookie (`ds`, dirsync.py) and
+the member values changed since it are applied to the list the follower last
+sent (`remembered`), so a one-member change of a 100,000-member group reads one
+value, not 100,000. Without DirSync (refused, or no cookie yet) groups are read
+whole as before. USNs are local to one DC, so the cursor names the DC (dsServiceName); if
 another DC answers, or the cursor is older than the tombstone lifetime (after
 which deletions are forgotten), the engine raises CursorExpired and the
 caller runs a full resync instead of silently missing changes.
@@ -11,6 +15,7 @@ caller runs a full resync instead of silently missing changes.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Iterator
 
@@ -23,13 +28,15 @@ from tether import dn as dnmeaning
 from tether.protocol.changes import INCREMENTAL, Begin, End
 
 from . import cursor as cursors
+from . import dirsync
 from .chunking import chunked
 from .config import DirectoryConfig
 from .connection import Pool, check_result
 from .errors import CursorExpired
-from .mapping import search_attributes, to_record
+from .mapping import entry_id, search_attributes, to_record
 from .search import PoolSession, paged_search
 
+log = logging.getLogger(__name__)
 KIND = "ad-usn"
 SHOW_DELETED = "1.2.840.113556.1.4.417"
 DEFAULT_TOMBSTONE_DAYS = 180
@@ -45,10 +52,19 @@ def _root_dse(conn) -> dict:
 
 
 def start_cursor(config: DirectoryConfig, conn) -> str:
-    """The DC's highestCommittedUSN now, tied to that DC."""
+    """The DC's highestCommittedUSN now, tied to that DC, and a DirSync cookie of now
+    (when the DC grants DirSync; taken after the USN: see _stream)."""
     dse = _root_dse(conn)
     return cursors.encode(KIND, usn=int(dse["highestCommittedUSN"]), dc=dse["dsServiceName"],
-                          t=int(time.time()))
+                          t=int(time.time()), **_cookie_now(conn, dse))
+
+
+def _cookie_now(conn, dse: dict) -> dict:
+    try:
+        return {"ds": dirsync.encode_cookie(dirsync.cookie_now(conn, dse["defaultNamingContext"]))}
+    except dirsync.DirSyncUnusable as exc:
+        log.info("DirSync not usable (%s): large groups are re-read whole when they change", exc)
+        return {}
 
 
 def _tombstone_days(conn, dse: dict) -> int:
@@ -64,7 +80,8 @@ def changes_since(config: DirectoryConfig, cursor: str, chunk_size: int, pool: P
                   remembered=None) -> Iterator[dict]:
     """Check the cursor against the DC now (CursorExpired), then return the stream.
 
-    `remembered` (member lists the caller holds) is not used: AD logs no values.
+    `remembered(group_id)`: the member list the caller last sent for a group, or
+    None; with a DirSync cookie in the cursor, changed values are applied to it.
     """
     position = cursors.decode(cursor, KIND)
     session = PoolSession(pool)
@@ -80,24 +97,44 @@ def changes_since(config: DirectoryConfig, cursor: str, chunk_size: int, pool: P
     except BaseException:
         session.close()
         raise
-    return _stream(config, session, int(position["usn"]), dse, chunk_size)
+    return _stream(config, session, int(position["usn"]), dse, chunk_size,
+                   position.get("ds"), remembered)
 
 
 def _usn(raw: dict) -> int:
     return int((raw.get("uSNChanged") or [b"0"])[0])
 
 
-def _changed_live(session, config, usn: int, nc: str) -> list[tuple[int, dict]]:
-    """Upserts for changed entries in scope; deletes for changed ones that left it."""
+def _changed_live(session, config, usn: int, nc: str, members=None) -> list[tuple[int, dict]]:
+    """Upserts for changed entries in scope; deletes for changed ones that left it.
+
+    `members(group_id)`: the group's member list now without reading it, or None;
+    when given, changed groups are read without their members and only those it
+    has no list for are read again whole.
+    """
     out: dict[str, tuple[int, dict]] = {}
     for kind, flt in (("user", config.user_filter), ("group", config.group_filter)):
         attrs = search_attributes(config, kind) + ["uSNChanged"]
+        by_value = kind == "group" and members is not None
+        if by_value:
+            attrs = [a for a in attrs if a.split(";")[0].lower() != config.member_attribute.lower()]
+        whole: list[bytes] = []
         for base in config.base_dns:
             for page in paged_search(session, base, f"(&{flt}(uSNChanged>={usn + 1}))", attrs,
                                      config.page_size, f"changed {kind}s", raw=True):
                 for e in page:
-                    rec = to_record(config, kind, e["dn"], e["raw_attributes"])
-                    out.setdefault(rec["id"], (_usn(e["raw_attributes"]), rec))
+                    raw = e["raw_attributes"]
+                    if by_value:
+                        known = members(entry_id(config, raw))
+                        if known is None:
+                            whole.append((raw.get("objectGUID") or raw["objectguid"])[0])
+                            continue
+                        raw = {**raw, config.member_attribute: [m.encode() for m in known]}
+                    rec = to_record(config, kind, e["dn"], raw)
+                    out.setdefault(rec["id"], (_usn(raw), rec))
+        for e in _groups_by_guid(session, config, whole):
+            rec = to_record(config, kind, e["dn"], e["raw_attributes"])
+            out.setdefault(rec["id"], (_usn(e["raw_attributes"]), rec))
     flt = f"(&(|(objectClass=user)(objectClass=group))(uSNChanged>={usn + 1}))"
     for page in paged_search(session, nc, flt, ["objectGUID", "uSNChanged"], config.page_size,
                              "changed objects out of scope"):
@@ -106,6 +143,18 @@ def _changed_live(session, config, usn: int, nc: str) -> list[tuple[int, dict]]:
             if rec_id not in out:
                 out[rec_id] = (_usn(e["raw_attributes"]), {"op": "delete", "id": rec_id, "dn": e["dn"]})
     return list(out.values())
+
+
+def _groups_by_guid(session, config, guids: list[bytes]) -> Iterator[dict]:
+    """Groups read whole (members in range pages), 50 objectGUIDs per search."""
+    attrs = search_attributes(config, "group") + ["uSNChanged"]
+    for i in range(0, len(guids), 50):
+        flt = "(&" + config.group_filter + "(|" + "".join(
+            "(objectGUID=" + "".join(f"\\{b:02x}" for b in g) + ")" for g in guids[i:i + 50]) + "))"
+        for base in config.base_dns:
+            for page in paged_search(session, base, flt, attrs, config.page_size,
+                                     "changed groups", raw=True):
+                yield from page
 
 
 def _tombstone_rdn(dn: str) -> str:
@@ -166,12 +215,34 @@ def _affected_groups(session, config, records: list[dict]) -> list[dict]:
     return out
 
 
-def _stream(config, session: PoolSession, usn: int, dse: dict, chunk_size: int):
+def _member_values(session, config, nc: str, cookie: str | None, remembered):
+    """(members(group_id) for _changed_live or None, the cursor's next `ds` fields).
+
+    The DirSync request runs after the rootDSE read of `high` and before the USN
+    searches: a member change after `high` makes the next run read its group again
+    (whose held list then has it, which applying values again leaves as is), and
+    one after this request is in the next DirSync answer."""
+    conn = session.connection()
+    mapped = {a.lower() for a in config.group_mapping.values()}
+    if remembered is None or config.member_attribute.lower() in mapped or not cookie:
+        return None, _cookie_now(conn, {"defaultNamingContext": nc})
+    try:
+        changed, after = dirsync.member_changes(config, conn, nc, dirsync.decode_cookie(cookie))
+    except (dirsync.DirSyncUnusable, ValueError) as exc:
+        log.info("DirSync not usable (%s): changed groups are read whole this time", exc)
+        return None, _cookie_now(conn, {"defaultNamingContext": nc})
+    return (lambda gid: dirsync.apply(remembered(gid), changed.get(gid))), \
+        {"ds": dirsync.encode_cookie(after)}
+
+
+def _stream(config, session: PoolSession, usn: int, dse: dict, chunk_size: int,
+            cookie: str | None = None, remembered=None):
     try:
         yield Begin(INCREMENTAL, config.name).encode()
         high = int(dse["highestCommittedUSN"])  # read before searching: later changes come next time
         nc = dse["defaultNamingContext"]
-        changes = _changed_live(session, config, usn, nc) + _deleted(session, config, usn, nc)
+        members, ds = _member_values(session, config, nc, cookie, remembered)
+        changes = _changed_live(session, config, usn, nc, members) + _deleted(session, config, usn, nc)
         changes.sort(key=lambda pair: pair[0])
         records = [rec for _, rec in changes]
         records += _affected_groups(session, config, records)
@@ -179,7 +250,7 @@ def _stream(config, session: PoolSession, usn: int, dse: dict, chunk_size: int):
         for chunk in chunked(records, chunk_size):
             number = chunk["seq"]
             yield chunk
-        cursor = cursors.encode(KIND, usn=high, dc=dse["dsServiceName"], t=int(time.time()))
+        cursor = cursors.encode(KIND, usn=high, dc=dse["dsServiceName"], t=int(time.time()), **ds)
         yield End(INCREMENTAL, len(records), cursor, number + 1,
                   {"server": session.server, "failovers": session.failovers}).encode()
     finally:
