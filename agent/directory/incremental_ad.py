@@ -149,8 +149,7 @@ def _groups_by_guid(session, config, guids: list[bytes]) -> Iterator[dict]:
     """Groups read whole (members in range pages), 50 objectGUIDs per search."""
     attrs = search_attributes(config, "group") + ["uSNChanged"]
     for i in range(0, len(guids), 50):
-        flt = "(&" + config.group_filter + "(|" + "".join(
-            "(objectGUID=" + "".join(f"\\{b:02x}" for b in g) + ")" for g in guids[i:i + 50]) + "))"
+        flt = "(&" + config.group_filter + "(|" + "".join(_guid_filter(g) for g in guids[i:i + 50]) + "))"
         for base in config.base_dns:
             for page in paged_search(session, base, flt, attrs, config.page_size,
                                      "changed groups", raw=True):
@@ -185,16 +184,22 @@ def _deleted(session, config, usn: int, nc: str) -> list[tuple[int, dict]]:
     return out
 
 
-def _affected_groups(session, config, records: list[dict]) -> list[dict]:
+def _affected_groups(session, config, records: list[dict], remembered=None) -> list[dict]:
     """Groups whose member *DNs* changed without their own uSNChanged moving.
 
     AD stores links by GUID, so renaming, moving or deleting a member changes
     the DNs a group lists but not the group's USN. Groups holding a changed
     entry are found by its current DN; a deletion leaves no link to search by,
     so any deletion re-reads every group in scope (one paged search).
+
+    `remembered(group_id)`: the member list the follower last sent. A group whose
+    list holds the current DN of every changed entry it has is unchanged and is
+    not sent again: a user's mail changed does not re-read the 100,000-member
+    group it is in; a renamed member (its new DN not held) still does.
     """
     seen = {r["id"] for r in records if r.get("kind") == "group"}
     attrs = search_attributes(config, "group")
+    dns: list[str] = []
     if any(r["op"] == "delete" for r in records):
         filters = [config.group_filter]
     else:
@@ -202,17 +207,47 @@ def _affected_groups(session, config, records: list[dict]) -> list[dict]:
         filters = ["(&" + config.group_filter + "(|" + "".join(
             f"({config.member_attribute}={escape_filter_chars(dn)})" for dn in dns[i:i + 50]) + "))"
             for i in range(0, len(dns), 50)]
-    out = []
+    light = remembered is not None and bool(dns)
+    if light:  # members only for the groups that turn out to need them
+        attrs = [a for a in attrs if a.split(";")[0].lower() != config.member_attribute.lower()]
+    out, whole = [], []
     for flt in filters:
         for base in config.base_dns:
             for page in paged_search(session, base, flt, attrs, config.page_size, "groups of changed entries",
                                      raw=True):
                 for e in page:
-                    rec = to_record(config, "group", e["dn"], e["raw_attributes"])
-                    if rec["id"] not in seen:
-                        seen.add(rec["id"])
-                        out.append(rec)
+                    raw = e["raw_attributes"]
+                    gid = entry_id(config, raw)
+                    if gid in seen:
+                        continue
+                    seen.add(gid)
+                    if light:
+                        held = remembered(gid)
+                        guid = (raw.get("objectGUID") or raw["objectguid"])[0]
+                        if held is None or _lists_any(session, config, guid, [d for d in dns if d not in held]):
+                            whole.append(guid)
+                        continue
+                    out.append(to_record(config, "group", e["dn"], raw))
+    out += [to_record(config, "group", e["dn"], e["raw_attributes"])
+            for e in _groups_by_guid(session, config, whole)]
     return out
+
+
+def _guid_filter(guid: bytes) -> str:
+    return "(objectGUID=" + "".join(f"\\{b:02x}" for b in guid) + ")"
+
+
+def _lists_any(session, config, guid: bytes, dns: list[str]) -> bool:
+    """Whether group `guid` lists any of `dns` now (50 DNs per search)."""
+    for i in range(0, len(dns), 50):
+        flt = "(&" + _guid_filter(guid) + "(|" + "".join(
+            f"({config.member_attribute}={escape_filter_chars(dn)})" for dn in dns[i:i + 50]) + "))"
+        for base in config.base_dns:
+            for page in paged_search(session, base, flt, ["objectGUID"], config.page_size,
+                                     "groups of renamed entries", raw=True):
+                if page:
+                    return True
+    return False
 
 
 def _member_values(session, config, nc: str, cookie: str | None, remembered):
@@ -245,7 +280,7 @@ def _stream(config, session: PoolSession, usn: int, dse: dict, chunk_size: int,
         changes = _changed_live(session, config, usn, nc, members) + _deleted(session, config, usn, nc)
         changes.sort(key=lambda pair: pair[0])
         records = [rec for _, rec in changes]
-        records += _affected_groups(session, config, records)
+        records += _affected_groups(session, config, records, remembered if members is not None else None)
         number = 0
         for chunk in chunked(records, chunk_size):
             number = chunk["seq"]

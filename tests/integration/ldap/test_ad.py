@@ -256,3 +256,36 @@ def test_a_remembered_groups_member_changes_come_by_value_from_dirsync(ad_raw, a
     _, changes = collect(sync(config, msgs[-1]["cursor"], remembered={gid: short}.get))
     rec = next(c for c in changes if c.get("id") == gid)
     assert sorted(rec["members"]) == sorted(short)
+
+
+def test_a_members_change_re_reads_its_remembered_group_only_when_renamed(ad_raw, ad_admin):
+    """Issue 12: a changed user is looked up in the groups that list it (AD links by GUID,
+    so a rename changes their member DNs without their USN moving). With the lists the
+    follower last sent, a group whose list holds the user's DN as it is now is not sent
+    again (a user in a 100,000-member group changes its mail: no re-read of the group);
+    a renamed member (new DN not held) makes it come again, whole, with the new DN."""
+    dns = [f"CN=heldm{i},{USERS}" for i in range(3)]
+    for i, dn in enumerate(dns):
+        assert ad_admin.add(dn, ["top", "person", "organizationalPerson", "user"],
+                            {"sAMAccountName": f"heldm{i}"}), ad_admin.result
+    group = f"CN=held-all,{USERS}"
+    assert ad_admin.add(group, ["top", "group"], {"sAMAccountName": "held-all", "member": dns}), \
+        ad_admin.result
+    config = load_config(ad_raw)
+    msgs, changes = collect(full_sync(config))
+    sent = next(c for c in changes if c["dn"].lower() == group.lower())
+    held = {sent["id"]: frozenset(sent["members"])}.get
+    cursor = msgs[-1]["cursor"]
+
+    assert ad_admin.modify(dns[1], {"mail": [(ldap3.MODIFY_REPLACE, ["heldm1@tether.test"])]}), ad_admin.result
+    msgs, changes = collect(sync(config, cursor, remembered=held))
+    assert any(c.get("dn", "").lower() == dns[1].lower() for c in changes)
+    assert not [c for c in changes if c.get("id") == sent["id"]], "the group's list did not change"
+    _, changes = collect(sync(config, cursor))  # nothing held: read as before
+    assert [c["id"] for c in changes if c.get("id") == sent["id"]] == [sent["id"]]
+
+    renamed = f"CN=heldm1-renamed,{USERS}"
+    assert ad_admin.modify_dn(dns[1], "CN=heldm1-renamed"), ad_admin.result
+    _, changes = collect(sync(config, msgs[-1]["cursor"], remembered=held))
+    rec = next(c for c in changes if c.get("id") == sent["id"])
+    assert sorted(m.lower() for m in rec["members"]) == sorted(d.lower() for d in (dns[0], renamed, dns[2]))
