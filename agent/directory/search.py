@@ -52,12 +52,14 @@ class PoolSession:
 
 
 def paged_search(session: PoolSession, base: str, search_filter: str, attributes: list[str],
-                 page_size: int, what: str, scope=ldap3.SUBTREE, raw: bool = False) -> Iterator[list[dict]]:
+                 page_size: int, what: str, scope=ldap3.SUBTREE, raw: bool = False,
+                 controls: list | None = None) -> Iterator[list[dict]]:
     """Yield pages (lists of ldap3 response entries); restart on another server if one dies.
 
     After a restart, pages start again from the first entry: callers dedupe by id.
     `raw`: the caller reads only `dn` and `raw_attributes` (plain dicts, values
     as bytes) of the entries, so they take wire.FastSyncStrategy's fast path.
+    `controls`: more request controls (ldap3 tuples) beside the paging one.
     """
     cookie = None
     while True:
@@ -65,7 +67,7 @@ def paged_search(session: PoolSession, base: str, search_filter: str, attributes
         conn.strategy.raw_entries = raw
         try:
             conn.search(base, search_filter, search_scope=scope, attributes=attributes,
-                        paged_size=page_size, paged_cookie=cookie)
+                        paged_size=page_size, paged_cookie=cookie, controls=controls)
         except DOWN_ERRORS:
             session.failover()
             cookie = None

@@ -289,3 +289,26 @@ def test_a_members_change_re_reads_its_remembered_group_only_when_renamed(ad_raw
     _, changes = collect(sync(config, msgs[-1]["cursor"], remembered=held))
     rec = next(c for c in changes if c.get("id") == sent["id"])
     assert sorted(m.lower() for m in rec["members"]) == sorted(d.lower() for d in (dns[0], renamed, dns[2]))
+
+
+@pytest.mark.parametrize("limit", [0, 2000])
+def test_changes_found_by_one_scan_read_by_guid_or_by_filter_agree(ad_raw, ad_admin, monkeypatch, limit):
+    """The incremental scan finds changed objects once; up to MAX_BY_GUID of them are read
+    by objectGUID, more by each kind's filter (limit 0 forces that path): same records."""
+    from tether.agent.directory import incremental_ad
+    monkeypatch.setattr(incremental_ad, "MAX_BY_GUID", limit)
+    tag = f"scan{limit}"
+    kept, gone = ad_user(ad_admin, f"{tag}-kept"), ad_user(ad_admin, f"{tag}-gone")
+    config = load_config(ad_raw)
+    msgs, before = collect(full_sync(config))
+    ids = {c["dn"].lower(): c["id"] for c in before}
+    assert ad_admin.modify(kept, {"mail": [(ldap3.MODIFY_REPLACE, [f"{tag}@changed.test"])]}), ad_admin.result
+    assert ad_admin.delete(gone), ad_admin.result
+    msgs, changes = collect(sync(config, msgs[-1]["cursor"]))
+    assert msgs[0]["mode"] == "incremental"
+    mine = {(c["op"], c["id"]) for c in changes if c["id"] in (ids[kept.lower()], ids[gone.lower()])}
+    assert mine == {("upsert", ids[kept.lower()]), ("delete", ids[gone.lower()])}
+    upsert = next(c for c in changes if c["id"] == ids[kept.lower()])
+    assert upsert["attributes"]["email"] == f"{tag}@changed.test"
+    deleted = next(c for c in changes if c["id"] == ids[gone.lower()])
+    assert deleted["dn"].lower() == gone.lower()
