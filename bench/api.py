@@ -222,6 +222,46 @@ async def through_api(port: int, ctx, token: str, names: list[str], concurrency:
     return out
 
 
+async def at_rate(port: int, ctx, token: str, names: list[str], rate: float, groups: bool = True,
+                  connections: int = 64) -> dict:
+    """Open loop: login i is due at start + i/rate whatever became of those before it,
+    the way an identity provider's logins arrive. Its latency counts from when it was
+    due, so time spent waiting for a free connection counts too (no coordinated
+    omission). The closed loop above (N in flight) measures capacity instead: it keeps
+    the server saturated, so its p99 is mostly queueing."""
+    free: asyncio.Queue = asyncio.Queue()
+    for _ in range(connections):
+        free.put_nowait(await Http.open(port, ctx))
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    lat: list[float] = []
+    outcomes: dict[str, int] = {}
+
+    async def one(name: str, due: float) -> None:
+        conn = await free.get()
+        try:
+            body = json.dumps({"username": name, "password": PW,
+                               **({} if groups else {"groups": False})}).encode()
+            status, data = await conn.post("/v1/directories/bench/authenticate", body, headers)
+        finally:
+            free.put_nowait(conn)
+        lat.append(time.perf_counter() - due)
+        key = json.loads(data).get("outcome") if status == 200 else str(status)
+        outcomes[key] = outcomes.get(key, 0) + 1
+    start = time.perf_counter() + 0.05
+    tasks = []
+    for i, name in enumerate(names):
+        due = start + i / rate
+        if due > time.perf_counter():
+            await asyncio.sleep(due - time.perf_counter())
+        tasks.append(asyncio.create_task(one(name, due)))
+    await asyncio.gather(*tasks)
+    out = figures(len(names), time.perf_counter() - start, lat)
+    out.update(offered_per_s=rate, outcomes=outcomes)
+    while not free.empty():
+        free.get_nowait().close()
+    return out
+
+
 async def tokens(port: int, ctx, client: str, secret: str, n: int) -> dict:
     conn = await Http.open(port, ctx)
     basic = base64.b64encode(f"{client}:{secret}".encode()).decode()
@@ -249,6 +289,8 @@ def main() -> int:
                     help="the directory's auth_connections (default: the agent's default)")
     ap.add_argument("--hold", type=float, default=0,
                     help="seconds to wait before the API runs (to attach a profiler)")
+    ap.add_argument("--rates", type=float, nargs="*", default=[1000],
+                    help="open-loop logins offered per second (the goal's 1,000/s)")
     ap.add_argument("--tokens", type=int, default=1000)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "api.json"))
     args = ap.parse_args()
@@ -319,6 +361,14 @@ def main() -> int:
                 r["cpu_ms_per_login"] = meter.per_login_ms(len(names))
                 result[f"api{tag}_concurrency_{conc}"] = r
                 print(f"  API authenticate{tag}, {conc:2d} in flight {r['per_s']:8.1f}/s  p50 "
+                      f"{r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['outcomes']}  cpu ms/login "
+                      f"{r['cpu_ms_per_login']}", flush=True)
+            for rate in args.rates:
+                meter = CpuMeter(pids)
+                r = asyncio.run(at_rate(port, ctx, token, names, rate, groups))
+                r["cpu_ms_per_login"] = meter.per_login_ms(len(names))
+                result[f"api{tag}_open_loop_{rate:g}_per_s"] = r
+                print(f"  API authenticate{tag}, {rate:g}/s offered {r['per_s']:8.1f}/s  p50 "
                       f"{r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['outcomes']}  cpu ms/login "
                       f"{r['cpu_ms_per_login']}", flush=True)
         r = asyncio.run(tokens(port, ctx, "bench", secret, args.tokens))
