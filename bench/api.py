@@ -353,24 +353,21 @@ def main() -> int:
         levels = sorted({1, *args.concurrency})
         pids = {"client": os.getpid(), "home": home.proc.pid, "agent": agent.proc.pid,
                 "slapd": server.proc.pid}
+        def measure(key: str, label: str, run) -> None:
+            meter = CpuMeter(pids)
+            r = asyncio.run(run)
+            r["cpu_ms_per_login"] = meter.per_login_ms(len(names))
+            result[key] = r
+            print(f"  API authenticate{label} {r['per_s']:8.1f}/s  p50 {r['p50_ms']} ms  p99 "
+                  f"{r['p99_ms']} ms  {r['outcomes']}  cpu ms/login {r['cpu_ms_per_login']}", flush=True)
         for groups, tag in ((True, ""), (False, "_password_only")):
+            # distinct names within a run: a user name takes one attempt at a time
             for conc in levels:
-                # distinct names within a run: a user name takes one attempt at a time
-                meter = CpuMeter(pids)
-                r = asyncio.run(through_api(port, ctx, token, names, conc, groups))
-                r["cpu_ms_per_login"] = meter.per_login_ms(len(names))
-                result[f"api{tag}_concurrency_{conc}"] = r
-                print(f"  API authenticate{tag}, {conc:2d} in flight {r['per_s']:8.1f}/s  p50 "
-                      f"{r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['outcomes']}  cpu ms/login "
-                      f"{r['cpu_ms_per_login']}", flush=True)
+                measure(f"api{tag}_concurrency_{conc}", f"{tag}, {conc:2d} in flight",
+                        through_api(port, ctx, token, names, conc, groups))
             for rate in args.rates:
-                meter = CpuMeter(pids)
-                r = asyncio.run(at_rate(port, ctx, token, names, rate, groups))
-                r["cpu_ms_per_login"] = meter.per_login_ms(len(names))
-                result[f"api{tag}_open_loop_{rate:g}_per_s"] = r
-                print(f"  API authenticate{tag}, {rate:g}/s offered {r['per_s']:8.1f}/s  p50 "
-                      f"{r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['outcomes']}  cpu ms/login "
-                      f"{r['cpu_ms_per_login']}", flush=True)
+                measure(f"api{tag}_open_loop_{rate:g}_per_s", f"{tag}, {rate:g}/s offered",
+                        at_rate(port, ctx, token, names, rate, groups))
         r = asyncio.run(tokens(port, ctx, "bench", secret, args.tokens))
         result["token_issuance"] = r
         print(f"  token issuance (client credentials, JWT) {r['per_s']:8.1f}/s  p50 {r['p50_ms']} ms  "
