@@ -113,9 +113,11 @@ _SCAN_ATTRIBUTES = ["objectGUID", "uSNChanged", "objectClass", "isDeleted", "las
                     "msDS-LastKnownRDN"]
 
 
-def _changed(session, config, usn: int, nc: str, members=None) -> list[tuple[int, dict]]:
+def _changed(session, config, usn: int, nc: str, members=None,
+             by_value: set[str] | None = None) -> list[tuple[int, dict]]:
     """(uSNChanged, record) for every user or group changed since `usn`: upserts for
-    those in scope, deletes for those deleted or out of scope.
+    those in scope, deletes for those deleted or out of scope. `by_value` receives
+    the ids of groups whose members came from `members` (not read).
 
     Why one scan first: Samba indexes no uSNChanged ranges, and a filter that adds
     `(objectClass=user)` makes it load every user (1.3 s at 100,000 users, 1.9 s
@@ -142,15 +144,15 @@ def _changed(session, config, usn: int, nc: str, members=None) -> list[tuple[int
     by_guid = list(live) if len(live) <= MAX_BY_GUID else None
     if by_guid == []:
         return list(out.values())
-    found = _changed_in_scope(session, config, usn, by_guid, members)
+    found = _changed_in_scope(session, config, usn, by_guid, members, by_value)
     for guid, (changed, dn) in live.items():  # not found in scope: it left it
         rec_id = entry_id(config, {"objectGUID": [guid]})
         out[rec_id] = found.get(rec_id) or (changed, {"op": "delete", "id": rec_id, "dn": dn})
     return list(out.values())
 
 
-def _changed_in_scope(session, config, usn: int, guids: list[bytes] | None,
-                      members=None) -> dict[str, tuple[int, dict]]:
+def _changed_in_scope(session, config, usn: int, guids: list[bytes] | None, members=None,
+                      by_value_ids: set[str] | None = None) -> dict[str, tuple[int, dict]]:
     """Upserts for the changed entries in scope: those of `guids`, or (None) all since `usn`.
 
     `members(group_id)`: the group's member list now without reading it, or None;
@@ -178,6 +180,8 @@ def _changed_in_scope(session, config, usn: int, guids: list[bytes] | None,
                                 continue
                             raw = {**raw, config.member_attribute: [m.encode() for m in known]}
                         rec = to_record(config, kind, e["dn"], raw)
+                        if by_value and by_value_ids is not None:
+                            by_value_ids.add(rec["id"])
                         out.setdefault(rec["id"], (_usn(raw), rec))
         for e in _groups_by_guid(session, config, whole):
             rec = to_record(config, kind, e["dn"], e["raw_attributes"])
@@ -223,33 +227,40 @@ def _deleted_record(config, tombstone_dn: str, raw: dict) -> dict:
     return {"op": "delete", "id": rec_id, "dn": dn}
 
 
-def _affected_groups(session, config, records: list[dict], remembered=None) -> list[dict]:
-    """Groups whose member *DNs* changed without their own uSNChanged moving.
+def _affected_groups(session, config, records: list[dict], by_value: set[str] = frozenset(),
+                     remembered=None) -> list[dict]:
+    """`records` with the groups whose member *DNs* changed without their own uSNChanged
+    moving added (or, for groups in `by_value`, corrected).
 
     AD stores links by GUID, so renaming, moving or deleting a member changes
     the DNs a group lists but not the group's USN. Groups holding a changed
     entry are found by its current DN; a deletion leaves no link to search by,
-    so any deletion re-reads every group in scope (one paged search).
+    so any deletion looks at every group in scope (one paged search).
 
-    `remembered(group_id)`: the member list the follower last sent. A group whose
-    list holds the current DN of every changed entry it has is unchanged and is
-    not sent again: a user's mail changed does not re-read the 100,000-member
-    group it is in; a renamed member (its new DN not held) still does.
+    `remembered(group_id)`: the member list the follower last sent. Such a group
+    (or one in `by_value`, whose list was not read either) is read whole only when
+    it lists a changed entry's DN that its list does not hold (a rename or a move);
+    a deleted entry is taken out of its list by DN meaning (DirSync does not report
+    links that go with their object); otherwise it is left as it is: a user's mail
+    changed or a user deleted does not re-read the 100,000-member group it was in.
     """
-    seen = {r["id"] for r in records if r.get("kind") == "group"}
-    attrs = search_attributes(config, "group")
-    dns: list[str] = []
-    if any(r["op"] == "delete" for r in records):
+    groups = {r["id"]: r for r in records if r.get("kind") == "group" and r["op"] == "upsert"}
+    done = {r["id"] for r in records if r.get("kind") == "group"} - set(by_value)
+    upserts = [r["dn"] for r in records if r["op"] == "upsert"]
+    deletes = [r["dn"] for r in records if r["op"] == "delete"]
+    if deletes:
         filters = [config.group_filter]
     else:
-        dns = [r["dn"] for r in records if r["op"] == "upsert"]
         filters = ["(&" + config.group_filter + "(|" + "".join(
-            f"({config.member_attribute}={escape_filter_chars(dn)})" for dn in dns[i:i + 50]) + "))"
-            for i in range(0, len(dns), 50)]
-    light = remembered is not None and bool(dns)
+            f"({config.member_attribute}={escape_filter_chars(dn)})" for dn in upserts[i:i + 50]) + "))"
+            for i in range(0, len(upserts), 50)]
+    light = remembered is not None
+    attrs = search_attributes(config, "group")
     if light:  # members only for the groups that turn out to need them
         attrs = [a for a in attrs if a.split(";")[0].lower() != config.member_attribute.lower()]
-    out, whole = [], []
+    gone = _keys(deletes)
+    changed: dict[str, dict] = {}
+    whole: list[bytes] = []
     for flt in filters:
         for base in config.base_dns:
             for page in paged_search(session, base, flt, attrs, config.page_size, "groups of changed entries",
@@ -257,19 +268,45 @@ def _affected_groups(session, config, records: list[dict], remembered=None) -> l
                 for e in page:
                     raw = e["raw_attributes"]
                     gid = entry_id(config, raw)
-                    if gid in seen:
+                    if gid in done:
                         continue
-                    seen.add(gid)
-                    if light:
-                        held = remembered(gid)
-                        guid = (raw.get("objectGUID") or raw["objectguid"])[0]
-                        if held is None or _lists_any(session, config, guid, [d for d in dns if d not in held]):
-                            whole.append(guid)
+                    done.add(gid)
+                    if not light:
+                        changed[gid] = to_record(config, "group", e["dn"], raw)
                         continue
-                    out.append(to_record(config, "group", e["dn"], raw))
-    out += [to_record(config, "group", e["dn"], e["raw_attributes"])
-            for e in _groups_by_guid(session, config, whole)]
+                    held = frozenset(groups[gid]["members"]) if gid in by_value else remembered(gid)
+                    guid = (raw.get("objectGUID") or raw["objectguid"])[0]
+                    if held is None or _lists_any(session, config, guid,
+                                                  [d for d in upserts + deletes if d not in held]):
+                        whole.append(guid)
+                        continue
+                    kept = _without(held, gone)
+                    if len(kept) != len(held):
+                        changed[gid] = to_record(config, "group", e["dn"], {
+                            **raw, config.member_attribute: [m.encode() for m in sorted(kept)]})
+    for e in _groups_by_guid(session, config, whole):
+        rec = to_record(config, "group", e["dn"], e["raw_attributes"])
+        changed[rec["id"]] = rec
+    out = [changed.pop(r["id"], r) if r.get("kind") == "group" else r for r in records]
+    return out + list(changed.values())
+
+
+def _keys(dns: list[str]) -> set[str]:
+    out = set()
+    for dn in dns:
+        try:
+            out.add(dnmeaning.key(dn))
+        except dnmeaning.DNError:
+            pass
     return out
+
+
+def _without(held: frozenset[str], gone: set[str]) -> frozenset[str]:
+    """`held` without the DNs that mean one of `gone` (keys); `held` itself if none do."""
+    if not gone:
+        return held
+    drop = {m for m in held if m in gone or _keys([m]) & gone}
+    return held - drop if drop else held
 
 
 def _lists_any(session, config, guid: bytes, dns: list[str]) -> bool:
@@ -312,10 +349,12 @@ def _stream(config, session: PoolSession, usn: int, dse: dict, chunk_size: int,
         high = int(dse["highestCommittedUSN"])  # read before searching: later changes come next time
         nc = dse["defaultNamingContext"]
         members, ds = _member_values(session, config, nc, cookie, remembered)
-        changes = _changed(session, config, usn, nc, members)
+        by_value: set[str] = set()
+        changes = _changed(session, config, usn, nc, members, by_value)
         changes.sort(key=lambda pair: pair[0])
         records = [rec for _, rec in changes]
-        records += _affected_groups(session, config, records, remembered if members is not None else None)
+        records = _affected_groups(session, config, records, by_value,
+                                   remembered if members is not None else None)
         number = 0
         for chunk in chunked(records, chunk_size):
             number = chunk["seq"]
