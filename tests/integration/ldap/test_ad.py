@@ -20,6 +20,15 @@ def collect(stream):
     return msgs, [c for m in msgs if m["type"] == "chunk" for c in m["changes"]]
 
 
+def users_and_group(conn, prefix: str, count: int, members: int) -> tuple[list[str], str]:
+    """`count` bare users CN=<prefix>NN and the group CN=<prefix>-all of the first `members`."""
+    dns = [f"CN={prefix}{i:02d},{USERS}" for i in range(count)]
+    for i, dn in enumerate(dns):
+        assert conn.add(dn, ["top", "person", "organizationalPerson", "user"],
+                        {"sAMAccountName": f"{prefix}{i:02d}"}), conn.result
+    return dns, ad_group(conn, f"{prefix}-all", dns[:members])
+
+
 @pytest.fixture(scope="module")
 def ad_seed(samba, test_ca):
     from ldapfix_helpers import ad_admin_connection
@@ -211,13 +220,7 @@ def test_a_remembered_groups_member_changes_come_by_value_from_dirsync(ad_raw, a
     the answer still lacks it; without a held list, or with one that cannot be right (a
     removed value it does not hold), the group is read whole and has it."""
     from tether.agent.directory import cursor as cursors
-    dns = [f"CN=byvalue{i:02d},{USERS}" for i in range(8)]
-    for i, dn in enumerate(dns):
-        assert ad_admin.add(dn, ["top", "person", "organizationalPerson", "user"],
-                            {"sAMAccountName": f"byvalue{i:02d}"}), ad_admin.result
-    group = f"CN=byvalue-all,{USERS}"
-    assert ad_admin.add(group, ["top", "group"], {"sAMAccountName": "byvalue-all",
-                                                 "member": dns[:6]}), ad_admin.result
+    dns, group = users_and_group(ad_admin, "byvalue", 8, 6)
     config = load_config(ad_raw)
     msgs, changes = collect(full_sync(config))
     cursor = msgs[-1]["cursor"]
@@ -264,13 +267,7 @@ def test_a_members_change_re_reads_its_remembered_group_only_when_renamed(ad_raw
     follower last sent, a group whose list holds the user's DN as it is now is not sent
     again (a user in a 100,000-member group changes its mail: no re-read of the group);
     a renamed member (new DN not held) makes it come again, whole, with the new DN."""
-    dns = [f"CN=heldm{i},{USERS}" for i in range(3)]
-    for i, dn in enumerate(dns):
-        assert ad_admin.add(dn, ["top", "person", "organizationalPerson", "user"],
-                            {"sAMAccountName": f"heldm{i}"}), ad_admin.result
-    group = f"CN=held-all,{USERS}"
-    assert ad_admin.add(group, ["top", "group"], {"sAMAccountName": "held-all", "member": dns}), \
-        ad_admin.result
+    dns, group = users_and_group(ad_admin, "heldm", 3, 3)
     config = load_config(ad_raw)
     msgs, changes = collect(full_sync(config))
     sent = next(c for c in changes if c["dn"].lower() == group.lower())
@@ -319,13 +316,7 @@ def test_a_deleted_or_moved_member_and_a_remembered_group(ad_raw, ad_admin):
     a re-read (DirSync does not report links that go with their object): shown with a held
     list that lacks a member the DC has, which stays lacking. A member moved out of the
     synced bases is still linked under its new DN: that group is read whole."""
-    dns = [f"CN=delm{i},{USERS}" for i in range(4)]
-    for i, dn in enumerate(dns):
-        assert ad_admin.add(dn, ["top", "person", "organizationalPerson", "user"],
-                            {"sAMAccountName": f"delm{i}"}), ad_admin.result
-    group = f"CN=del-all,{USERS}"
-    assert ad_admin.add(group, ["top", "group"], {"sAMAccountName": "del-all", "member": dns}), \
-        ad_admin.result
+    dns, group = users_and_group(ad_admin, "delm", 4, 4)
     config = load_config({**ad_raw, "base_dns": [USERS]})
     msgs, changes = collect(full_sync(config))
     sent = next(c for c in changes if c["dn"].lower() == group.lower())
@@ -339,8 +330,8 @@ def test_a_deleted_or_moved_member_and_a_remembered_group(ad_raw, ad_admin):
     assert sorted(m.lower() for m in rec["members"]) == sorted(d.lower() for d in (dns[0], dns[2]))
     assert any(c["op"] == "delete" and c["dn"].lower() == dns[1].lower() for c in changes)
 
-    moved = f"CN=delm0,OU=Domain Controllers,{AD_BASE}"
-    assert ad_admin.modify_dn(dns[0], "CN=delm0", new_superior=f"OU=Domain Controllers,{AD_BASE}"), \
+    moved = f"CN=delm00,OU=Domain Controllers,{AD_BASE}"
+    assert ad_admin.modify_dn(dns[0], "CN=delm00", new_superior=f"OU=Domain Controllers,{AD_BASE}"), \
         ad_admin.result
     held = frozenset(m for m in sent["members"] if m.lower() != dns[1].lower())
     msgs, changes = collect(sync(config, msgs[-1]["cursor"], remembered={gid: held}.get))
