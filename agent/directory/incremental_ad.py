@@ -330,9 +330,12 @@ def _member_values(session, config, nc: str, cookie: str | None, remembered):
     (whose held list then has it, which applying values again leaves as is), and
     one after this request is in the next DirSync answer."""
     conn = session.connection()
-    mapped = {a.lower() for a in config.group_mapping.values()}
-    if remembered is None or config.member_attribute.lower() in mapped or not cookie:
+    if config.member_attribute.lower() in {a.lower() for a in config.group_mapping.values()}:
+        return None, {}  # members are a mapped attribute: groups are always read whole
+    if not cookie:
         return None, _cookie_now(conn, {"defaultNamingContext": nc})
+    if remembered is None:  # nothing to apply values to: the cookie stays (an older one is fine)
+        return None, {"ds": cookie}
     try:
         changed, after = dirsync.member_changes(config, conn, nc, dirsync.decode_cookie(cookie))
     except (dirsync.DirSyncUnusable, ValueError) as exc:
